@@ -1,0 +1,8 @@
+"""fusedrl.kernels: fused ops for RL trainers, each with torch, Triton and CUDA C++ backends.
+
+One subpackage per op family; `dispatch` picks the backend per call (see DESIGN.md).
+"""
+
+from .diffusion_step import StepOutput, ddim_step, flow_sde_step
+
+__all__ = ["StepOutput", "ddim_step", "flow_sde_step"]
