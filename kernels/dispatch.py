@@ -149,11 +149,14 @@ def select(spec: OpSpec, tensors: Sequence[torch.Tensor]) -> Backend:
         if reason is not None:
             raise RuntimeError(f"{ENV_BACKEND}={forced.value} cannot run {spec.name}: {reason}")
         return forced
-    on_cpu = tensors[0].device.type == "cpu"
-    candidates = (Backend.TORCH,) if on_cpu and not triton_interpreting() else PREFERENCE
-    if on_cpu and triton_interpreting():
+    device_type = tensors[0].device.type
+    if device_type == "cuda":
+        candidates = PREFERENCE
+    elif device_type == "cpu" and triton_interpreting():
         # Interpreter mode (tests): Triton serves CPU tensors so that its kernels are exercised.
         candidates = (Backend.TRITON, Backend.TORCH)
+    else:
+        candidates = (Backend.TORCH,)
     for backend in candidates:
         reason = why_not(spec, backend, tensors)
         if reason is None:
@@ -170,14 +173,7 @@ def availability(device: torch.device | None = None) -> dict[str, dict[str, str 
     if device is None:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     probe = [torch.zeros(2, 4, device=device)]
-    table: dict[str, dict[str, str | None]] = {}
-    for name, spec in sorted(OPS.items()):
-        row = {}
-        for backend in Backend:
-            reason = why_not(spec, backend, probe)
-            if reason is None and device.type == "cpu" and backend is not Backend.TORCH:
-                reason = "CPU tensors go to torch (Triton only under TRITON_INTERPRET=1)" if not (
-                    backend is Backend.TRITON and triton_interpreting()) else None
-            row[backend.value] = reason
-        table[name] = row
-    return table
+    return {
+        name: {backend.value: why_not(spec, backend, probe) for backend in Backend}
+        for name, spec in sorted(OPS.items())
+    }

@@ -26,3 +26,15 @@ def use_backend(monkeypatch):
 
 def devices_for(backend: str) -> str:
     return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cuda_extension_on_gpu_machines():
+    """On a GPU machine, build (or load the cached build of) the CUDA extension once, before any test,
+    as the engine does at start-up, so that the `cuda` backend is tested. Without a GPU: nothing."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
+        return
+    from fusedrl.kernels import cuda_ext
+
+    if cuda_ext.find_cuda_home() is not None and not cuda_ext.is_loaded():
+        cuda_ext.build()

@@ -64,27 +64,29 @@ def _check_tensor(name: str, t, like: torch.Tensor | None = None) -> torch.Tenso
     return t
 
 
-def _per_sample(name: str, value, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A float or a [B] / [] tensor -> ([B] fp32 tensor on device, host copy or None if on GPU)."""
+def _per_sample(name: str, value, batch: int, device: torch.device) -> tuple[torch.Tensor, list[float] | None]:
+    """A float or a [B] / [] tensor -> ([B] fp32 tensor on device, its values as floats for checks, or None)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
         raise TypeError(f"{name} must be a float or a tensor of shape [B], got {type(value).__name__}")
-    if isinstance(value, torch.Tensor):
-        if value.dtype not in FLOATS and value.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
-        if value.ndim > 1 or (value.ndim == 1 and value.shape[0] not in (1, batch)):
-            raise ValueError(f"{name} must be a float or have shape [B] = [{batch}], got {tuple(value.shape)}")
-        if value.device.type != "cpu" and value.device != device:
-            raise ValueError(f"{name} is on {value.device} but x is on {device}")
-        host = value.detach().double().reshape(-1) if value.device.type == "cpu" else None
-        t = value.detach().to(device=device, dtype=torch.float32).reshape(-1).expand(batch).contiguous()
-        return t, (host.expand(batch) if host is not None else None)
-    host = torch.full((batch,), float(value), dtype=torch.float64)
-    return torch.full((batch,), float(value), dtype=torch.float32, device=device), host
+    if not isinstance(value, torch.Tensor):
+        return torch.full((batch,), float(value), dtype=torch.float32, device=device), [float(value)] * batch
+    if value.dtype not in FLOATS and value.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if value.ndim > 1 or (value.ndim == 1 and value.shape[0] not in (1, batch)):
+        raise ValueError(f"{name} must be a float or have shape [B] = [{batch}], got {tuple(value.shape)}")
+    if value.device.type != "cpu" and value.device != device:
+        raise ValueError(f"{name} is on {value.device} but x is on {device}")
+    t = value.detach().to(device=device, dtype=torch.float32).reshape(-1).expand(batch).contiguous()
+    # Values are checked on the host only where that is free: a CPU tensor outside torch.compile
+    # (a check on a GPU tensor would sync the stream; under compile it would break the graph).
+    if value.device.type != "cpu" or torch.compiler.is_compiling():
+        return t, None
+    return t, value.detach().double().reshape(-1).expand(batch).tolist()
 
 
-def _check_finite(name: str, host: torch.Tensor | None) -> None:
-    if host is not None and not torch.isfinite(host).all():
-        raise ValueError(f"{name} must be finite, got {host.tolist()}")
+def _check_values(name: str, values: list[float] | None, ok, rule: str) -> None:
+    if values is not None and not all(math.isfinite(v) and ok(v) for v in values):
+        raise ValueError(f"{name} must {rule}, got {values}")
 
 
 def _prepare(x, m, prev_sample, generator, ref_mean, x_name: str, m_name: str):
@@ -172,19 +174,14 @@ def flow_sde_step(
     B = x.shape[0]
     s0, h0 = _per_sample("sigma", sigma, B, x.device)
     s1, h1 = _per_sample("sigma_next", sigma_next, B, x.device)
-    for name, h in (("sigma", h0), ("sigma_next", h1)):
-        _check_finite(name, h)
-    if h0 is not None and h1 is not None and (h1 >= h0).any():
-        raise ValueError(f"sigma_next must be < sigma (time runs from 1 to 0); got sigma={h0.tolist()}, "
-                         f"sigma_next={h1.tolist()}")
-    if h0 is not None and ((h0 <= 0) | (h0 > 1)).any():
-        raise ValueError(f"sigma must lie in (0, 1], got {h0.tolist()}")
-    if h1 is not None and (h1 < 0).any():
-        raise ValueError(f"sigma_next must be >= 0, got {h1.tolist()}")
+    _check_values("sigma", h0, lambda v: 0 < v <= 1, "be finite and lie in (0, 1]")
+    _check_values("sigma_next", h1, lambda v: v >= 0, "be finite and >= 0")
+    if h0 is not None and h1 is not None and any(b >= a for a, b in zip(h0, h1)):
+        raise ValueError(f"sigma_next must be < sigma (time runs from 1 to 0); got sigma={h0}, sigma_next={h1}")
     if sigma_max is not None:
         if not isinstance(sigma_max, (int, float)) or not 0 < sigma_max < 1:
             raise ValueError(f"sigma_max must be a float in (0, 1) (scheduler.sigmas[1]), got {sigma_max!r}")
-    elif sde_type == "sde" and h0 is not None and (h0 == 1).any():
+    elif sde_type == "sde" and h0 is not None and 1.0 in h0:
         raise ValueError("sigma == 1 needs sigma_max (pass scheduler.sigmas[1]): std = sqrt(sigma / (1 - sigma)) "
                          "is infinite there")
     if ref_mean is not None and noise_level == 0:
@@ -257,12 +254,9 @@ def ddim_step(
     B = x.shape[0]
     a0, h0 = _per_sample("alpha_t", alpha_t, B, x.device)
     a1, h1 = _per_sample("alpha_prev", alpha_prev, B, x.device)
-    for name, h in (("alpha_t", h0), ("alpha_prev", h1)):
-        _check_finite(name, h)
-        if h is not None and ((h <= 0) | (h > 1)).any():
-            raise ValueError(f"{name} must lie in (0, 1] (an alphas_cumprod value), got {h.tolist()}")
-    if h0 is not None and (h0 >= 1).any():
-        raise ValueError(f"alpha_t must be < 1 (1 - alpha_t is divided by), got {h0.tolist()}")
+    _check_values("alpha_t", h0, lambda v: 0 < v < 1, "lie in (0, 1) (an alphas_cumprod value; 1 - alpha_t is "
+                  "divided by)")
+    _check_values("alpha_prev", h1, lambda v: 0 < v <= 1, "lie in (0, 1] (an alphas_cumprod value)")
 
     out_dtype = torch.promote_types(x.dtype, model_output.dtype)
     want_logp = eta > 0
