@@ -68,7 +68,9 @@ def forced_backend() -> Backend | None:
         return Backend(value)
     except ValueError:
         choices = ", ".join(b.value for b in Backend)
-        raise ValueError(f"{ENV_BACKEND}={value!r} is not a backend; choose one of {choices} or leave it unset") from None
+        raise ValueError(
+            f"{ENV_BACKEND}={value!r} is not a backend; choose one of {choices} or leave it unset"
+        ) from None
 
 
 def triton_interpreting() -> bool:

@@ -13,8 +13,7 @@ import os
 import pytest
 import torch
 
-from fusedrl.kernels import ddim_step, flow_sde_step
-from fusedrl.kernels import dispatch
+from fusedrl.kernels import ddim_step, dispatch, flow_sde_step
 from fusedrl.kernels.diffusion_step import reference
 from fusedrl.kernels.diffusion_step.noise import randn_like_diffusers
 
