@@ -60,7 +60,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"  CUDA toolkit         {cuda_home or 'not found'}")
     print(f"  CUDA extension       {'loaded' if cuda_ext.is_loaded() else cuda_ext.unavailable_reason()}")
     print(f"  TRITON_INTERPRET     {'1 (Triton runs on the CPU)' if dispatch.triton_interpreting() else 'off'}")
-    forced = dispatch.forced_backend()
+    try:
+        forced = dispatch.forced_backend()
+    except ValueError as exc:
+        print(f"  {dispatch.ENV_BACKEND:<20} invalid: {exc}")
+        return 2
     print(f"  {dispatch.ENV_BACKEND:<20} {forced.value if forced else 'unset (auto)'}")
     table = dispatch.availability()
     device = "cuda" if torch.cuda.is_available() else "cpu"
