@@ -32,8 +32,11 @@ log = logging.getLogger("fusedrl")
 
 OPS_NAMESPACE = "fusedrl_C"
 DEFAULT_ARCH_WITHOUT_GPU = "9.0"
-CXX_FLAGS = ["-O3", "-std=c++17"]
-NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo"]
+# No -std flag: cpp_extension passes the standard that the installed torch's headers need (C++20
+# for this torch; its ATen.h refuses anything older), and a flag here would override it. No
+# --use_fast_math: it swaps sqrtf/logf/division for approximations that move logp at small std.
+CXX_FLAGS = ["-O3"]
+NVCC_FLAGS = ["-O3", "-lineinfo"]
 
 _state: dict[str, object] = {"module": None, "tried_prebuilt": False, "error": None}
 
@@ -165,6 +168,10 @@ def build(verbose: bool = False) -> Path:
     Returns the path of the built shared library. Raises RuntimeError with the reason when there
     is no toolkit or the compile fails.
     """
+    if is_loaded():
+        # Loading a second build (or the JIT build next to `fusedrl._C`) would register the
+        # fusedrl_C namespace twice, which torch refuses.
+        return loaded_path()
     cuda_home = find_cuda_home()
     if cuda_home is None:
         raise RuntimeError("cannot build the CUDA extension: no CUDA toolkit found (nvcc, lib64/libcudart.so)")
@@ -202,6 +209,14 @@ def build(verbose: bool = False) -> Path:
     _state["module"] = str(path)
     _state["error"] = None
     return Path(path)
+
+
+def loaded_path() -> Path | None:
+    """The shared library whose ops are registered in this process, or None."""
+    module = _state["module"]
+    if module is None:
+        return None
+    return Path(module if isinstance(module, str) else module.__file__)
 
 
 def ops():

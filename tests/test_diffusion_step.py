@@ -189,6 +189,10 @@ def test_deterministic_steps_have_no_logp(backend, use_backend):
     out = flow_sde_step(x, m, 0.5, 0.4, noise_level=0.0)
     assert out.logp is None
     torch.testing.assert_close(out.mean, x + m * (0.4 - 0.5))
+    # "cps" drops the constants: its logp is -(prev - mean)^2, finite (0 when sampled) at std = 0
+    out = flow_sde_step(x, m, 0.5, 0.4, noise_level=0.0, sde_type="cps")
+    torch.testing.assert_close(out.logp, torch.zeros(2, device=DEVICE))
+    torch.testing.assert_close(out.prev_sample, out.mean)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -30,7 +30,8 @@ class StepOutput(NamedTuple):
 
     prev_sample: [B, ...] the next latent (sampled, or the given one returned as is).
     logp:        [B] fp32 log-probability of prev_sample, MEAN over non-batch dims; None for a
-                 deterministic step (eta = 0 or noise_level = 0).
+                 deterministic step whose log-density divides by std = 0 (DDIM eta = 0, "sde" at
+                 noise_level = 0), where the trainers' formulas give NaN.
     mean:        [B, ...] the transition mean (differentiable).
     std:         [B] fp32 the step's std (Flow-GRPO's `std_dev_t`, DDPO's `std_dev_t`).
     kl:          [B] fp32 MEAN((mean - ref_mean)^2) / (2 std^2) when ref_mean is given, else None.
@@ -145,8 +146,8 @@ def flow_sde_step(
         v: [B, ...] model output (velocity), same shape and device as x.
         sigma, sigma_next: floats or [B] tensors, the scheduler's sigmas[i] and sigmas[i + 1]
             (sigma_next < sigma).
-        noise_level: the `a` of Flow-GRPO (0.7 default); 0 gives the deterministic (ODE) step and
-            logp None.
+        noise_level: the `a` of Flow-GRPO (0.7 default); 0 gives the deterministic (ODE) step,
+            whose logp is None under "sde" (it would divide by std = 0).
         sde_type: "sde" (Flow-GRPO) or "cps" (coefficients-preserving sampling).
         prev_sample: [B, ...] a given next latent (data: no gradient flows into it); else one is
             sampled as mean + std sqrt(-dt) z ("sde") or mean + std z ("cps"), z drawn like
@@ -179,8 +180,9 @@ def flow_sde_step(
     if h0 is not None and h1 is not None and any(b >= a for a, b in zip(h0, h1)):
         raise ValueError(f"sigma_next must be < sigma (time runs from 1 to 0); got sigma={h0}, sigma_next={h1}")
     if sigma_max is not None:
-        if not isinstance(sigma_max, (int, float)) or not 0 < sigma_max < 1:
-            raise ValueError(f"sigma_max must be a float in (0, 1) (scheduler.sigmas[1]), got {sigma_max!r}")
+        # [0, 1): a one-step schedule has sigmas [1, 0], so sigmas[1] = 0 and std = noise_level there.
+        if not isinstance(sigma_max, (int, float)) or not 0 <= sigma_max < 1:
+            raise ValueError(f"sigma_max must be a float in [0, 1) (scheduler.sigmas[1]), got {sigma_max!r}")
     elif sde_type == "sde" and h0 is not None and 1.0 in h0:
         raise ValueError("sigma == 1 needs sigma_max (pass scheduler.sigmas[1]): std = sqrt(sigma / (1 - sigma)) "
                          "is infinite there")
@@ -188,7 +190,9 @@ def flow_sde_step(
         raise ValueError("ref_mean: the KL term divides by std^2, which is 0 at noise_level=0")
 
     out_dtype = torch.promote_types(x.dtype, v.dtype)
-    want_logp = noise_level > 0
+    # "cps" drops the Gaussian's constants, so its logp stays finite (0 for a sampled step) at std = 0;
+    # "sde" divides by std, so a deterministic step has no logp.
+    want_logp = noise_level > 0 or sde_type == "cps"
     noise = None
     if prev_sample is None:
         noise = randn_like_diffusers(tuple(v.shape), generator, v.device, v.dtype)

@@ -22,8 +22,8 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _per_sample(t: torch.Tensor, ndim: int, dtype: torch.dtype) -> torch.Tensor:
-    return t.to(dtype).reshape((-1,) + (1,) * (ndim - 1))
+def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.to(device=like.device, dtype=like.dtype).reshape((-1,) + (1,) * (like.ndim - 1))
 
 
 def _gaussian_logp(prev: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -64,8 +64,8 @@ def flow_sde_step(
     """Flow-GRPO `sde_step_with_logprob` ("sde" and "cps"), per-sample sigma [B]."""
     ct = compute_dtype(x, v)
     x, v = x.to(ct), v.to(ct)
-    sigma = _per_sample(sigma, x.ndim, ct)
-    sigma_next = _per_sample(sigma_next, x.ndim, ct)
+    sigma = _per_sample(sigma, x)
+    sigma_next = _per_sample(sigma_next, x)
     dt = sigma_next - sigma
     if sde_type == "sde":
         s = torch.where(sigma == 1, torch.full_like(sigma, sigma_max), sigma)
@@ -102,8 +102,8 @@ def ddim_step(
     """DDPO `ddim_step_with_logprob` given the per-sample alphas_cumprod at t and at the previous t."""
     ct = compute_dtype(x, model_output)
     x, m = x.to(ct), model_output.to(ct)
-    a_t = _per_sample(alpha_t, x.ndim, ct)
-    a_p = _per_sample(alpha_prev, x.ndim, ct)
+    a_t = _per_sample(alpha_t, x)
+    a_p = _per_sample(alpha_prev, x)
     b_t = 1 - a_t
     if prediction_type == "epsilon":
         x0 = (x - b_t**0.5 * m) / a_t**0.5
