@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# GPU check: environment report, install, CUDA extension build, GPU tests, then `fusedrl bench`.
+#
+#   benchmarks/gpu_check.sh [--part NAME] [--budget SECONDS]
+#
+# Run from the repository root on the GPU machine (no internet). NAME is a case module of
+# fusedrl/bench/cases (e.g. diffusion_step: its tests are tests/test_NAME*.py and tests/test_bench.py)
+# or `all` (every test, every op; the default). Logs and results go to $OUT (default ./gpu_out), in
+# six files (the device runner returns only a few): summary.txt, env.txt (versions, install, CUDA
+# extension build, `fusedrl info`), tests.log, bench.log, bench.csv, bench.png (with matplotlib).
+# Every step runs under `timeout`, sized so that the whole script ends within the budget (default
+# 420 s). A failing step does not stop the later ones; the exit status is non-zero when any failed.
+#
+# The benchmark runs in two passes so that a tight budget still yields the fused kernels' numbers:
+# first eager + fusedrl's backends (seconds), then eager + torch.compile (~10-20 s of compiling per
+# case), each with its own eager baseline for `speedup_vs_eager`.
+set -uo pipefail
+
+PART=all
+BUDGET=420
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --part) PART="$2"; shift 2 ;;
+        --budget) BUDGET="$2"; shift 2 ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+
+cd "$(dirname "$0")/.." || exit 2
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python}"
+START=$SECONDS
+# `timeout --kill-after` may overrun a step's limit by this much; keep it out of the budget.
+SLACK=15
+FAILED=()
+
+left() { echo $(( BUDGET - SLACK - (SECONDS - START) )); }
+
+# step NAME LOG CAP RESERVE CMD...: run CMD with a time limit of CAP percent of the budget, or less
+# so that RESERVE percent remain for the later steps; output appended to $OUT/LOG; returns CMD's status.
+step() {
+    local name=$1 log="$OUT/$2" cap=$(( $3 * BUDGET / 100 )) reserve=$(( $4 * BUDGET / 100 ))
+    shift 4
+    local limit=$(( $(left) - reserve ))
+    [ "$limit" -gt "$cap" ] && limit=$cap
+    if [ "$limit" -lt 5 ]; then
+        echo "== $name: skipped, the budget is spent" | tee -a "$OUT/summary.txt"
+        return 124
+    fi
+    echo "== $name (limit ${limit} s)" | tee -a "$log"
+    local t0=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
+    local rc=$?
+    tail -n 15 "$log" | sed 's/^/   /'
+    echo "== $name: rc=$rc in $(( SECONDS - t0 )) s" | tee -a "$OUT/summary.txt"
+    [ "$rc" -eq 124 ] && echo "   (timed out)" | tee -a "$OUT/summary.txt"
+    return "$rc"
+}
+
+env_report() {
+    echo "== date"; date -u
+    echo "== nvidia-smi"; timeout 20 nvidia-smi || echo "nvidia-smi failed"
+    echo "== python and packages"
+    timeout 60 "$PY" - <<'PY' || echo "python version report failed"
+import platform, torch
+print("python", platform.python_version())
+print("torch", torch.__version__, "CUDA runtime", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(), "sm", torch.cuda.get_device_capability())
+try:
+    import triton
+    print("triton", triton.__version__)
+except Exception as exc:
+    print("triton unavailable:", exc)
+PY
+    echo "== nvcc"; timeout 20 nvcc --version || echo "nvcc not on PATH"
+    echo "== pip"; timeout 60 "$PY" -m pip list 2>/dev/null | grep -i -E "^(torch|triton|setuptools|wheel|ninja|pytest|numpy|diffusers|matplotlib)" || true
+}
+
+# Without an install, `fusedrl.kernels` / `fusedrl.engine` (top-level kernels/ and engine/ that
+# setup.py maps into the package) do not import from the source tree: link them into fusedrl/ for the
+# length of this script. (A shim folder on PYTHONPATH would not do: the working directory comes first
+# on sys.path and its fusedrl/ would shadow the shim.)
+SHIM_LINKS=()
+shim() {
+    local name
+    for name in kernels engine; do
+        if [ ! -e "fusedrl/$name" ]; then
+            ln -s "../$name" "fusedrl/$name" && SHIM_LINKS+=("fusedrl/$name")
+        fi
+    done
+    "$PY" -c "import fusedrl.kernels; print('fusedrl imports from the source tree:', fusedrl.kernels.__file__)"
+}
+remove_shim() {
+    local link
+    for link in "${SHIM_LINKS[@]}"; do [ -L "$link" ] && rm -f "$link"; done
+}
+trap remove_shim EXIT
+
+if [ "$PART" = all ]; then
+    OPS_ARGS=()
+    TESTS=(tests)
+else
+    OPS_ARGS=(--ops "$PART")
+    shopt -s nullglob
+    TESTS=(tests/test_"$PART"*.py tests/test_bench.py)
+    shopt -u nullglob
+fi
+
+: >"$OUT/summary.txt"
+echo "gpu_check: part=$PART budget=${BUDGET}s out=$OUT" | tee -a "$OUT/summary.txt"
+env_report >"$OUT/env.txt" 2>&1
+echo "== env: $OUT/env.txt"
+
+# No network: build with the setuptools already installed and fetch nothing.
+step install env.txt 25 60 "$PY" -m pip install -e . --no-deps --no-build-isolation --no-index
+if ! "$PY" -c "import fusedrl.kernels" 2>/dev/null; then
+    if shim >>"$OUT/env.txt" 2>&1; then
+        echo "   pip install -e failed; fusedrl imports through links in fusedrl/" | tee -a "$OUT/summary.txt"
+    else
+        FAILED+=("install: fusedrl does not import")
+    fi
+fi
+
+step build_ext env.txt 45 45 "$PY" -c "from fusedrl.kernels import cuda_ext; print(cuda_ext.build())" \
+    || FAILED+=("build_ext")
+step info env.txt 10 40 "$PY" -m fusedrl info || FAILED+=("info")
+
+step tests tests.log 60 30 env TRITON_INTERPRET=0 "$PY" -m pytest "${TESTS[@]}" -q -x -ra -p no:cacheprovider \
+    || FAILED+=("tests")
+
+PLOT_ARGS=()
+"$PY" -c "import matplotlib" 2>/dev/null && PLOT_ARGS=(--plot "$OUT/bench.png")
+step bench_fused bench.log 45 12 "$PY" -m fusedrl bench "${OPS_ARGS[@]}" --providers eager,torch,triton,cuda \
+    --csv "$OUT/bench.csv" "${PLOT_ARGS[@]}" || FAILED+=("bench_fused")
+# The compile pass gets whatever time is left; running out of it is no failure (its rows so far are kept).
+step bench_compile bench.log 100 0 "$PY" -m fusedrl bench "${OPS_ARGS[@]}" --providers eager,compile \
+    --csv "$OUT/bench.csv"
+rc=$?
+[ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && FAILED+=("bench_compile")
+
+echo "gpu_check: $(( SECONDS - START )) s" | tee -a "$OUT/summary.txt"
+if [ "${#FAILED[@]}" -gt 0 ]; then
+    printf 'FAILED: %s\n' "${FAILED[@]}" | tee -a "$OUT/summary.txt"
+    exit 1
+fi
+echo "all steps passed" | tee -a "$OUT/summary.txt"

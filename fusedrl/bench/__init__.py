@@ -1,0 +1,50 @@
+"""Microbenchmarks: `fusedrl bench`.
+
+Measures the device's ceilings (copy bandwidth; bf16 matmul on a GPU), then times every case of every
+op (cases/<op>.py) on every provider (eager formula, torch.compile, fusedrl's torch / triton / cuda
+backends, peers), prints a table and appends rows to a CSV (columns: report.COLUMNS).
+
+The CLI calls `add_arguments(parser)` and then `run(args)`. This module imports nothing heavy, so
+building the CLI parser stays cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+DEFAULT_CSV = "bench_out/results.csv"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of `fusedrl bench` to `parser`."""
+    parser.add_argument("--ops", default=None, metavar="LIST",
+                        help="comma-separated ops: case modules (diffusion_step) or op names "
+                        "(flow_sde_step); default: all")
+    parser.add_argument("--sizes", choices=("default", "small"), default="default",
+                        help="default: real model sizes; small: seconds on a CPU (CI)")
+    parser.add_argument("--modes", default=None, metavar="LIST",
+                        help="comma-separated modes to run (e.g. fwd,fwd+bwd); default: all")
+    parser.add_argument("--providers", default=None, metavar="LIST",
+                        help="comma-separated providers to run (eager, compile, torch, triton, cuda, ...); "
+                        "default: all")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the torch.compile provider (its first call compiles for ~20 s per case "
+                        "on a CPU)")
+    parser.add_argument("--reps", type=int, default=None, metavar="N",
+                        help="timed calls per measurement (default: 100 on CUDA, 5 on CPU)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="default: cuda when available, else cpu")
+    parser.add_argument("--csv", default=DEFAULT_CSV, metavar="PATH",
+                        help=f"append result rows here (header written once; default {DEFAULT_CSV})")
+    parser.add_argument("--plot", default=None, metavar="PATH",
+                        help="also draw a PNG of %% of ceiling per case (needs matplotlib)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `fusedrl bench` with parsed `args`.
+
+    Returns the exit status: 0 ok (skips included), 1 a measurement failed, 2 bad arguments.
+    """
+    from .runner import run_bench
+
+    return run_bench(args)

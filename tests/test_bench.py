@@ -1,0 +1,103 @@
+"""`fusedrl bench` end to end on the CPU at small sizes: the table prints, the CSV has the shared
+columns, timed rows hold numbers, skipped rows hold a reason; plus the CSV and registry rules."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+
+import pytest
+import torch
+
+from fusedrl.bench import add_arguments, run
+from fusedrl.bench.cases import CaseConfig, collect
+from fusedrl.bench.report import COLUMNS, Result, append_csv
+from fusedrl.bench.timing import percentile
+
+META = {"date": "d", "device": "cpu", "torch_version": "t", "triton_version": "", "cuda_version": "",
+        "fusedrl_version": "0"}
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def _read(path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames), list(reader)
+
+
+def test_runner_small_cpu(tmp_path, capsys):
+    out = tmp_path / "results.csv"
+    rc = run(_args("--device", "cpu", "--sizes", "small", "--reps", "2", "--no-compile",
+                   "--providers", "eager,compile,torch,triton,cuda", "--csv", str(out)))
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "median ms" in table and "% ceiling" in table
+    assert "skipped: disabled by --no-compile" in table
+
+    header, rows = _read(out)
+    assert tuple(header) == COLUMNS
+    ceiling = [r for r in rows if r["op"] == "ceiling"]
+    assert [r["provider"] for r in ceiling] == ["copy"] and float(ceiling[0]["achieved"]) > 0
+    cases = [r for r in rows if r["op"] != "ceiling"]
+    assert {r["op"] for r in cases} == {"flow_sde_step", "ddim_step"}
+    assert {r["mode"] for r in cases} == {"fwd", "fwd_given", "fwd+bwd"}
+    timed = [r for r in cases if r["median_ms"]]
+    skipped = [r for r in cases if not r["median_ms"]]
+    assert {r["provider"] for r in timed} == {"eager", "torch"}
+    assert {r["provider"] for r in skipped} == {"compile", "triton", "cuda"}
+    for r in timed:
+        p20, median, p80 = float(r["p20_ms"]), float(r["median_ms"]), float(r["p80_ms"])
+        assert 0 < p20 <= median <= p80
+        assert int(r["bytes"]) > 0 and r["achieved_unit"] == "GB/s"
+        assert float(r["achieved"]) == pytest.approx(int(r["bytes"]) / (median * 1e-3) / 1e9, rel=1e-4)
+        assert float(r["fraction_of_ceiling"]) > 0 and float(r["speedup_vs_eager"]) > 0
+        assert float(r["peak_mb"]) >= 0 and not r["note"]
+        assert r["op"] in table and r["shape"] in table
+    for r in skipped:
+        assert r["note"] and not r["p20_ms"] and not r["achieved"]
+    assert all(r["speedup_vs_eager"] == "1" for r in timed if r["provider"] == "eager")
+
+
+def test_unknown_op_or_provider_is_an_error(tmp_path):
+    assert run(_args("--device", "cpu", "--ops", "no_such_op", "--csv", str(tmp_path / "a.csv"))) == 2
+    assert run(_args("--device", "cpu", "--providers", "nope", "--csv", str(tmp_path / "a.csv"))) == 2
+
+
+def test_csv_header_once_and_column_mismatch(tmp_path):
+    path = tmp_path / "out" / "r.csv"
+    append_csv(path, META, [Result("op", "eager", "fwd", "2x3", "fp32", note="first")])
+    append_csv(path, META, [Result("op", "torch", "fwd", "2x3", "fp32", note="second")])
+    header, rows = _read(path)
+    assert tuple(header) == COLUMNS and [r["note"] for r in rows] == ["first", "second"]
+    other = tmp_path / "other.csv"
+    other.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="other columns"):
+        append_csv(other, META, [])
+
+
+def test_registry_bytes_and_ops():
+    config = CaseConfig(device=torch.device("cpu"), sizes="small", dtypes=(torch.float32,))
+    cases = {(c.op, c.mode): c for c in collect(config, ["diffusion_step"])}
+    n = math.prod((4, 16, 32, 32))
+    assert cases[("flow_sde_step", "fwd")].bytes == 5 * n * 4
+    assert cases[("flow_sde_step", "fwd_given")].bytes == 4 * n * 4
+    assert cases[("flow_sde_step", "fwd+bwd")].bytes == 9 * n * 4
+    assert {c.op for c in collect(config, ["ddim_step"])} == {"ddim_step"}
+
+
+def test_percentile():
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile([0.0, 10.0], 20) == pytest.approx(2.0)
+
+
+def test_cli_wires_bench_options():
+    from fusedrl.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--sizes", "small", "--no-compile", "--ops", "diffusion_step"])
+    assert args.sizes == "small" and args.no_compile and args.ops == "diffusion_step"
