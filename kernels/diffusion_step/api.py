@@ -10,7 +10,7 @@ import torch
 from .. import dispatch
 from . import reference
 from .noise import GeneratorArg, randn_like_diffusers
-from .op import diffusion_step_fwd
+from .op import DiffusionStep
 from .triton_kernels import DDIM, FLOW_CPS, FLOW_SDE, PRED_EPSILON, PRED_SAMPLE, PRED_V
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -112,7 +112,7 @@ def _run(kind: int, x, m, p0, p1, *, level, sigma_max, pred, clip, clipped_eps, 
         return reference_fn()
     B = x.shape[0]
     flat = lambda t: None if t is None else t.reshape(B, -1).contiguous()
-    prev, mean, logp, kl, std = diffusion_step_fwd(
+    prev, mean, logp, kl, std = DiffusionStep.apply(
         flat(x), flat(m), p0, p1, flat(noise), flat(prev_sample), flat(ref_mean),
         kind, pred, float(level), float(sigma_max), float(clip), bool(clipped_eps), bool(want_logp), out_dtype,
         backend.value,
