@@ -40,7 +40,9 @@ if os.environ.get("FUSEDRL_BUILD_CUDA", "0") == "1":
             name="fusedrl._C",
             sources=sorted(glob.glob("csrc/*.cu")) + sorted(glob.glob("bindings/*.cpp")),
             include_dirs=[os.path.abspath("csrc")],
-            extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            # The same flags as the JIT build (kernels/cuda_ext.py): no -std (torch's headers pick
+            # C++20) and no --use_fast_math (its approximate division would change the numbers).
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
         )
     )
     cmdclass["build_ext"] = BuildExtension

@@ -1,0 +1,298 @@
+"""The CUDA extension: it builds and registers its ops (nvcc only, no GPU needed), and on a GPU its
+kernels match the Triton kernels, which are the spec (kernels/diffusion_step/triton_kernels.py).
+
+The build reuses the persistent cache (`fusedrl.kernels.cuda_ext.cache_dir()`, keyed by a hash of
+sources and flags), so only the first run pays the compile (about a minute on 2 cores).
+
+GPU checks need the Triton kernels on the GPU as the oracle, so run them with
+`TRITON_INTERPRET=0 python -m pytest tests` (tests/conftest.py sets it to 1 only by default). In that
+mode tests/conftest.py builds the extension before the first test, so tests/test_diffusion_step.py
+also checks the `cuda` backend against float64; the `extension` fixture here builds it too, so this
+module stands alone.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fusedrl.kernels import cuda_ext
+from fusedrl.kernels.diffusion_step import op as step_op
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+FWD_SCHEMA = (
+    "fusedrl_C::diffusion_step_fwd(Tensor x, Tensor m, Tensor p0, Tensor p1, Tensor? noise, Tensor? given, "
+    "Tensor? ref, int mode, int pred, float level, float sigma_max, float clip, bool clipped_eps, bool want_logp, "
+    "ScalarType out_dtype) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+BWD_SCHEMA = (
+    "fusedrl_C::diffusion_step_bwd(Tensor x, Tensor m, Tensor p0, Tensor p1, Tensor? noise, Tensor? given, "
+    "Tensor? ref, Tensor? g_prev, Tensor? g_mean, Tensor? g_logp, Tensor? g_kl, int mode, int pred, float level, "
+    "float sigma_max, float clip, bool clipped_eps, bool need_g_ref) -> (Tensor, Tensor, Tensor)"
+)
+
+
+@pytest.fixture(scope="module")
+def extension():
+    """Build (or reuse the cached build of) the extension and load it into this process."""
+    if cuda_ext.find_cuda_home() is None:
+        pytest.skip("no CUDA toolkit found (bin/nvcc and lib64/libcudart.so): the CUDA extension cannot be built")
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if not is_ninja_available():
+        pytest.skip("ninja is not installed (pip install ninja): cpp_extension builds with it")
+    return cuda_ext.build()
+
+
+@pytest.mark.cuda_build
+@pytest.mark.slow
+def test_build_registers_the_ops(extension):
+    assert extension.is_file()
+    assert cuda_ext.is_loaded()
+    assert cuda_ext.build() == extension  # a second build in the process reuses the loaded one
+    ops = cuda_ext.ops()
+    assert str(ops.diffusion_step_fwd.default._schema) == FWD_SCHEMA
+    assert str(ops.diffusion_step_bwd.default._schema) == BWD_SCHEMA
+    for name in ("diffusion_step_fwd", "diffusion_step_bwd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedrl_C::{name}", "CUDA")
+
+
+@pytest.mark.cuda_build
+@pytest.mark.slow
+def test_schemas_match_the_python_ops(extension):
+    """op.py passes its own arguments, minus `backend`, positionally: names and types must line up."""
+    for name in ("diffusion_step_fwd", "diffusion_step_bwd"):
+        python_op = getattr(torch.ops.fusedrl, name).default._schema.arguments
+        cuda_op = getattr(cuda_ext.ops(), name).default._schema.arguments
+        assert [(a.name, str(a.type)) for a in python_op if a.name != "backend"] == [
+            (a.name, str(a.type)) for a in cuda_op
+        ]
+
+
+# ----------------------------------------------------------------------------- on a GPU
+
+gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or INTERPRET,
+    reason="needs a CUDA device and TRITON_INTERPRET=0 (the Triton kernels on the GPU are the oracle)",
+)
+
+# name -> (mode, pred, clip, clipped_eps, level, sigma_max, p0, p1); the schedules of test_diffusion_step.py
+CASES = {
+    "flow-sde": (0, 0, 0.0, False, 0.7, 0.93, [1.0, 0.63, 0.21], [0.93, 0.5, 0.0]),
+    "flow-cps": (1, 0, 0.0, False, math.sin(0.7 * math.pi / 2), math.nan, [1.0, 0.63, 0.21], [0.93, 0.5, 0.04]),
+    "ddim-eps": (2, 0, 0.0, False, 1.0, math.nan, [0.05, 0.5, 0.93], [0.08, 0.62, 0.9991]),
+    "ddim-sample": (2, 1, 0.0, False, 1.0, math.nan, [0.05, 0.5, 0.93], [0.08, 0.62, 0.9991]),
+    "ddim-v": (2, 2, 0.0, False, 0.8, math.nan, [0.05, 0.5, 0.93], [0.08, 0.62, 0.9991]),
+    "ddim-eps-clip": (2, 0, 1.0, False, 1.0, math.nan, [0.05, 0.5, 0.93], [0.08, 0.62, 0.9991]),
+    "ddim-v-clip-clipeps": (2, 2, 1.0, True, 1.0, math.nan, [0.05, 0.5, 0.93], [0.08, 0.62, 0.9991]),
+}
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+# (x, m, out): every step in fp32 and bf16; fp16 and the mixes (a fp32 latent with a bf16 model, an
+# odd out_dtype) in the two steps that use most of the code. Each combination costs one more
+# Triton compile on the GPU (about a second).
+COMBOS = [(case, dtypes) for case in CASES for dtypes in [(F32, F32, F32), (BF16, BF16, BF16)]] + [
+    (case, dtypes)
+    for case in ("flow-sde", "ddim-v-clip-clipeps")
+    for dtypes in [(F16, F16, F16), (F32, BF16, F32), (BF16, F32, F16)]
+]
+# D = 1025: tails, scalar path; 3 * 4096 + 8: several chunks, 4-wide path
+DIMS = [1025, 3 * 4096 + 8]
+
+def _inputs(case, B, D, dtypes, sampled, offset=0):
+    """Op-level inputs; offset > 0 places every [B, D] tensor off its allocation's alignment."""
+    mode, pred, clip, clipped_eps, level, sigma_max, p0, p1 = CASES[case]
+    tx, tm, to = dtypes
+
+    def rows(dtype, scale=1.0, like=None):
+        t = torch.randn(B, D, device="cuda") * scale + (0.0 if like is None else like.float())
+        return _misaligned(t.to(dtype), offset) if offset else t.to(dtype)
+
+    x = rows(tx)
+    m = rows(tm)
+    noise = rows(tm) if sampled else None
+    given = None if sampled else rows(to, 0.3, like=x)
+    ref = rows(to, 0.1, like=x)
+    p = [torch.tensor(v[:B], device="cuda", dtype=torch.float32) for v in (p0, p1)]
+    return (x, m, p[0], p[1], noise, given, ref), (mode, pred, level, sigma_max, clip, clipped_eps), to
+
+
+def _misaligned(t, offset):
+    """A contiguous copy of t whose data pointer is `offset` elements past an aligned allocation."""
+    buf = torch.empty(t.numel() + offset, device=t.device, dtype=t.dtype)
+    out = buf[offset:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def _tol(dtype):
+    # Both backends compute in fp32 but may contract or order differently: a few fp32 ulps, which
+    # can flip one rounding of the stored dtype.
+    return {F32: 2e-5, F16: 2 * 2.0**-10, BF16: 2 * 2.0**-7}[dtype]
+
+
+def _close(got, want, dtype, name):
+    assert got.dtype == want.dtype and got.shape == want.shape, name
+    tol = _tol(dtype)
+    scale = max(1.0, want.float().abs().max().item()) if want.numel() else 1.0
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * scale, msg=lambda m: f"{name}: {m}")
+
+
+def _fwd(backend, tensors, scalars, want_logp, out_dtype):
+    x, m, p0, p1, noise, given, ref = tensors
+    mode, pred, level, sigma_max, clip, clipped_eps = scalars
+    args = (x, m, p0, p1, noise, given, ref, mode, pred, level, sigma_max, clip, clipped_eps, want_logp, out_dtype)
+    if backend == "cuda":
+        return tuple(cuda_ext.ops().diffusion_step_fwd(*args))
+    return step_op._triton_fwd(*args)
+
+
+def _bwd(backend, tensors, grads, scalars, need_g_ref):
+    mode, pred, level, sigma_max, clip, clipped_eps = scalars
+    args = (*tensors, *grads, mode, pred, level, sigma_max, clip, clipped_eps, need_g_ref)
+    if backend == "cuda":
+        return tuple(cuda_ext.ops().diffusion_step_bwd(*args))
+    return step_op._triton_bwd(*args)
+
+
+@gpu
+@pytest.mark.parametrize("sampled", [True, False], ids=["sampled", "given"])
+@pytest.mark.parametrize("D", DIMS)
+@pytest.mark.parametrize(("case", "dtypes"), COMBOS,
+                         ids=[f"{c}-" + "-".join(str(t)[6:] for t in d) for c, d in COMBOS])
+def test_cuda_matches_triton(extension, case, dtypes, D, sampled):
+    torch.manual_seed(hash((case, D, sampled)) % 2**31)
+    tensors, scalars, out_dtype = _inputs(case, 3, D, dtypes, sampled)
+    got = _fwd("cuda", tensors, scalars, True, out_dtype)
+    want = _fwd("triton", tensors, scalars, True, out_dtype)
+    for name, g, w in zip(["prev", "mean", "logp", "kl", "std"], got, want):
+        _close(g, w, out_dtype if name in ("prev", "mean") else F32, name)
+
+    x, m, _, _, _, _, ref = tensors
+    g_out = lambda: torch.randn(x.shape, device="cuda").to(out_dtype)
+    grads = (g_out() if sampled else None, g_out(), torch.randn(3, device="cuda"), torch.randn(3, device="cuda"))
+    got = _bwd("cuda", tensors, grads, scalars, True)
+    want = _bwd("triton", tensors, grads, scalars, True)
+    for name, g, w, like in zip(["grad x", "grad m", "grad ref"], got, want, (x, m, ref)):
+        _close(g, w, like.dtype, name)
+
+
+@gpu
+@pytest.mark.parametrize("sampled", [True, False], ids=["sampled", "given"])
+def test_cuda_optional_outputs_and_grads(extension, sampled):
+    """No logp, no ref; and backward with only some incoming gradients, as autograd passes them."""
+    tensors, scalars, out_dtype = _inputs("ddim-eps-clip", 3, 1025, (F32, F32, F32), sampled)
+    x, m, p0, p1, noise, given, _ = tensors
+    bare = (x, m, p0, p1, noise, given, None)
+    prev, mean, logp, kl, std = _fwd("cuda", bare, scalars, False, out_dtype)
+    assert prev.shape == ((3, 1025) if sampled else (0,)) and logp.shape == (0,) and kl.shape == (0,)
+    want = _fwd("triton", bare, scalars, False, out_dtype)
+    _close(mean, want[1], F32, "mean")
+    _close(std, want[4], F32, "std")
+    g_logp = torch.randn(3, device="cuda")
+    for grads in [(None, None, g_logp, None), (None, torch.randn_like(x), None, None)]:
+        got = _bwd("cuda", bare, grads, scalars, False)
+        want = _bwd("triton", bare, grads, scalars, False)
+        _close(got[0], want[0], F32, "grad x")
+        _close(got[1], want[1], F32, "grad m")
+        assert got[2].shape == (0,)
+    # ref needs a gradient but kl got none: it is zero (not uninitialized memory)
+    gx, gm, gref = _bwd("cuda", tensors, (None, None, g_logp, None), scalars, True)
+    assert torch.equal(gref, torch.zeros_like(tensors[6]))
+
+
+@gpu
+@pytest.mark.parametrize("dtypes", [(F32, F32, F32), (BF16, F16, BF16)], ids=["fp32", "bf16-fp16"])
+def test_cuda_misaligned_rows_match_aligned(extension, dtypes):
+    """Pointers off the 4-element alignment take the scalar path; the numbers are the same bits."""
+    torch.manual_seed(0)
+    tensors, scalars, out_dtype = _inputs("flow-sde", 3, 2244, dtypes, True, offset=1)
+    assert tensors[0].data_ptr() % 16 != 0
+    aligned = tuple(None if t is None else t.clone() for t in tensors)
+    for got, want in zip(_fwd("cuda", tensors, scalars, True, out_dtype),
+                         _fwd("cuda", aligned, scalars, True, out_dtype)):
+        assert torch.equal(got, want)
+
+
+@gpu
+@pytest.mark.parametrize("sampled", [True, False], ids=["sampled", "given"])
+def test_cuda_backend_passes_opcheck(extension, sampled):
+    """The Python custom op on the cuda backend: schema, fake kernel, autograd registration."""
+    x, m, ref = (torch.randn(2, 37, device="cuda", requires_grad=True) for _ in range(3))
+    noise, given = (torch.randn(2, 37, device="cuda"), None) if sampled else (None, torch.randn(2, 37, device="cuda"))
+    p0, p1 = torch.tensor([0.8, 0.5], device="cuda"), torch.tensor([0.7, 0.3], device="cuda")
+    args = (x, m, p0, p1, noise, given, ref, 0, 0, 0.7, math.nan, 0.0, False, True, F32, "cuda")
+    torch.library.opcheck(step_op.diffusion_step_fwd, args)
+
+
+@gpu
+def test_cuda_is_deterministic(extension):
+    tensors, scalars, out_dtype = _inputs("flow-sde", 3, 64 * 4096 + 3, (BF16, BF16, BF16), True)
+    first = _fwd("cuda", tensors, scalars, True, out_dtype)
+    for _ in range(3):
+        for got, want in zip(_fwd("cuda", tensors, scalars, True, out_dtype), first):
+            assert torch.equal(got, want)
+
+
+@gpu
+def test_cuda_batch_beyond_grid_limit(extension):
+    """B > 65535 (the grid's y limit): the rows past it are strided over and come out right."""
+    B = 65535 + 7
+    sigma = torch.full((B,), 0.6, device="cuda")
+    sigma_next = torch.full((B,), 0.5, device="cuda")
+    x, v, z, ref = (torch.randn(B, 6, device="cuda") for _ in range(4))
+    ones = torch.ones(B, device="cuda")
+    scalars = (0, 0, 0.7, math.nan, 0.0, False)
+    fwd = lambda rows: cuda_ext.ops().diffusion_step_fwd(
+        x[rows], v[rows], sigma[rows], sigma_next[rows], z[rows], None, ref[rows], *scalars, True, F32)
+    bwd = lambda rows: cuda_ext.ops().diffusion_step_bwd(
+        x[rows], v[rows], sigma[rows], sigma_next[rows], z[rows], None, ref[rows], None, None, ones[rows],
+        ones[rows], *scalars, True)
+    tail = slice(B - 20, B)
+    for full, part in ((fwd(slice(None)), fwd(tail)), (bwd(slice(None)), bwd(tail))):
+        for got, want in zip(full, part):
+            assert torch.equal(got[tail], want)
+
+
+# (change to good arguments, error, message)
+BAD_INPUTS = [
+    (lambda a: a.update(m=a["m"][:, :-1].contiguous()), ValueError, r"m has shape \[2, 7\] but x has shape \[2, 8\]"),
+    (lambda a: a.update(x=a["x"].cpu()), ValueError, "x must be a CUDA tensor"),
+    (lambda a: a.update(m=a["m"].double()), TypeError, "m must be float32, float16 or bfloat16"),
+    (lambda a: a.update(p0=a["p0"].double()), TypeError, "p0 must be float32"),
+    (lambda a: a.update(p1=a["p1"][:1]), ValueError, r"p1 must have shape \[B\] = \[2\]"),
+    (lambda a: a.update(ref=a["x"].t().contiguous().t()), ValueError, "ref must be contiguous"),
+    (lambda a: a.update(noise=None), ValueError, "want_logp without noise needs `given`"),
+    (lambda a: a.update(mode=3), ValueError, "mode must be 0"),
+    (lambda a: a.update(out_dtype=torch.float64), TypeError, "out_dtype must be float32"),
+]
+
+
+def check_bad_inputs() -> None:
+    """Each of BAD_INPUTS raises its error with its message (run in a child process, see below)."""
+    cuda_ext.build()
+    for change, error, match in BAD_INPUTS:
+        x = torch.randn(2, 8, device="cuda")
+        a = dict(x=x, m=torch.randn_like(x), p0=torch.tensor([0.6, 0.5], device="cuda"),
+                 p1=torch.tensor([0.5, 0.4], device="cuda"), noise=torch.randn_like(x), given=None, ref=x.clone(),
+                 mode=0, pred=0, level=0.7, sigma_max=math.nan, clip=0.0, clipped_eps=False, want_logp=True,
+                 out_dtype=F32)
+        change(a)
+        print(f"expecting {error.__name__}: {match}", flush=True)
+        with pytest.raises(error, match=match):
+            cuda_ext.ops().diffusion_step_fwd(*a.values())
+
+
+@gpu
+def test_cuda_rejects_bad_input(extension):
+    """In a child process, so that a crash fails this test instead of ending the session: the
+    first run on a GPU machine (H200, torch 2.11, Python 3.12) died with SIGSEGV at the first of
+    these calls, while the same checks raise cleanly with torch 2.14 on the CPU build machine."""
+    code = f"import runpy; runpy.run_path({__file__!r})['check_bad_inputs']()"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"exit status {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
