@@ -388,6 +388,21 @@ void check_codes(const char* op, int64_t mode, int64_t pred) {
                     ": pred must be 0 (epsilon), 1 (sample) or 2 (v_prediction), got ", pred);
 }
 
+// The inputs both launchers share: latents, per-sample schedule values, optional streams, codes.
+void check_step_inputs(const char* op, const at::Tensor& x, const at::Tensor& m, const at::Tensor& p0,
+                       const at::Tensor& p1, const std::optional<at::Tensor>& noise,
+                       const std::optional<at::Tensor>& given, const std::optional<at::Tensor>& ref, int64_t mode,
+                       int64_t pred) {
+  check_x(op, x);
+  check_like_x(op, "m", m, x);
+  check_per_sample(op, "p0", p0, x);
+  check_per_sample(op, "p1", p1, x);
+  check_like_x(op, "noise", noise, x);
+  check_like_x(op, "given", given, x);
+  check_like_x(op, "ref", ref, x);
+  check_codes(op, mode, pred);
+}
+
 // 4-wide accesses need every row to start on a group of 4 and every stream 4-element aligned.
 bool can_vectorize(int64_t D, std::initializer_list<const at::Tensor*> tensors) {
   if (D % kVec != 0) return false;
@@ -428,14 +443,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> diffusion
     const std::optional<at::Tensor>& ref, int64_t mode, int64_t pred, double level, double sigma_max,
     double clip, bool clipped_eps, bool want_logp, at::ScalarType out_dtype) {
   constexpr const char* op = "fusedrl_C::diffusion_step_fwd";
-  check_x(op, x);
-  check_like_x(op, "m", m, x);
-  check_per_sample(op, "p0", p0, x);
-  check_per_sample(op, "p1", p1, x);
-  check_like_x(op, "noise", noise, x);
-  check_like_x(op, "given", given, x);
-  check_like_x(op, "ref", ref, x);
-  check_codes(op, mode, pred);
+  check_step_inputs(op, x, m, p0, p1, noise, given, ref, mode, pred);
   TORCH_CHECK_TYPE(is_supported(out_dtype), op, ": out_dtype must be float32, float16 or bfloat16, got ", out_dtype);
   const bool sampled = noise.has_value();
   TORCH_CHECK_VALUE(sampled || !want_logp || given.has_value(), op,
@@ -489,18 +497,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> diffusion_step_bwd_cuda(
     const std::optional<at::Tensor>& g_kl, int64_t mode, int64_t pred, double level, double sigma_max,
     double clip, bool clipped_eps, bool need_g_ref) {
   constexpr const char* op = "fusedrl_C::diffusion_step_bwd";
-  check_x(op, x);
-  check_like_x(op, "m", m, x);
-  check_per_sample(op, "p0", p0, x);
-  check_per_sample(op, "p1", p1, x);
-  check_like_x(op, "noise", noise, x);
-  check_like_x(op, "given", given, x);
-  check_like_x(op, "ref", ref, x);
+  check_step_inputs(op, x, m, p0, p1, noise, given, ref, mode, pred);
   check_like_x(op, "g_prev", g_prev, x);
   check_like_x(op, "g_mean", g_mean, x);
   check_per_sample(op, "g_logp", g_logp, x);
   check_per_sample(op, "g_kl", g_kl, x);
-  check_codes(op, mode, pred);
   TORCH_CHECK_VALUE(!g_logp.has_value() || noise.has_value() || given.has_value(), op,
                     ": g_logp needs noise (a sampled step) or given (the next latent)");
   TORCH_CHECK_VALUE(!g_kl.has_value() || ref.has_value(), op, ": g_kl needs ref");
