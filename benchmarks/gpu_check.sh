@@ -105,7 +105,8 @@ if [ "$PART" = all ]; then
 else
     OPS_ARGS=(--ops "$PART")
     shopt -s nullglob
-    TESTS=(tests/test_"$PART"*.py tests/test_bench.py)
+    # the part's own tests, the CUDA extension's (its kernels vs Triton's on the GPU), the runner's
+    TESTS=(tests/test_"$PART"*.py tests/test_cuda_build.py tests/test_bench.py)
     shopt -u nullglob
 fi
 
@@ -128,7 +129,7 @@ step build_ext env.txt 45 45 "$PY" -c "from fusedrl.kernels import cuda_ext; pri
     || FAILED+=("build_ext")
 step info env.txt 10 40 "$PY" -m fusedrl info || FAILED+=("info")
 
-step tests tests.log 60 30 env TRITON_INTERPRET=0 "$PY" -m pytest "${TESTS[@]}" -q -x -ra -p no:cacheprovider \
+step tests tests.log 60 30 env TRITON_INTERPRET=0 "$PY" -m pytest "${TESTS[@]}" -q --maxfail=25 -ra -p no:cacheprovider \
     || FAILED+=("tests")
 
 PLOT_ARGS=()

@@ -37,3 +37,4 @@ def test_module_entry_point_help():
     assert out.returncode == 0, out.stderr
     for command in ("info", "build-ext", "bench"):
         assert command in out.stdout
+
