@@ -1,0 +1,58 @@
+"""The diffusion-step Triton kernels compile for sm_90 (H100/H200) on every path the launcher takes.
+
+No GPU is needed (see tests/triton_aot.py); the interpreter-mode tests check the numbers, this checks
+that the GPU compiler accepts the code.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from .triton_aot import compile_kernels
+
+MODULE = "fusedrl.kernels.diffusion_step.triton_kernels"
+FLOW_SDE, FLOW_CPS, DDIM = 0, 1, 2
+
+
+def _types(kernel: str, data: str) -> dict[str, str]:
+    """Pointer and scalar types as the launcher passes them: latents in `data`, [B] and partials fp32."""
+    f32 = {"p0_ptr", "p1_ptr", "part_ptr", "logp_ptr", "kl_ptr", "std_ptr", "g_logp_ptr", "g_kl_ptr"}
+    names = {
+        "fwd": ["x_ptr", "m_ptr", "p0_ptr", "p1_ptr", "noise_ptr", "given_ptr", "ref_ptr", "prev_out_ptr",
+                "mean_out_ptr", "part_ptr"],
+        "finish": ["p0_ptr", "p1_ptr", "part_ptr", "logp_ptr", "kl_ptr", "std_ptr"],
+        "bwd": ["x_ptr", "m_ptr", "p0_ptr", "p1_ptr", "noise_ptr", "given_ptr", "ref_ptr", "g_prev_ptr", "g_mean_ptr",
+                "g_logp_ptr", "g_kl_ptr", "gx_ptr", "gm_ptr", "gref_ptr"],
+    }[kernel]
+    types = {name: "*fp32" if name in f32 else f"*{data}" for name in names}
+    types.update(D="i32", C="i32", level="fp32", sigma_max="fp32", clip="fp32")
+    return types
+
+
+def _jobs() -> list[dict]:
+    # Every (mode, prediction, clip, clipped eps) variant of the coefficients, each optional stream on
+    # and off once, in bf16 (the GPU-only dtype) and fp16.
+    variants = [(FLOW_SDE, 0, False, False), (FLOW_CPS, 0, False, False)]
+    variants += [(DDIM, pred, clip, clipped) for pred in range(3) for clip, clipped in
+                 ((False, False), (True, False), (True, True), (False, True))]
+    jobs = []
+    for (mode, pred, clip, clipped), data in itertools.product(variants, ("bf16", "fp16")):
+        coeffs = dict(MODE=mode, PRED=pred, HAS_CLIP=clip, CLIPPED_EPS=clipped)
+        for flag in (True, False):
+            jobs.append(dict(kernel="_step_fwd_kernel", types=_types("fwd", data), constexprs=dict(
+                coeffs, SAMPLED=flag, HAS_REF=flag, WANT_LOGP=not flag, BLOCK=1024, ITERS=4)))
+            jobs.append(dict(kernel="_step_bwd_kernel", types=_types("bwd", data), constexprs=dict(
+                coeffs, SAMPLED=flag, HAS_G_PREV=flag, HAS_G_MEAN=not flag, HAS_G_LOGP=True, HAS_G_KL=flag,
+                NEED_G_REF=flag, BLOCK=1024, ITERS=4)))
+        if data == "bf16":
+            jobs.append(dict(kernel="_step_finish_kernel", types=_types("finish", data), constexprs=dict(
+                coeffs, HAS_REF=True, WANT_LOGP=True, BLOCK_C=64)))
+    return [dict(job, module=MODULE, arch=90) for job in jobs]
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    failures = compile_kernels(_jobs())
+    assert not failures, "\n".join(f"{f['job']['kernel']} {f['job']['constexprs']}: {f['error']}" for f in failures)

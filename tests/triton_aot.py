@@ -1,0 +1,48 @@
+"""Compile @triton.jit kernels for a GPU architecture without a GPU (ahead of time, in a child process).
+
+The CPU interpreter (TRITON_INTERPRET=1) runs kernels as Python and misses what only the GPU
+compiler rejects (e.g. a plain float global read inside a kernel, which failed on an H200 with
+Triton 3.6). `triton.compile` with an explicit `GPUTarget` builds the PTX and cubin here, with the
+ptxas that Triton ships, so such errors fail CI. It must run where TRITON_INTERPRET is not 1 (the
+decorated functions are built at import), hence a child process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+CHILD = r"""
+import importlib, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+
+jobs = json.loads(sys.stdin.read())
+failures = []
+for job in jobs:
+    module = importlib.import_module(job["module"])
+    fn = getattr(module, job["kernel"])
+    consts = job["constexprs"]
+    signature = {name: ("constexpr" if name in consts else job["types"][name]) for name in fn.arg_names}
+    try:
+        triton.compile(triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts),
+                       target=GPUTarget("cuda", job["arch"], 32))
+    except Exception as exc:
+        failures.append({"job": job, "error": f"{type(exc).__name__}: {exc}"})
+print(json.dumps(failures))
+"""
+
+
+def compile_kernels(jobs: list[dict], timeout: int = 1200) -> list[dict]:
+    """Each job: module, kernel, types {arg: "*bf16" | "i32" | "fp32" ...}, constexprs {name: value}, arch.
+
+    Returns the failures (job and error); raises if the child process itself fails.
+    """
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, "-c", CHILD], input=json.dumps(jobs), capture_output=True, text=True,
+                          env=env, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the compile process failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
