@@ -17,10 +17,10 @@ def prepare_backends(build_cuda: bool = True, verbose: bool = False) -> dict[str
     Returns {"cuda": None} when the extension is ready, else {"cuda": reason}. A failed build is
     reported, not raised: dispatch then serves CUDA tensors with Triton.
     """
-    if cuda_ext.is_loaded():
-        return {"cuda": None}
     if not torch.cuda.is_available():
         return {"cuda": "no CUDA device"}
+    if cuda_ext.is_loaded():
+        return {"cuda": None}
     if not build_cuda:
         return {"cuda": cuda_ext.unavailable_reason()}
     try:
