@@ -1,4 +1,4 @@
-"""The diffusion-step Triton kernels compile for sm_90 (H100/H200) on every path the launcher takes.
+"""The Triton kernels compile for sm_90 (H100/H200) on every path their launchers take.
 
 No GPU is needed (see tests/triton_aot.py); the interpreter-mode tests check the numbers, this checks
 that the GPU compiler accepts the code.
@@ -55,4 +55,27 @@ def _jobs() -> list[dict]:
 @pytest.mark.slow
 def test_kernels_compile_for_sm90():
     failures = compile_kernels(_jobs())
+    assert not failures, "\n".join(f"{f['job']['kernel']} {f['job']['constexprs']}: {f['error']}" for f in failures)
+
+
+def _logprobs_jobs() -> list[dict]:
+    module = "fusedrl.kernels.logprobs.triton_kernels"
+    scalars = dict(T="i32", V="i32", stride_b="i64", stride_t="i64", inv_temp="fp32", ignore_index="i32")
+    jobs = []
+    for data, labels in (("bf16", "i64"), ("fp16", "i32"), ("fp32", "i64")):
+        fwd = dict(logits_ptr=f"*{data}", labels_ptr=f"*{labels}", logp_ptr="*fp32", entropy_ptr="*fp32",
+                   lse_ptr="*fp32", **scalars)
+        bwd = dict(logits_ptr=f"*{data}", labels_ptr=f"*{labels}", lse_ptr="*fp32", entropy_ptr="*fp32",
+                   g_logp_ptr="*fp32", g_entropy_ptr="*fp32", grad_ptr=f"*{data}", **scalars)
+        for flag in (True, False):
+            jobs.append(dict(kernel="_logprobs_fwd_kernel", types=fwd,
+                             constexprs=dict(WANT_ENTROPY=flag, BLOCK_V=4096)))
+            jobs.append(dict(kernel="_logprobs_bwd_kernel", types=bwd,
+                             constexprs=dict(HAS_G_LOGP=True, HAS_G_ENTROPY=flag, BLOCK_V=4096)))
+    return [dict(job, module=module, arch=90) for job in jobs]
+
+
+@pytest.mark.slow
+def test_logprobs_kernels_compile_for_sm90():
+    failures = compile_kernels(_logprobs_jobs())
     assert not failures, "\n".join(f"{f['job']['kernel']} {f['job']['constexprs']}: {f['error']}" for f in failures)

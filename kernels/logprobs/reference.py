@@ -1,0 +1,99 @@
+"""Torch paths of log-probabilities (and entropy) from logits.
+
+- `naive`: the textbook formula, `log_softmax(logits / T).gather(labels)` and `-(p * log p).sum()`,
+  in fp32 (fp64 for fp64 input). The oracle of the tests; it allocates several [N, V] temporaries.
+- `ChunkedLogprobs`: the CPU path. Same numbers, but rows are processed in chunks and the backward
+  recomputes the softmax from the logits, so besides its input and the gradient it holds only
+  [N] statistics and one [chunk, V] block at a time (the memory bound of the Triton kernel).
+
+Ignored rows (label == ignore_index) get logp = 0 and entropy = 0, and no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Rows per chunk: 4096 x 32000 fp32 temporaries are 0.5 GB; keep one block well under that.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def naive(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int):
+    """logits [N, V], labels [N] -> (logp [N], entropy [N]) in the compute dtype."""
+    scaled = logits.to(_compute_dtype(logits)) / temperature
+    logp_all = torch.log_softmax(scaled, dim=-1)
+    keep = labels != ignore_index
+    safe = torch.where(keep, labels, torch.zeros_like(labels))
+    logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    return torch.where(keep, logp, zero), torch.where(keep, entropy, zero)
+
+
+def _rows_per_chunk(V: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(V, 1))
+
+
+def _stats(block: torch.Tensor, temperature: float):
+    """One [rows, V] block -> (scaled block, lse [rows], entropy [rows]) in the compute dtype."""
+    scaled = block.to(_compute_dtype(block)) / temperature
+    lse = torch.logsumexp(scaled, dim=-1)
+    log_p = scaled - lse.unsqueeze(-1)
+    # H = -sum p log p, not lse - sum p x: that difference of two large terms loses ~1e-6 in fp32.
+    # p = 0 where x = -inf: keep 0 * -inf out of the sum.
+    p = log_p.exp()
+    entropy = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
+    return scaled, lse, entropy
+
+
+class ChunkedLogprobs(torch.autograd.Function):
+    """(logits [N, V], labels [N]) -> (logp [N], entropy [N]), chunked over rows, backward by recompute."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature: float, ignore_index: int):
+        N, V = logits.shape
+        ct = _compute_dtype(logits)
+        logp = torch.empty(N, dtype=ct, device=logits.device)
+        entropy = torch.empty(N, dtype=ct, device=logits.device)
+        lse = torch.empty(N, dtype=ct, device=logits.device)
+        keep = labels != ignore_index
+        safe = torch.where(keep, labels, torch.zeros_like(labels))
+        step = _rows_per_chunk(V)
+        for start in range(0, N, step):
+            rows = slice(start, start + step)
+            scaled, lse[rows], entropy[rows] = _stats(logits[rows], temperature)
+            # clamped: rounding must not make a log-probability positive (the kernels do the same)
+            logp[rows] = (scaled.gather(-1, safe[rows].unsqueeze(-1)).squeeze(-1) - lse[rows]).clamp(max=0)
+        zero = torch.zeros((), dtype=ct, device=logits.device)
+        logp = torch.where(keep, logp, zero)
+        entropy = torch.where(keep, entropy, zero)
+        ctx.save_for_backward(logits, safe, keep, lse, entropy)
+        ctx.temperature = temperature
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, g_logp, g_entropy):
+        logits, safe, keep, lse, entropy = ctx.saved_tensors
+        T = ctx.temperature
+        N, V = logits.shape
+        grad = torch.empty_like(logits)
+        ct = lse.dtype
+        g_logp = torch.zeros(N, dtype=ct, device=logits.device) if g_logp is None else g_logp.to(ct)
+        g_entropy = torch.zeros(N, dtype=ct, device=logits.device) if g_entropy is None else g_entropy.to(ct)
+        zero = torch.zeros((), dtype=ct, device=logits.device)
+        g_logp = torch.where(keep, g_logp, zero)
+        g_entropy = torch.where(keep, g_entropy, zero)
+        step = _rows_per_chunk(V)
+        for start in range(0, N, step):
+            rows = slice(start, start + step)
+            logp_all = logits[rows].to(ct) / T - lse[rows].unsqueeze(-1)
+            p = logp_all.exp()
+            # d logp_y / dx = onehot - p ; d H / dx = -p (log p + H)   (x = logits / T)
+            log_term = torch.where(p > 0, logp_all + entropy[rows].unsqueeze(-1), torch.zeros_like(p))
+            g = -g_logp[rows].unsqueeze(-1) * p - g_entropy[rows].unsqueeze(-1) * p * log_term
+            g.scatter_add_(-1, safe[rows].unsqueeze(-1), g_logp[rows].unsqueeze(-1))
+            grad[rows] = (g / T).to(logits.dtype)
+        return grad, None, None, None
