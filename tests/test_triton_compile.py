@@ -79,3 +79,28 @@ def _logprobs_jobs() -> list[dict]:
 def test_logprobs_kernels_compile_for_sm90():
     failures = compile_kernels(_logprobs_jobs())
     assert not failures, "\n".join(f"{f['job']['kernel']} {f['job']['constexprs']}: {f['error']}" for f in failures)
+
+
+def _grpo_jobs() -> list[dict]:
+    module = "fusedrl.kernels.grpo_loss.triton_kernels"
+    jobs = []
+    for data in ("bf16", "fp32"):
+        types = dict(logp_ptr=f"*{data}", old_ptr=f"*{data}", adv_ptr=f"*{data}", mask_ptr="*fp32", ref_ptr=f"*{data}",
+                     ent_ptr=f"*{data}", grad_ptr="*fp32", stats_ptr="*fp32", T="i32", eps_low="fp32",
+                     eps_high="fp32", delta="fp32", beta="fp32", tau_pos="fp32", tau_neg="fp32")
+        for loss, sequence in itertools.product(range(3), (False, True)):
+            for flag in (True, False):
+                jobs.append(dict(kernel="_grpo_row_kernel", types=types, constexprs=dict(
+                    LOSS=loss, KL=0 if flag else 1, HAS_OLD=flag, ADV_PER_TOKEN=not flag, SEQUENCE=sequence,
+                    HAS_DELTA=flag, HAS_KL=flag, BIAS_CORRECTION=flag, HAS_ENTROPY=not flag, NSTAT=10,
+                    BLOCK_T=1024)))
+        jobs.append(dict(kernel="_grpo_row_kernel", types=types, constexprs=dict(
+            LOSS=0, KL=2, HAS_OLD=True, ADV_PER_TOKEN=False, SEQUENCE=False, HAS_DELTA=False, HAS_KL=True,
+            BIAS_CORRECTION=False, HAS_ENTROPY=True, NSTAT=10, BLOCK_T=1024)))
+    return [dict(job, module=module, arch=90) for job in jobs]
+
+
+@pytest.mark.slow
+def test_grpo_loss_kernel_compiles_for_sm90():
+    failures = compile_kernels(_grpo_jobs())
+    assert not failures, "\n".join(f"{f['job']['kernel']} {f['job']['constexprs']}: {f['error']}" for f in failures)
