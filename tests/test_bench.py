@@ -33,7 +33,7 @@ def _read(path) -> tuple[list[str], list[dict[str, str]]]:
 
 def test_runner_small_cpu(tmp_path, capsys):
     out = tmp_path / "results.csv"
-    rc = run(_args("--device", "cpu", "--sizes", "small", "--reps", "2", "--no-compile",
+    rc = run(_args("--device", "cpu", "--sizes", "small", "--reps", "2", "--no-compile", "--ops", "diffusion_step",
                    "--providers", "eager,compile,torch,triton,cuda", "--csv", str(out)))
     assert rc == 0
     table = capsys.readouterr().out
@@ -101,3 +101,18 @@ def test_cli_wires_bench_options():
 
     args = build_parser().parse_args(["bench", "--sizes", "small", "--no-compile", "--ops", "diffusion_step"])
     assert args.sizes == "small" and args.no_compile and args.ops == "diffusion_step"
+
+
+def test_every_case_module_runs_on_cpu(tmp_path):
+    """Each registered op's small cases run eager and on fusedrl's torch backend, with bytes counted."""
+    out = tmp_path / "all.csv"
+    config = CaseConfig(device=torch.device("cpu"), sizes="small", dtypes=(torch.float32,))
+    others = sorted({c.module for c in collect(config)} - {"diffusion_step"})
+    assert others, "no other op registered"
+    rc = run(_args("--device", "cpu", "--sizes", "small", "--reps", "1", "--no-compile", "--ops", ",".join(others),
+                   "--providers", "eager,torch", "--csv", str(out)))
+    assert rc == 0
+    _, rows = _read(out)
+    timed = [r for r in rows if r["op"] != "ceiling"]
+    assert {r["provider"] for r in timed} == {"eager", "torch"}
+    assert all(r["median_ms"] and int(r["bytes"]) > 0 for r in timed)
