@@ -1,7 +1,7 @@
 // Registers the CUDA kernels of csrc/ as torch ops in the `fusedrl_C` namespace
-// (torch.ops.fusedrl_C.diffusion_step_fwd / _bwd). The Python custom ops in
-// kernels/diffusion_step/op.py call them with the same arguments, minus `backend`, so the two
-// schemas below must list exactly those arguments in that order.
+// (torch.ops.fusedrl_C.diffusion_step_fwd / _bwd, logprobs_fwd / _bwd). The Python custom ops in
+// kernels/diffusion_step/op.py and kernels/logprobs/op.py call them with the same arguments, minus
+// `backend`, so each schema below must list exactly those arguments in that order.
 //
 // Loading the shared library runs these static registrations; that is all the JIT build
 // (torch.ops.load_library) and the CMake build need. The ahead-of-time build `fusedrl._C` is
@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include "diffusion_step.h"
+#include "logprobs.h"
 
 TORCH_LIBRARY(fusedrl_C, m) {
   m.def(
@@ -25,11 +26,19 @@ TORCH_LIBRARY(fusedrl_C, m) {
       "diffusion_step_bwd(Tensor x, Tensor m, Tensor p0, Tensor p1, Tensor? noise, Tensor? given, Tensor? ref, "
       "Tensor? g_prev, Tensor? g_mean, Tensor? g_logp, Tensor? g_kl, int mode, int pred, float level, "
       "float sigma_max, float clip, bool clipped_eps, bool need_g_ref) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "logprobs_fwd(Tensor logits, Tensor labels, float temperature, int ignore_index, bool want_entropy) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "logprobs_bwd(Tensor logits, Tensor labels, Tensor lse, Tensor entropy, Tensor? g_logp, Tensor? g_entropy, "
+      "float temperature, int ignore_index) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fusedrl_C, CUDA, m) {
   m.impl("diffusion_step_fwd", &fusedrl::diffusion_step_fwd_cuda);
   m.impl("diffusion_step_bwd", &fusedrl::diffusion_step_bwd_cuda);
+  m.impl("logprobs_fwd", &fusedrl::logprobs_fwd_cuda);
+  m.impl("logprobs_bwd", &fusedrl::logprobs_bwd_cuda);
 }
 
 #ifdef TORCH_EXTENSION_NAME

@@ -13,7 +13,7 @@ from fusedrl.kernels.logprobs.op import logprobs_bwd, logprobs_fwd
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton"] + (["cuda"] if DEVICE == "cuda" else [])
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 # (shape of logits, slice the time axis like `logits[:, :-1]`)
 SHAPES = [((127, 50257), False), ((3, 8, 1025), True), ((2, 5, 96), False), ((1, 1, 1), False)]

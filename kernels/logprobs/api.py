@@ -14,7 +14,8 @@ FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INTS = (torch.int32, torch.int64)
 
 SPEC = dispatch.register_op(
-    dispatch.OpSpec(name="logprobs_from_logits", backends=(dispatch.Backend.TORCH, dispatch.Backend.TRITON))
+    dispatch.OpSpec(name="logprobs_from_logits",
+                    backends=(dispatch.Backend.TORCH, dispatch.Backend.TRITON, dispatch.Backend.CUDA))
 )
 
 

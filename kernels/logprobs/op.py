@@ -1,5 +1,5 @@
-"""Custom ops `fusedrl::logprobs_fwd` / `fusedrl::logprobs_bwd` over the Triton kernels (and the CUDA
-extension once it has them), paired for autograd by `LogprobsFromLogits`.
+"""Custom ops `fusedrl::logprobs_fwd` / `fusedrl::logprobs_bwd` over the Triton kernels or the CUDA
+extension (csrc/logprobs.cu), as the `backend` argument says, paired for autograd by `LogprobsFromLogits`.
 
 Layout: logits [B, T, V] with a contiguous vocabulary (rows may be strided), labels [B, T] int.
 """
@@ -14,8 +14,8 @@ EMPTY = (0,)
 
 
 def _check_backend(backend: str) -> None:
-    if backend != "triton":
-        raise RuntimeError(f"logprobs ops have no {backend!r} kernels (only triton); dispatch should not pick it")
+    if backend not in ("triton", "cuda"):
+        raise RuntimeError(f"logprobs ops have no {backend!r} kernels (triton and cuda); dispatch should not pick it")
 
 
 @torch.library.custom_op("fusedrl::logprobs_fwd", mutates_args=())
@@ -25,6 +25,10 @@ def logprobs_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (logp [B, T] fp32, entropy [B, T] fp32 or empty, lse [B, T] fp32)."""
     _check_backend(backend)
+    if backend == "cuda":
+        from .. import cuda_ext
+
+        return tuple(cuda_ext.ops().logprobs_fwd(logits, labels, temperature, ignore_index, want_entropy))
     B, T, V = logits.shape
     logp = torch.empty((B, T), device=logits.device, dtype=torch.float32)
     lse = torch.empty((B, T), device=logits.device, dtype=torch.float32)
@@ -54,6 +58,10 @@ def logprobs_bwd(
 ) -> torch.Tensor:
     """-> grad of logits, [B, T, V] contiguous in logits.dtype."""
     _check_backend(backend)
+    if backend == "cuda":
+        from .. import cuda_ext
+
+        return cuda_ext.ops().logprobs_bwd(logits, labels, lse, entropy, g_logp, g_entropy, temperature, ignore_index)
     B, T, V = logits.shape
     grad = torch.empty((B, T, V), device=logits.device, dtype=logits.dtype)
     if B * T:
