@@ -104,3 +104,30 @@ def _grpo_jobs() -> list[dict]:
 def test_grpo_loss_kernel_compiles_for_sm90():
     failures = compile_kernels(_grpo_jobs())
     assert not failures, "\n".join(f"{f['job']['kernel']} {f['job']['constexprs']}: {f['error']}" for f in failures)
+
+
+def _hidden_jobs() -> list[dict]:
+    module = "fusedrl.kernels.logprobs.hidden_triton"
+    scalars = dict(N="i32", V="i32", H="i32", stride_h="i32", stride_w="i32", inv_temp="fp32", softcap="fp32",
+                   ignore_index="i32")
+    tiles = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64)
+    jobs = []
+    for data in ("bf16", "fp16", "fp32"):
+        fwd = dict(h_ptr=f"*{data}", w_ptr=f"*{data}", b_ptr=f"*{data}", labels_ptr="*i64", logp_ptr="*fp32",
+                   entropy_ptr="*fp32", lse_ptr="*fp32", **scalars)
+        bwd = dict(h_ptr=f"*{data}", w_ptr=f"*{data}", b_ptr=f"*{data}", labels_ptr="*i64", lse_ptr="*fp32",
+                   entropy_ptr="*fp32", g_logp_ptr="*fp32", g_entropy_ptr="*fp32", dh_ptr="*fp32", dw_ptr="*fp32",
+                   db_ptr="*fp32", **scalars)
+        for flag in (True, False):
+            jobs.append(dict(kernel="_hidden_fwd_kernel", types=fwd, constexprs=dict(
+                HAS_BIAS=flag, HAS_SOFTCAP=not flag, WANT_ENTROPY=flag, **tiles)))
+            jobs.append(dict(kernel="_hidden_bwd_kernel", types=bwd, constexprs=dict(
+                HAS_BIAS=flag, HAS_SOFTCAP=not flag, HAS_G_LOGP=True, HAS_G_ENTROPY=flag, NEED_DH=True,
+                NEED_DW=flag, NEED_DB=flag, **tiles)))
+    return [dict(job, module=module, arch=90) for job in jobs]
+
+
+@pytest.mark.slow
+def test_token_logprobs_kernels_compile_for_sm90():
+    failures = compile_kernels(_hidden_jobs())
+    assert not failures, "\n".join(f"{f['job']['kernel']} {f['job']['constexprs']}: {f['error']}" for f in failures)

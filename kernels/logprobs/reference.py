@@ -33,11 +33,11 @@ def naive(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore
     return torch.where(keep, logp, zero), torch.where(keep, entropy, zero)
 
 
-def _rows_per_chunk(V: int) -> int:
+def rows_per_chunk(V: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(V, 1))
 
 
-def _stats(block: torch.Tensor, temperature: float):
+def stats(block: torch.Tensor, temperature: float):
     """One [rows, V] block -> (scaled block, lse [rows], entropy [rows]) in the compute dtype."""
     scaled = block.to(_compute_dtype(block)) / temperature
     lse = torch.logsumexp(scaled, dim=-1)
@@ -47,6 +47,16 @@ def _stats(block: torch.Tensor, temperature: float):
     p = log_p.exp()
     entropy = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
     return scaled, lse, entropy
+
+
+def grad_of_scaled(scaled, lse, entropy, g_logp, g_entropy, labels) -> torch.Tensor:
+    """d(g_logp . logp + g_entropy . H) / d scaled for one [rows, V] block of x = logits / T:
+    d logp_y / dx = onehot(y) - p ;  d H / dx = -p (log p + H)."""
+    log_p = scaled - lse.unsqueeze(-1)
+    p = log_p.exp()
+    log_term = torch.where(p > 0, log_p + entropy.unsqueeze(-1), torch.zeros_like(p))  # p = 0 at x = -inf
+    g = -g_logp.unsqueeze(-1) * p - g_entropy.unsqueeze(-1) * p * log_term
+    return g.scatter_add_(-1, labels.unsqueeze(-1), g_logp.unsqueeze(-1))
 
 
 class ChunkedLogprobs(torch.autograd.Function):
@@ -61,10 +71,10 @@ class ChunkedLogprobs(torch.autograd.Function):
         lse = torch.empty(N, dtype=ct, device=logits.device)
         keep = labels != ignore_index
         safe = torch.where(keep, labels, torch.zeros_like(labels))
-        step = _rows_per_chunk(V)
+        step = rows_per_chunk(V)
         for start in range(0, N, step):
             rows = slice(start, start + step)
-            scaled, lse[rows], entropy[rows] = _stats(logits[rows], temperature)
+            scaled, lse[rows], entropy[rows] = stats(logits[rows], temperature)
             # clamped: rounding must not make a log-probability positive (the kernels do the same)
             logp[rows] = (scaled.gather(-1, safe[rows].unsqueeze(-1)).squeeze(-1) - lse[rows]).clamp(max=0)
         zero = torch.zeros((), dtype=ct, device=logits.device)
@@ -86,14 +96,10 @@ class ChunkedLogprobs(torch.autograd.Function):
         zero = torch.zeros((), dtype=ct, device=logits.device)
         g_logp = torch.where(keep, g_logp, zero)
         g_entropy = torch.where(keep, g_entropy, zero)
-        step = _rows_per_chunk(V)
+        step = rows_per_chunk(V)
         for start in range(0, N, step):
             rows = slice(start, start + step)
-            logp_all = logits[rows].to(ct) / T - lse[rows].unsqueeze(-1)
-            p = logp_all.exp()
-            # d logp_y / dx = onehot - p ; d H / dx = -p (log p + H)   (x = logits / T)
-            log_term = torch.where(p > 0, logp_all + entropy[rows].unsqueeze(-1), torch.zeros_like(p))
-            g = -g_logp[rows].unsqueeze(-1) * p - g_entropy[rows].unsqueeze(-1) * p * log_term
-            g.scatter_add_(-1, safe[rows].unsqueeze(-1), g_logp[rows].unsqueeze(-1))
+            g = grad_of_scaled(logits[rows].to(ct) / T, lse[rows], entropy[rows], g_logp[rows], g_entropy[rows],
+                               safe[rows])
             grad[rows] = (g / T).to(logits.dtype)
         return grad, None, None, None

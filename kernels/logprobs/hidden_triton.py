@@ -1,0 +1,147 @@
+"""Triton kernels: token log-probabilities and entropy straight from hidden states and the LM head.
+
+Forward, one program per BLOCK_N rows: for each BLOCK_V tile of the vocabulary it computes the
+logits tile z = cap(h W^T + b) / T with `tl.dot` over BLOCK_H slices of the hidden size (fp32
+accumulation) and folds it into an online log-sum-exp and entropy (the update of
+`triton_kernels.py`, per row of the block), picking up the label's logit on the way. Nothing
+[N, V] is ever written; lse and H ([N] fp32) are kept for the backward.
+
+Backward, one program per (row block, vocabulary tile): recompute the tile, form
+dz = (g_logp (onehot - p) - g_H p (log p + H)) / T (times cap' under soft-capping), then add
+dz W into dh and dz^T h into dW (only when the weight needs a gradient) with fp32 atomics, and
+sum dz into db. tanh is written with exp (no libdevice, so the CPU interpreter runs it).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_kernels import NEG_BIG
+
+BLOCK_N = 64
+BLOCK_V = 128
+BLOCK_H = 64
+NUM_WARPS = 4
+
+
+@triton.jit
+def _tanh(x):
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0.0, -t, t)
+
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w, softcap,
+                 HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                 BLOCK_H: tl.constexpr):
+    """(cap(h W^T + b) [BLOCK_N, BLOCK_V] fp32, tanh of the capped argument or 0)."""
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for k0 in range(0, H, BLOCK_H):
+        ks = k0 + tl.arange(0, BLOCK_H)
+        k_ok = ks < H
+        h = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_h + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_w + ks[None, :], mask=col_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        acc = tl.dot(h, tl.trans(w), acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    t = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    if HAS_SOFTCAP:
+        t = _tanh(acc / softcap)
+        acc = softcap * t
+    return acc, t
+
+
+@triton.jit
+def _hidden_fwd_kernel(
+    h_ptr, w_ptr, b_ptr, labels_ptr, logp_ptr, entropy_ptr, lse_ptr,
+    N, V, H, stride_h, stride_w, inv_temp, softcap, ignore_index,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WANT_ENTROPY: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
+    m = tl.full([BLOCK_N], NEG_BIG, tl.float32)
+    s = tl.zeros([BLOCK_N], tl.float32)
+    u = tl.zeros([BLOCK_N], tl.float32)
+    x_label = tl.zeros([BLOCK_N], tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < V
+        z, _ = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w, softcap,
+                            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H)
+        z = tl.where(col_ok[None, :], z * inv_temp, float("-inf"))
+        x_label += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), axis=1)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(z - m_new[:, None])
+        if WANT_ENTROPY:
+            u = alpha * (u + (m - m_new) * s) + tl.sum(e * tl.where(e > 0.0, z - m_new[:, None], 0.0), axis=1)
+        s = alpha * s + tl.sum(e, axis=1)
+        m = m_new
+    log_s = tl.log(s)
+    lse = m + log_s
+    valid = labels != ignore_index
+    in_range = (labels >= 0) & (labels < V)
+    logp = tl.where(in_range, tl.minimum(x_label - lse, 0.0), float("nan"))
+    tl.store(logp_ptr + rows, tl.where(valid, logp, 0.0), mask=row_ok)
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
+    if WANT_ENTROPY:
+        tl.store(entropy_ptr + rows, tl.where(valid, log_s - u / s, 0.0), mask=row_ok)
+
+
+@triton.jit
+def _hidden_bwd_kernel(
+    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, entropy_ptr, g_logp_ptr, g_entropy_ptr,
+    dh_ptr, dw_ptr, db_ptr,
+    N, V, H, stride_h, stride_w, inv_temp, softcap, ignore_index,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_G_LOGP: tl.constexpr, HAS_G_ENTROPY: tl.constexpr,
+    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows < N
+    col_ok = cols < V
+    labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
+    valid = row_ok & (labels != ignore_index)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    g_logp = tl.zeros([BLOCK_N], tl.float32)
+    g_ent = tl.zeros([BLOCK_N], tl.float32)
+    entropy = tl.zeros([BLOCK_N], tl.float32)
+    if HAS_G_LOGP:
+        g_logp = tl.where(valid, tl.load(g_logp_ptr + rows, mask=row_ok, other=0.0), 0.0)
+    if HAS_G_ENTROPY:
+        g_ent = tl.where(valid, tl.load(g_entropy_ptr + rows, mask=row_ok, other=0.0), 0.0)
+        entropy = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
+    z, t = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w, softcap,
+                        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H)
+    log_p = z * inv_temp - lse[:, None]
+    p = tl.where(col_ok[None, :], tl.exp(log_p), 0.0)
+    dz = tl.where(cols[None, :] == labels[:, None], g_logp[:, None], 0.0) - g_logp[:, None] * p
+    if HAS_G_ENTROPY:
+        dz -= g_ent[:, None] * p * tl.where(p > 0.0, log_p + entropy[:, None], 0.0)
+    dz = dz * inv_temp
+    if HAS_SOFTCAP:
+        dz = dz * (1.0 - t * t)
+    dz = tl.where(valid[:, None] & col_ok[None, :], dz, 0.0)
+    if NEED_DB:
+        tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_ok)
+    dz_in = dz.to(h_ptr.dtype.element_ty)  # tensor-core operands in the input dtype, fp32 accumulation
+    for k0 in range(0, H, BLOCK_H):
+        ks = k0 + tl.arange(0, BLOCK_H)
+        k_ok = ks < H
+        if NEED_DH:
+            w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_w + ks[None, :],
+                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            tl.atomic_add(dh_ptr + rows[:, None].to(tl.int64) * H + ks[None, :], tl.dot(dz_in, w),
+                          mask=row_ok[:, None] & k_ok[None, :])
+        if NEED_DW:
+            h = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_h + ks[None, :],
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            tl.atomic_add(dw_ptr + cols[:, None].to(tl.int64) * H + ks[None, :], tl.dot(tl.trans(dz_in), h),
+                          mask=col_ok[:, None] & k_ok[None, :])

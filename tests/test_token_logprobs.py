@@ -1,0 +1,110 @@
+"""token_logprobs (hidden states + LM head) on every backend that runs here, against float64."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from fusedrl.kernels import token_logprobs
+from fusedrl.kernels.logprobs import hidden_reference
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+BACKENDS = ["torch", "triton"]
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+# (hidden shape, V, bias, softcap, temperature, strided hidden, frozen weight)
+CASES = [
+    ((127, 96), 1025, True, None, 1.0, False, False),
+    ((3, 6, 40), 50257, False, None, 0.7, True, False),
+    ((2, 9, 64), 333, True, 5.0, 0.9, False, True),
+]
+
+
+def _inputs(case, dtype, seed=0):
+    shape, V, with_bias, *_ = case
+    g = torch.Generator().manual_seed(seed)
+    H = shape[-1]
+    hidden = torch.randn(shape, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5 * 3
+    bias = torch.randn(V, generator=g, dtype=torch.float64) * 0.5 if with_bias else None
+    labels = torch.randint(0, V, shape[:-1], generator=g)
+    labels.view(-1)[::4] = -100
+    cast = lambda t: None if t is None else t.to(DEVICE, dtype)
+    return cast(hidden), cast(weight), cast(bias), labels.to(DEVICE)
+
+
+def _err(a, b):
+    return 0.0 if a is None and b is None else (a.double() - b.double()).abs().max().item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=["127x96-V1025-bias", "3x6x40-V50257-strided-T0.7",
+                                             "2x9x64-V333-softcap-frozen"])
+def test_matches_float64(case, dtype, backend, use_backend):
+    shape, V, with_bias, softcap, temperature, strided, frozen = case
+    hidden, weight, bias, labels = _inputs(case, dtype)
+    if strided:  # like hidden[:, :-1] in a causal LM: rows not contiguous
+        hidden = torch.cat([hidden, hidden[:, :1]], dim=1)[:, :-1]
+        assert not hidden.is_contiguous()
+    g = torch.Generator().manual_seed(1)
+    w_logp = torch.randn(labels.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    w_ent = torch.randn(labels.shape, generator=g, dtype=torch.float64).to(DEVICE)
+
+    def run(fn, cast):
+        h = cast(hidden).detach().requires_grad_()
+        w = cast(weight).detach().requires_grad_(not frozen)
+        b = None if bias is None else cast(bias).detach().requires_grad_()
+        logp, ent = fn(h, w, b)
+        inputs = [t for t in (h, w, b) if t is not None and t.requires_grad]
+        grads = torch.autograd.grad((logp.double() * w_logp).sum() + (ent.double() * w_ent).sum(), inputs)
+        return [logp, ent, *grads]
+
+    naive = lambda h, w, b: tuple(t.reshape(labels.shape) for t in hidden_reference.naive(
+        h.reshape(-1, h.shape[-1]), w, labels.reshape(-1), b, temperature, softcap, -100))
+    exp = run(naive, lambda t: t.double())
+    base = run(naive, lambda t: t)  # the naive formula at the input dtype: the error budget
+    use_backend(backend)
+    got = run(lambda h, w, b: token_logprobs(h, w, labels, bias=b, temperature=temperature, softcap=softcap,
+                                             return_entropy=True), lambda t: t)
+    names = ["logp", "entropy", "d_hidden"] + ([] if frozen else ["d_weight"]) + (["d_bias"] if with_bias else [])
+    assert len(got) == len(names)
+    for name, a, b, e in zip(names, got, base, exp):
+        ulp = torch.finfo(dtype if name.startswith("d_") else torch.float32).eps * max(1.0, e.abs().max().item())
+        budget = 4 * _err(b, e) + 8 * ulp
+        assert _err(a, e) <= budget, f"{name}: {_err(a, e):.3g} > {budget:.3g}"
+    assert (got[0] <= 0).all()
+    ignored = labels == -100
+    assert (got[0][ignored] == 0).all() and (got[1][ignored] == 0).all() and (got[2][ignored] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_head_gets_no_gradient(backend, use_backend):
+    use_backend(backend)
+    hidden, weight, _, labels = _inputs(CASES[0], torch.float32)
+    h = hidden.clone().requires_grad_()
+    token_logprobs(h, weight, labels).sum().backward()
+    assert weight.grad is None and h.grad is not None and torch.isfinite(h.grad).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(weight=torch.randn(50, 7)), ValueError, r"weight must have shape \[V, H\] = \[V, 8\]"),
+        (dict(weight=torch.randn(50, 8).double()), TypeError, "weight is torch.float64 but hidden is torch.float32"),
+        (dict(labels=torch.tensor([0, 50, 1])), ValueError, r"labels must lie in \[0, 50\)"),
+        (dict(labels=torch.tensor([0, 1])), ValueError, r"labels has shape \(2,\)"),
+        (dict(bias=torch.randn(49)), ValueError, r"bias must have shape \[V\] = \[50\]"),
+        (dict(softcap=0.0), ValueError, "softcap must be a finite float > 0"),
+        (dict(hidden=torch.randn(3, 8).long()), TypeError, "hidden must be a floating-point tensor"),
+    ],
+)
+def test_bad_input_is_named(kwargs, error, match):
+    args = dict(hidden=torch.randn(3, 8), weight=torch.randn(50, 8), labels=torch.tensor([0, 1, 2]))
+    args.update(kwargs)
+    extra = {k: args.pop(k) for k in ("bias", "softcap") if k in args}
+    with pytest.raises(error, match=match):
+        token_logprobs(args["hidden"], args["weight"], args["labels"], **extra)
