@@ -62,3 +62,19 @@ def fusedrl_env(spec, provider: str, tensors: Sequence[torch.Tensor]) -> dict[st
     if reason is not None:
         raise Skip(reason)
     return {dispatch.ENV_BACKEND: provider}
+
+
+def pick(provider: str, *, eager: Callable, public: Callable, spec, tensors: Sequence[torch.Tensor],
+         peers: dict[str, Callable[[], Callable]] | None = None) -> tuple[Callable, dict[str, str]]:
+    """(function to time, environment) for a standard provider or a peer: "eager" runs `eager` (the
+    plain formula), "compile" compiles it, fusedrl's backends run `public` with that backend forced,
+    a peer name calls its factory (which raises Skip when the peer is not installed)."""
+    if provider == EAGER:
+        return eager, {}
+    if provider == COMPILE:
+        return compiled(eager), {}
+    if peers and provider in peers:
+        return peers[provider](), {}
+    if provider in FUSEDRL_BACKENDS:
+        return public, fusedrl_env(spec, provider, tensors)
+    raise ValueError(f"unknown provider {provider!r}")

@@ -36,7 +36,7 @@ from fusedrl.kernels import ddim_step, flow_sde_step
 from fusedrl.kernels.diffusion_step import reference
 from fusedrl.kernels.diffusion_step.api import SPEC
 
-from ..providers import COMPILE, EAGER, FUSEDRL_BACKENDS, STANDARD, Impl, compiled, fusedrl_env
+from ..providers import COMPILE, EAGER, STANDARD, Impl, pick
 from . import Case, CaseConfig
 
 SHAPES = {
@@ -113,16 +113,9 @@ def _setup(op: str, mode: str, shape: tuple[int, ...], dtype: torch.dtype, devic
     inputs = (x, m, prev, p0, p1)
 
     def impl(provider: str) -> Impl:
-        env: dict[str, str] = {}
-        if provider == EAGER:
-            step = _with_noise(formula)
-        elif provider == COMPILE:
-            step = _with_noise(compiled(formula))
-        elif provider in FUSEDRL_BACKENDS:
-            env = fusedrl_env(SPEC, provider, (x, m, prev))
-            step = public
-        else:
-            raise ValueError(f"unknown provider {provider!r} for {op}")
+        step, env = pick(provider, eager=formula, public=public, spec=SPEC, tensors=(x, m, prev))
+        if provider in (EAGER, COMPILE):
+            step = _with_noise(step)
         return Impl(_timed_call(mode, step, x, m, p0, p1, prev), env=env, inputs=inputs,
                     error_is_skip=provider == COMPILE)
 

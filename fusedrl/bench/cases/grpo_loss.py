@@ -20,7 +20,7 @@ from fusedrl.kernels import grpo_loss
 from fusedrl.kernels.grpo_loss import reference
 from fusedrl.kernels.grpo_loss.api import SPEC
 
-from ..providers import COMPILE, EAGER, FUSEDRL_BACKENDS, STANDARD, Impl, compiled, fusedrl_env
+from ..providers import COMPILE, STANDARD, Impl, pick
 from . import Case, CaseConfig
 
 SHAPES = {"default": (64, 2048), "small": (16, 512)}
@@ -49,16 +49,7 @@ def _setup(mode, shape, device):
     args = (logp, old, adv, mask, ref)
 
     def impl(provider: str) -> Impl:
-        env: dict[str, str] = {}
-        if provider == EAGER:
-            fn = _eager
-        elif provider == COMPILE:
-            fn = compiled(_eager)
-        elif provider in FUSEDRL_BACKENDS:
-            env = fusedrl_env(SPEC, provider, (logp,))
-            fn = _public
-        else:
-            raise ValueError(f"unknown provider {provider!r}")
+        fn, env = pick(provider, eager=_eager, public=_public, spec=SPEC, tensors=(logp,))
         if mode == "fwd":
             def call():
                 with torch.no_grad():

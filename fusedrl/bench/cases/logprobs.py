@@ -23,7 +23,7 @@ from fusedrl.kernels import logprobs_from_logits
 from fusedrl.kernels.logprobs import reference
 from fusedrl.kernels.logprobs.api import SPEC
 
-from ..providers import COMPILE, EAGER, FUSEDRL_BACKENDS, STANDARD, Impl, Skip, compiled, fusedrl_env
+from ..providers import COMPILE, STANDARD, Impl, Skip, pick
 from . import Case, CaseConfig
 
 SHAPES = {"default": (4, 2048, 151936), "small": (2, 256, 32000)}
@@ -55,18 +55,8 @@ def _setup(mode, shape, dtype, device):
     labels = torch.randint(0, V, (B, T), device=device)
 
     def impl(provider: str) -> Impl:
-        env: dict[str, str] = {}
-        if provider == EAGER:
-            fn = _naive
-        elif provider == COMPILE:
-            fn = compiled(_naive)
-        elif provider == TRL:
-            fn = _trl_fn()
-        elif provider in FUSEDRL_BACKENDS:
-            env = fusedrl_env(SPEC, provider, (logits,))
-            fn = _public
-        else:
-            raise ValueError(f"unknown provider {provider!r}")
+        fn, env = pick(provider, eager=_naive, public=_public, spec=SPEC, tensors=(logits,),
+                       peers={TRL: _trl_fn})
         if mode == "fwd":
             def call():
                 with torch.no_grad():

@@ -22,7 +22,7 @@ from fusedrl.kernels import token_logprobs
 from fusedrl.kernels.logprobs import hidden_reference
 from fusedrl.kernels.logprobs.api import HIDDEN_SPEC
 
-from ..providers import COMPILE, EAGER, FUSEDRL_BACKENDS, STANDARD, Impl, Skip, compiled, fusedrl_env
+from ..providers import COMPILE, STANDARD, Impl, Skip, pick
 from . import Case, CaseConfig
 
 SHAPES = {"default": [(8192, 4096, 131072), (8192, 4096, 151936)], "small": [(512, 64, 4096)]}
@@ -59,18 +59,8 @@ def _setup(mode, shape, dtype, device):
     grads_of = [t for t in (hidden, weight) if t.requires_grad]
 
     def impl(provider: str) -> Impl:
-        env: dict[str, str] = {}
-        if provider == EAGER:
-            fn = _naive
-        elif provider == COMPILE:
-            fn = compiled(_naive)
-        elif provider == TRL:
-            fn = _trl()
-        elif provider in FUSEDRL_BACKENDS:
-            env = fusedrl_env(HIDDEN_SPEC, provider, (hidden, weight))
-            fn = _public
-        else:
-            raise ValueError(f"unknown provider {provider!r}")
+        fn, env = pick(provider, eager=_naive, public=_public, spec=HIDDEN_SPEC, tensors=(hidden, weight),
+                       peers={TRL: _trl})
         if mode == "fwd":
             def call():
                 with torch.no_grad():
