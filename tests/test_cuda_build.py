@@ -1,5 +1,6 @@
 """The CUDA extension: it builds and registers its ops (nvcc only, no GPU needed), and on a GPU its
-kernels match the Triton kernels, which are the spec (kernels/diffusion_step/triton_kernels.py).
+kernels match the Triton kernels, which are the spec (kernels/diffusion_step/triton_kernels.py,
+kernels/logprobs/triton_kernels.py).
 
 The build reuses the persistent cache (`fusedrl.kernels.cuda_ext.cache_dir()`, keyed by a hash of
 sources and flags), so only the first run pays the compile (about a minute on 2 cores).
@@ -7,8 +8,8 @@ sources and flags), so only the first run pays the compile (about a minute on 2 
 GPU checks need the Triton kernels on the GPU as the oracle, so run them with
 `TRITON_INTERPRET=0 python -m pytest tests` (tests/conftest.py sets it to 1 only by default). In that
 mode tests/conftest.py builds the extension before the first test, so tests/test_diffusion_step.py
-also checks the `cuda` backend against float64; the `extension` fixture here builds it too, so this
-module stands alone.
+and tests/test_logprobs.py also check the `cuda` backend against float64; the `extension` fixture here
+builds it too, so this module stands alone.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from fusedrl.kernels import cuda_ext
 from fusedrl.kernels.diffusion_step import op as step_op
+from fusedrl.kernels.logprobs import op as logprobs_op
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -36,6 +38,15 @@ BWD_SCHEMA = (
     "Tensor? ref, Tensor? g_prev, Tensor? g_mean, Tensor? g_logp, Tensor? g_kl, int mode, int pred, float level, "
     "float sigma_max, float clip, bool clipped_eps, bool need_g_ref) -> (Tensor, Tensor, Tensor)"
 )
+LOGPROBS_FWD_SCHEMA = (
+    "fusedrl_C::logprobs_fwd(Tensor logits, Tensor labels, float temperature, int ignore_index, bool want_entropy) "
+    "-> (Tensor, Tensor, Tensor)"
+)
+LOGPROBS_BWD_SCHEMA = (
+    "fusedrl_C::logprobs_bwd(Tensor logits, Tensor labels, Tensor lse, Tensor entropy, Tensor? g_logp, "
+    "Tensor? g_entropy, float temperature, int ignore_index) -> Tensor"
+)
+OP_NAMES = ("diffusion_step_fwd", "diffusion_step_bwd", "logprobs_fwd", "logprobs_bwd")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +70,9 @@ def test_build_registers_the_ops(extension):
     ops = cuda_ext.ops()
     assert str(ops.diffusion_step_fwd.default._schema) == FWD_SCHEMA
     assert str(ops.diffusion_step_bwd.default._schema) == BWD_SCHEMA
-    for name in ("diffusion_step_fwd", "diffusion_step_bwd"):
+    assert str(ops.logprobs_fwd.default._schema) == LOGPROBS_FWD_SCHEMA
+    assert str(ops.logprobs_bwd.default._schema) == LOGPROBS_BWD_SCHEMA
+    for name in OP_NAMES:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedrl_C::{name}", "CUDA")
 
 
@@ -67,7 +80,7 @@ def test_build_registers_the_ops(extension):
 @pytest.mark.slow
 def test_schemas_match_the_python_ops(extension):
     """op.py passes its own arguments, minus `backend`, positionally: names and types must line up."""
-    for name in ("diffusion_step_fwd", "diffusion_step_bwd"):
+    for name in OP_NAMES:
         python_op = getattr(torch.ops.fusedrl, name).default._schema.arguments
         cuda_op = getattr(cuda_ext.ops(), name).default._schema.arguments
         assert [(a.name, str(a.type)) for a in python_op if a.name != "backend"] == [
@@ -293,6 +306,221 @@ def test_cuda_rejects_bad_input(extension):
     """In a child process, so that a crash fails this test instead of ending the session: the
     first run on a GPU machine (H200, torch 2.11, Python 3.12) died with SIGSEGV at the first of
     these calls, while the same checks raise cleanly with torch 2.14 on the CPU build machine."""
-    code = f"import runpy; runpy.run_path({__file__!r})['check_bad_inputs']()"
+    _run_in_child("check_bad_inputs")
+
+
+def _run_in_child(function: str) -> None:
+    """Run `function` of this file in a fresh Python process; fail with its output if it fails."""
+    code = f"import runpy; runpy.run_path({__file__!r})[{function!r}]()"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"exit status {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+
+
+# ----------------------------------------------------------------------------- logprobs on a GPU
+
+LP_DTYPES = [F32, F16, BF16]
+# 1: a single column; 96, 151936 (Qwen): 16-byte path; 1025, 50257 (GPT-2): element path
+LP_VOCABS = [1, 96, 1025, 50257, 151936]
+LP_ROWS = (3, 17)  # B, T: 51 rows, several per block of the grid-strided loop only past 65535
+IGNORE = -100
+
+
+def _lp_inputs(dtype, V, sliced, label_dtype=torch.int64, seed=0):
+    """logits [B, T, V] (a `logits[:, :-1]` view when sliced), labels [B, T]: every 5th ignored, one
+    label V and one -7 (outside [0, V), not ignore_index: NaN)."""
+    B, T = LP_ROWS
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    full = (torch.randn(B, T + 1, V, device="cuda", generator=g) * 4).to(dtype)
+    logits = full[:, :-1] if sliced else full[:, :-1].contiguous()
+    labels = torch.randint(0, V, (B, T), device="cuda", generator=g)
+    labels.view(-1)[::5] = IGNORE
+    labels[0, 1] = V
+    labels[1, 2] = -7
+    return logits, labels.to(label_dtype)
+
+
+def _lp_fwd(backend, logits, labels, temperature, want_entropy=True):
+    args = (logits, labels, temperature, IGNORE, want_entropy)
+    if backend == "cuda":
+        return tuple(cuda_ext.ops().logprobs_fwd(*args))
+    return tuple(logprobs_op.logprobs_fwd(*args, "triton"))
+
+
+def _lp_bwd(backend, logits, labels, lse, entropy, g_logp, g_entropy, temperature):
+    args = (logits, labels, lse, entropy, g_logp, g_entropy, temperature, IGNORE)
+    if backend == "cuda":
+        return cuda_ext.ops().logprobs_bwd(*args)
+    return logprobs_op.logprobs_bwd(*args, "triton")
+
+
+def _close_stats(got, want, lse, name):
+    """fp32 row statistics. Both backends sum V exponentials in fp32 in different orders (and Triton's
+    exp is ex2.approx): they differ by a few fp32 ulps of the row's lse, whose size sets the scale."""
+    assert got.dtype == want.dtype == F32 and got.shape == want.shape, name
+    tol = 2e-5 * max(1.0, lse.abs().max().item())
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=tol, equal_nan=True, msg=lambda m: f"{name}: {m}")
+
+
+def _close_grad(got, want, dtype):
+    assert got.dtype == want.dtype == dtype and got.shape == want.shape and got.is_contiguous()
+    # fp32: p = exp(x - lse) moves by the lse difference above; fp16/bf16: that can flip one rounding.
+    tol = {F32: 5e-5, F16: 2 * 2.0**-10, BF16: 2 * 2.0**-7}[dtype]
+    scale = max(1.0, want.float().abs().max().item())
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * scale, msg=lambda m: f"grad: {m}")
+
+
+def _lp_compare(logits, labels, temperature, want_entropy=True):
+    """Forward and backward of the cuda backend against the Triton kernels on the same inputs."""
+    got = _lp_fwd("cuda", logits, labels, temperature, want_entropy)
+    want = _lp_fwd("triton", logits, labels, temperature, want_entropy)
+    lse = want[2]
+    for name, g, w in zip(("logp", "entropy", "lse"), got, want):
+        _close_stats(g, w, lse, name)
+    g_logp = torch.randn(labels.shape, device="cuda")
+    g_entropy = torch.randn(labels.shape, device="cuda") if want_entropy else None
+    grads = [_lp_bwd(b, logits, labels, lse, want[1], g_logp, g_entropy, temperature) for b in ("cuda", "triton")]
+    _close_grad(*grads, logits.dtype)
+    return got, grads[0]
+
+
+@gpu
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("sliced", [False, True], ids=["whole", "sliced"])
+@pytest.mark.parametrize("V", LP_VOCABS)
+@pytest.mark.parametrize("dtype", LP_DTYPES, ids=lambda d: str(d)[6:])
+def test_cuda_logprobs_match_triton(extension, dtype, V, sliced, temperature):
+    """int64 labels at temperature 1, int32 at 0.7: both label types meet every dtype and V."""
+    label_dtype = torch.int64 if temperature == 1.0 else torch.int32
+    logits, labels = _lp_inputs(dtype, V, sliced, label_dtype, seed=V)
+    assert logits.is_contiguous() != sliced
+    (logp, entropy, lse), grad = _lp_compare(logits, labels, temperature)
+    ignored = labels == IGNORE
+    out_of_range = ~ignored & ((labels < 0) | (labels >= V))
+    assert out_of_range.sum() == 2 and logp[out_of_range].isnan().all()
+    assert (logp[ignored] == 0).all() and (entropy[ignored] == 0).all()
+    assert (logp[~out_of_range] <= 0).all() and lse.isfinite().all()
+    assert (grad[ignored] == 0).all() and grad.isfinite().all()
+
+
+@gpu
+@pytest.mark.parametrize("V", [1025, 4096], ids=["elements", "16-byte"])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=lambda d: str(d)[6:])
+def test_cuda_logprobs_masked_vocabulary(extension, dtype, V):
+    """-inf logits (a masked vocabulary) have p = 0: finite results, no gradient there."""
+    logits, labels = _lp_inputs(dtype, V, False, seed=1)
+    logits[..., V // 3:] = float("-inf")
+    labels = torch.where(labels == IGNORE, labels, labels % (V // 3))
+    (logp, entropy, lse), grad = _lp_compare(logits, labels, 0.7)
+    for t in (logp, entropy, lse, grad):
+        assert t.isfinite().all()
+    assert (grad[..., V // 3:] == 0).all()
+
+
+@gpu
+def test_cuda_logprobs_optional_outputs_and_grads(extension):
+    """No entropy in the forward; a backward with only g_logp or only g_entropy, as autograd passes them."""
+    logits, labels = _lp_inputs(F32, 1025, True, seed=2)
+    logp, entropy, lse = _lp_fwd("cuda", logits, labels, 0.9, want_entropy=False)
+    assert entropy.shape == (0,)
+    _lp_compare(logits, labels, 0.9, want_entropy=False)
+    _, ent, lse = _lp_fwd("triton", logits, labels, 0.9)
+    g = torch.randn(labels.shape, device="cuda")
+    for g_logp, g_entropy in ((g, None), (None, g)):
+        got = _lp_bwd("cuda", logits, labels, lse, ent, g_logp, g_entropy, 0.9)
+        want = _lp_bwd("triton", logits, labels, lse, ent, g_logp, g_entropy, 0.9)
+        _close_grad(got, want, F32)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [F32, F16], ids=lambda d: str(d)[6:])
+def test_cuda_logprobs_misaligned_rows(extension, dtype):
+    """Logits off the 16-byte alignment (V a multiple of the vector width) take the element path."""
+    logits, labels = _lp_inputs(dtype, 4096, False, seed=3)
+    shifted = _misaligned(logits, 1)
+    assert shifted.data_ptr() % 16 != 0
+    _lp_compare(shifted, labels, 1.0)
+
+
+@gpu
+def test_cuda_logprobs_are_deterministic(extension):
+    logits, labels = _lp_inputs(BF16, 151936, True, seed=4)
+    first = _lp_fwd("cuda", logits, labels, 1.0)
+    g = torch.randn(labels.shape, device="cuda")
+    grad = _lp_bwd("cuda", logits, labels, first[2], first[1], g, g, 1.0)
+    for _ in range(3):
+        for got, want in zip(_lp_fwd("cuda", logits, labels, 1.0), first):
+            assert torch.equal(got.nan_to_num(), want.nan_to_num())
+        assert torch.equal(_lp_bwd("cuda", logits, labels, first[2], first[1], g, g, 1.0), grad)
+
+
+@gpu
+def test_cuda_logprobs_rows_beyond_grid_limit(extension):
+    """More than 65535 rows (the launcher's block count): the rows past it come out as on their own."""
+    N = 65535 + 7
+    logits = torch.randn(1, N, 5, device="cuda")
+    labels = torch.randint(0, 5, (1, N), device="cuda")
+    g = torch.randn(1, N, device="cuda")
+    tail = slice(N - 20, N)
+
+    def both(rows):
+        x, y, gr = logits[:, rows], labels[:, rows], g[:, rows]
+        logp, ent, lse = cuda_ext.ops().logprobs_fwd(x, y, 1.0, IGNORE, True)
+        return logp, ent, lse, cuda_ext.ops().logprobs_bwd(x, y, lse, ent, gr, gr, 1.0, IGNORE)
+
+    for full, part in zip(both(slice(None)), both(tail)):
+        assert torch.equal(full[:, tail], part)
+
+
+@gpu
+def test_cuda_logprobs_pass_opcheck(extension):
+    """The Python custom ops on the cuda backend: schema, fake kernel, autograd registration."""
+    logits = torch.randn(2, 3, 40, device="cuda")
+    labels = torch.randint(0, 40, (2, 3), device="cuda")
+    torch.library.opcheck(logprobs_op.logprobs_fwd, (logits, labels, 0.9, IGNORE, True, "cuda"))
+    _, ent, lse = logprobs_op.logprobs_fwd(logits, labels, 0.9, IGNORE, True, "cuda")
+    g = torch.randn(2, 3, device="cuda")
+    torch.library.opcheck(logprobs_op.logprobs_bwd, (logits, labels, lse, ent, g, g, 0.9, IGNORE, "cuda"))
+
+
+# (which op, change to good arguments, error, message)
+LOGPROBS_BAD_INPUTS = [
+    ("fwd", lambda a: a.update(logits=a["logits"].cpu()), ValueError, "logits must be a CUDA tensor"),
+    ("fwd", lambda a: a.update(logits=a["logits"].double()), TypeError, "logits must be float32, float16 or bfloat16"),
+    ("fwd", lambda a: a.update(logits=a["logits"][0]), ValueError, r"logits must have shape \[B, T, V\]"),
+    ("fwd", lambda a: a.update(logits=a["logits"].transpose(1, 2).contiguous().transpose(1, 2)), ValueError,
+     "logits must have a contiguous vocabulary"),
+    ("fwd", lambda a: a.update(labels=a["labels"].float()), TypeError, "labels must be int32 or int64"),
+    ("fwd", lambda a: a.update(labels=a["labels"][:, :-1]), ValueError, r"labels must have shape \[B, T\] = \[2, 3\]"),
+    ("fwd", lambda a: a.update(labels=a["labels"].t().contiguous().t()), ValueError, "labels must be contiguous"),
+    ("fwd", lambda a: a.update(temperature=0.0), ValueError, "temperature must be a finite float > 0"),
+    ("bwd", lambda a: a.update(lse=a["lse"].double()), TypeError, "lse must be float32"),
+    ("bwd", lambda a: a.update(g_logp=a["g_logp"][:1]), ValueError, r"g_logp must have shape \[B, T\]"),
+    ("bwd", lambda a: a.update(entropy=a["entropy"].new_empty(0)), ValueError,
+     r"entropy \(needed with g_entropy\) must have shape"),
+]
+
+
+def check_bad_logprobs_inputs() -> None:
+    """Each of LOGPROBS_BAD_INPUTS raises its error with its message (run in a child process)."""
+    cuda_ext.build()
+    for which, change, error, match in LOGPROBS_BAD_INPUTS:
+        logits = torch.randn(2, 3, 8, device="cuda")
+        labels = torch.randint(0, 8, (2, 3), device="cuda")
+        if which == "fwd":
+            a = dict(logits=logits, labels=labels, temperature=1.0, ignore_index=IGNORE, want_entropy=True)
+            call = cuda_ext.ops().logprobs_fwd
+        else:
+            g = torch.randn(2, 3, device="cuda")
+            a = dict(logits=logits, labels=labels, lse=torch.randn(2, 3, device="cuda"), entropy=torch.rand_like(g),
+                     g_logp=g, g_entropy=g, temperature=1.0, ignore_index=IGNORE)
+            call = cuda_ext.ops().logprobs_bwd
+        change(a)
+        print(f"expecting {error.__name__}: {match}", flush=True)
+        with pytest.raises(error, match=match):
+            call(*a.values())
+
+
+@gpu
+def test_cuda_logprobs_reject_bad_input(extension):
+    """In a child process, for the reason given at test_cuda_rejects_bad_input."""
+    _run_in_child("check_bad_logprobs_inputs")
