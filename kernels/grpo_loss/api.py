@@ -145,10 +145,11 @@ def grpo_loss(
     mask_f = mask.to(torch.float32).contiguous()
     loss, stats = GRPOLoss.apply(logp.contiguous(), cont(old_logp), advantages.contiguous(), mask_f, cont(ref_logp),
                                  cont(entropy), kernel_args, loss_type, max_len, num_items)
-    return loss, _metrics(stats, loss_type, advantages, sequence, eps_low, eps_high, beta != 0.0, entropy is not None)
+    return loss, _metrics(stats, loss_type, advantages, sequence, eps_low, eps_high, delta, beta != 0.0,
+                          entropy is not None)
 
 
-def _metrics(stats, loss_type, advantages, sequence, eps_low, eps_high, has_kl, has_entropy):
+def _metrics(stats, loss_type, advantages, sequence, eps_low, eps_high, delta, has_kl, has_entropy):
     """TRL's logged means from the kernel's row sums: per-token values over the masked tokens;
     per-sequence values (GSPO ratios with per-sequence advantages) over the sequences."""
     col = lambda name: stats[:, COLUMN[name]]
@@ -163,9 +164,10 @@ def _metrics(stats, loss_type, advantages, sequence, eps_low, eps_high, has_kl, 
         metrics["entropy"] = token_mean("entropy")
     adv = advantages.to(torch.float32)
     if loss_type in reference.CLIP_FAMILY:
-        if per_sequence:
-            low = ((ratio_row < 1 - eps_low) & (adv < 0)).float().mean()
-            high = ((ratio_row > 1 + eps_high) & (adv > 0)).float().mean()
+        if per_sequence:  # TRL counts clipping on the ratio after the delta clamp
+            clipped = ratio_row if delta is None else ratio_row.clamp(max=delta)
+            low = ((clipped < 1 - eps_low) & (adv < 0)).float().mean()
+            high = ((clipped > 1 + eps_high) & (adv > 0)).float().mean()
         else:
             low, high = token_mean("low"), token_mean("high")
         metrics.update({"clip_ratio/low_mean": low, "clip_ratio/high_mean": high, "clip_ratio/region_mean": low + high})

@@ -65,7 +65,7 @@ def grpo_loss(
         if use_bias_correction_kl:
             per_token_kl = per_token_kl * coef_1
 
-    ratio = coef_1
+    ratio = coef_1  # "ratio_mean" is taken before the delta clamp; TRL's clip counts after it
     if loss_type == "cispo":
         per_token_loss = -torch.clamp(coef_1, max=eps_high).detach() * advantages * logp
     elif loss_type in CLIP_FAMILY:
@@ -92,7 +92,7 @@ def grpo_loss(
     else:  # "luspo"
         loss = masked.sum(-1).mean()
 
-    return loss, _metrics(loss_type, per_token_kl, ratio, advantages, mask, eps_low, eps_high, entropy)
+    return loss, _metrics(loss_type, per_token_kl, ratio, coef_1, advantages, mask, eps_low, eps_high, entropy)
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -104,15 +104,16 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def _metrics(loss_type, per_token_kl, ratio, advantages, mask, eps_low, eps_high, entropy):
+def _metrics(loss_type, per_token_kl, ratio, clipped_ratio, advantages, mask, eps_low, eps_high, entropy):
+    """`clipped_ratio` is the ratio after the two-sided `delta` clamp: TRL counts clipping on it."""
     metrics = {"ratio_mean": _masked_mean(ratio, mask)}
     if per_token_kl is not None:
         metrics["kl"] = _masked_mean(per_token_kl, mask)
     if entropy is not None:
         metrics["entropy"] = _masked_mean(entropy.to(mask.dtype), mask)
     if loss_type in CLIP_FAMILY:
-        low = ((ratio < 1 - eps_low) & (advantages < 0)).to(mask.dtype)
-        high = ((ratio > 1 + eps_high) & (advantages > 0)).to(mask.dtype)
+        low = ((clipped_ratio < 1 - eps_low) & (advantages < 0)).to(mask.dtype)
+        high = ((clipped_ratio > 1 + eps_high) & (advantages > 0)).to(mask.dtype)
         metrics["clip_ratio/low_mean"] = _masked_mean(low, mask)
         metrics["clip_ratio/high_mean"] = _masked_mean(high, mask)
         metrics["clip_ratio/region_mean"] = _masked_mean(torch.maximum(low, high), mask)

@@ -96,8 +96,9 @@ def _grpo_row_kernel(
             b = c2 * adv
             loss = -tl.minimum(a, b)
             d_w = -adv * tl.where(a < b, d_r1, tl.where(a > b, d_c2, 0.5 * (d_r1 + d_c2)))
-            s_low += tl.where((r < 1.0 - eps_low) & (adv < 0.0), m, 0.0)
-            s_high += tl.where((r > 1.0 + eps_high) & (adv > 0.0), m, 0.0)
+            # TRL counts clipping on the ratio after the delta clamp
+            s_low += tl.where((r1 < 1.0 - eps_low) & (adv < 0.0), m, 0.0)
+            s_high += tl.where((r1 > 1.0 + eps_high) & (adv > 0.0), m, 0.0)
         elif LOSS == 1:
             cr = tl.minimum(r, eps_high)
             loss = -cr * adv * lp
