@@ -4,7 +4,15 @@ So far: `prepare_backends()` builds or loads the CUDA extension before training 
 step ever waits for a compile, and `group_advantages()` normalizes rewards within groups (GRPO).
 """
 
-from .advantages import group_advantages
-from .startup import prepare_backends
+if __name__ != "fusedrl.engine":
+    # Imported as a bare top-level `engine` from a source checkout: load nothing (see kernels/__init__.py).
+    __version__ = "N/A"
 
-__all__ = ["group_advantages", "prepare_backends"]
+    def __getattr__(name):
+        raise AttributeError(f"this is fusedrl's engine folder imported as `engine`; use `fusedrl.engine.{name}`")
+
+else:
+    from .advantages import group_advantages
+    from .startup import prepare_backends
+
+    __all__ = ["group_advantages", "prepare_backends"]

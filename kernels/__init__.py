@@ -3,12 +3,24 @@
 One subpackage per op family; `dispatch` picks the backend per call (see DESIGN.md).
 """
 
-from .diffusion_step import StepOutput, ddim_step, flow_sde_step
-from .fused_linear_grpo import fused_linear_grpo_loss
-from .grpo_loss import grpo_loss
-from .logprobs import logprobs_from_logits, token_logprobs
+if __name__ != "fusedrl.kernels":
+    # This folder was imported as a bare top-level `kernels`: the repository root is on sys.path (e.g.
+    # `python -m pytest` or a script run from the checkout) and something asked for Hugging Face's
+    # `kernels` package - transformers does, to see whether it is installed. Loading the ops here would
+    # register fusedrl's custom ops a second time and break the first registration (seen as
+    # "vector::reserve" errors and crashes). Stay an empty module whose version says "not that package".
+    __version__ = "N/A"
 
-__all__ = [
-    "StepOutput", "ddim_step", "flow_sde_step", "fused_linear_grpo_loss", "grpo_loss", "logprobs_from_logits",
-    "token_logprobs",
-]
+    def __getattr__(name):
+        raise AttributeError(f"this is fusedrl's kernels folder imported as `kernels`: use `fusedrl.kernels.{name}`")
+
+else:
+    from .diffusion_step import StepOutput, ddim_step, flow_sde_step
+    from .fused_linear_grpo import fused_linear_grpo_loss
+    from .grpo_loss import grpo_loss
+    from .logprobs import logprobs_from_logits, token_logprobs
+
+    __all__ = [
+        "StepOutput", "ddim_step", "flow_sde_step", "fused_linear_grpo_loss", "grpo_loss", "logprobs_from_logits",
+        "token_logprobs",
+    ]
