@@ -1,7 +1,8 @@
 // Registers the CUDA kernels of csrc/ as torch ops in the `fusedrl_C` namespace
-// (torch.ops.fusedrl_C.diffusion_step_fwd / _bwd, logprobs_fwd / _bwd). The Python custom ops in
-// kernels/diffusion_step/op.py and kernels/logprobs/op.py call them with the same arguments, minus
-// `backend`, so each schema below must list exactly those arguments in that order.
+// (torch.ops.fusedrl_C.diffusion_step_fwd / _bwd, logprobs_fwd / _bwd, grpo_rows). The Python custom
+// ops in kernels/diffusion_step/op.py, kernels/logprobs/op.py and kernels/grpo_loss/op.py call them
+// with the same arguments, minus `backend`, so each schema below must list exactly those arguments
+// in that order.
 //
 // Loading the shared library runs these static registrations; that is all the JIT build
 // (torch.ops.load_library) and the CMake build need. The ahead-of-time build `fusedrl._C` is
@@ -15,6 +16,7 @@
 #include <torch/library.h>
 
 #include "diffusion_step.h"
+#include "grpo_loss.h"
 #include "logprobs.h"
 
 TORCH_LIBRARY(fusedrl_C, m) {
@@ -32,6 +34,10 @@ TORCH_LIBRARY(fusedrl_C, m) {
   m.def(
       "logprobs_bwd(Tensor logits, Tensor labels, Tensor lse, Tensor entropy, Tensor? g_logp, Tensor? g_entropy, "
       "float temperature, int ignore_index) -> Tensor");
+  m.def(
+      "grpo_rows(Tensor logp, Tensor? old_logp, Tensor advantages, Tensor mask, Tensor? ref_logp, Tensor? entropy, "
+      "float eps_low, float eps_high, float delta, float beta, float tau_pos, float tau_neg, int loss_kind, "
+      "int kl_kind, bool sequence, bool has_delta, bool bias_correction) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fusedrl_C, CUDA, m) {
@@ -39,6 +45,7 @@ TORCH_LIBRARY_IMPL(fusedrl_C, CUDA, m) {
   m.impl("diffusion_step_bwd", &fusedrl::diffusion_step_bwd_cuda);
   m.impl("logprobs_fwd", &fusedrl::logprobs_fwd_cuda);
   m.impl("logprobs_bwd", &fusedrl::logprobs_bwd_cuda);
+  m.impl("grpo_rows", &fusedrl::grpo_rows_cuda);
 }
 
 #ifdef TORCH_EXTENSION_NAME

@@ -1,6 +1,6 @@
 """The CUDA extension: it builds and registers its ops (nvcc only, no GPU needed), and on a GPU its
 kernels match the Triton kernels, which are the spec (kernels/diffusion_step/triton_kernels.py,
-kernels/logprobs/triton_kernels.py).
+kernels/logprobs/triton_kernels.py, kernels/grpo_loss/triton_kernels.py).
 
 The build reuses the persistent cache (`fusedrl.kernels.cuda_ext.cache_dir()`, keyed by a hash of
 sources and flags), so only the first run pays the compile (about a minute on 2 cores).
@@ -24,6 +24,8 @@ import torch
 
 from fusedrl.kernels import cuda_ext
 from fusedrl.kernels.diffusion_step import op as step_op
+from fusedrl.kernels.grpo_loss import op as grpo_op
+from fusedrl.kernels.grpo_loss import triton_kernels as grpo_tk
 from fusedrl.kernels.logprobs import op as logprobs_op
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -46,7 +48,12 @@ LOGPROBS_BWD_SCHEMA = (
     "fusedrl_C::logprobs_bwd(Tensor logits, Tensor labels, Tensor lse, Tensor entropy, Tensor? g_logp, "
     "Tensor? g_entropy, float temperature, int ignore_index) -> Tensor"
 )
-OP_NAMES = ("diffusion_step_fwd", "diffusion_step_bwd", "logprobs_fwd", "logprobs_bwd")
+GRPO_ROWS_SCHEMA = (
+    "fusedrl_C::grpo_rows(Tensor logp, Tensor? old_logp, Tensor advantages, Tensor mask, Tensor? ref_logp, "
+    "Tensor? entropy, float eps_low, float eps_high, float delta, float beta, float tau_pos, float tau_neg, "
+    "int loss_kind, int kl_kind, bool sequence, bool has_delta, bool bias_correction) -> (Tensor, Tensor)"
+)
+OP_NAMES = ("diffusion_step_fwd", "diffusion_step_bwd", "logprobs_fwd", "logprobs_bwd", "grpo_rows")
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +79,7 @@ def test_build_registers_the_ops(extension):
     assert str(ops.diffusion_step_bwd.default._schema) == BWD_SCHEMA
     assert str(ops.logprobs_fwd.default._schema) == LOGPROBS_FWD_SCHEMA
     assert str(ops.logprobs_bwd.default._schema) == LOGPROBS_BWD_SCHEMA
+    assert str(ops.grpo_rows.default._schema) == GRPO_ROWS_SCHEMA
     for name in OP_NAMES:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedrl_C::{name}", "CUDA")
 
@@ -523,3 +531,192 @@ def check_bad_logprobs_inputs() -> None:
 def test_cuda_logprobs_reject_bad_input(extension):
     """In a child process, for the reason given at test_cuda_rejects_bad_input."""
     _run_in_child("check_bad_logprobs_inputs")
+
+
+# ----------------------------------------------------------------------------- grpo_rows on a GPU
+
+GRPO_B = 4  # row 1 fully masked, row 2 masked past T // 2 (fully masked at T = 1)
+GRPO_T = [1, 17, 1037, 5000]  # one token; less than a warp; past one 1024-token Triton tile; several
+
+
+def _grpo_inputs(T, dtype=F32, adv_per_token=False, seed=0, B=GRPO_B):
+    """logp, old, adv, mask (fp32), ref, entropy on the GPU; ratios straddle the clip range."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    randn = lambda: torch.randn(B, T, device="cuda", generator=g)
+    logp = -torch.rand(B, T, device="cuda", generator=g) * 3
+    old = logp + 0.25 * randn()
+    ref = logp + 0.3 * randn()
+    # per sequence: both signs and a zero (a tie of the two sides of min, and SAPO's tau_neg)
+    adv = randn() if adv_per_token else torch.tensor([0.8, 0.5, -1.1, 0.0], device="cuda").repeat((B + 3) // 4)[:B]
+    mask = (torch.rand(B, T, device="cuda", generator=g) > 0.3).float()
+    if B > 2:
+        mask[1] = 0.0
+        mask[2, T // 2:] = 0.0
+    entropy = torch.rand(B, T, device="cuda", generator=g) * 4
+    return [t.to(dtype) if t is not mask else t for t in (logp, old, adv, mask, ref, entropy)]
+
+
+def _grpo_args(loss_kind, sequence, *, old=True, ref=True, entropy=True, delta=None, kl_kind=grpo_tk.KL_K3,
+               bias=True, T=1037, dtype=F32, adv_per_token=False, seed=0, B=GRPO_B):
+    logp, old_t, adv, mask, ref_t, ent = _grpo_inputs(T, dtype, adv_per_token, seed, B)
+    eps_high = 1.1 if loss_kind == grpo_tk.CISPO else 0.28  # cispo: eps_high caps the weight
+    return (logp, old_t if old else None, adv, mask, ref_t if ref else None, ent if entropy else None,
+            0.2, eps_high, delta if delta is not None else 0.0, 0.04, 1.0, 1.05, loss_kind, kl_kind, sequence,
+            delta is not None, bias)
+
+
+def _grpo_compare(args):
+    """grpo_rows on the cuda backend against the Triton kernel on the same inputs: the gradient and
+    every row sum. Both compute in fp32; they sum in different orders and Triton's exp is ex2.approx,
+    so they differ by a few fp32 ulps per token and a little more in sums of up to 5000 tokens."""
+    got = grpo_op.grpo_rows(*args, "cuda")
+    want = grpo_op.grpo_rows(*args, "triton")
+    B, T = args[0].shape
+    for name, g, shape in zip(("grad", "stats"), got, ((B, T), (B, grpo_tk.NSTAT))):
+        assert g.dtype == F32 and g.shape == shape and g.is_contiguous(), name
+    # the gradient: a few ulps per token, on the scale of the largest
+    scale = max(1.0, want[0].abs().max().item()) if want[0].numel() else 1.0
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4 * scale, msg=lambda m: f"grad: {m}")
+    # each row sum on its own column's scale (a count off by one token fails), plus the rounding of
+    # sums of T terms in two orders
+    for j, name in enumerate(grpo_tk.STATS):
+        g, w = got[1][:, j], want[1][:, j]
+        scale = max(1.0, w.abs().max().item()) if w.numel() else 1.0
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * scale + 2e-6 * T,
+                                   msg=lambda m, name=name: f"stats[{name!r}]: {m}")
+    grad, stats = got
+    mask = args[3]
+    assert (grad[mask == 0] == 0).all(), "masked tokens have no gradient"
+    full = mask.sum(1) == 0
+    if full.any():  # fully masked rows: every sum is zero (w_row too: 0 / max(0, 1))
+        assert (stats[full] == 0).all()
+    return got
+
+
+LOSS_KINDS = {"clip": grpo_tk.CLIP_FAMILY, "cispo": grpo_tk.CISPO, "sapo": grpo_tk.SAPO}
+
+
+@gpu
+@pytest.mark.parametrize("T", GRPO_T)
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("sequence", [False, True], ids=["token", "sequence"])
+@pytest.mark.parametrize("loss", LOSS_KINDS)
+def test_cuda_grpo_rows_match_triton(extension, loss, sequence, dtype, T):
+    """Every loss kind, token and sequence level, fp32/bf16 inputs, every length; old, ref (k3 with
+    bias correction), entropy given; delta on the clip family."""
+    kind = LOSS_KINDS[loss]
+    args = _grpo_args(kind, sequence, delta=1.3 if kind == grpo_tk.CLIP_FAMILY else None, T=T, dtype=dtype, seed=T)
+    grad, stats = _grpo_compare(args)
+    if kind == grpo_tk.CLIP_FAMILY and not sequence and T >= 1037:
+        # not vacuous: tokens are clipped on both sides
+        assert stats[:, 3].sum() > 0 and stats[:, 4].sum() > 0
+
+
+# name -> keyword arguments of _grpo_args: each optional input and flag on and off
+GRPO_OPTIONS = {
+    "bare": dict(old=False, ref=False, entropy=False),
+    "old-only": dict(ref=False, entropy=False),
+    "ref-no-old": dict(old=False),
+    "k2-no-bias": dict(kl_kind=grpo_tk.KL_K2, bias=False),
+    "k1": dict(kl_kind=grpo_tk.KL_K1),
+    "k3-no-bias": dict(bias=False, entropy=False),
+    "adv[B,T]": dict(adv_per_token=True),
+    "adv[B,T]-bf16": dict(adv_per_token=True, dtype=BF16),
+    "delta": dict(delta=1.05),
+    "delta-below-1": dict(delta=0.9, adv_per_token=True),
+}
+
+
+@gpu
+@pytest.mark.parametrize("option", GRPO_OPTIONS)
+@pytest.mark.parametrize("sequence", [False, True], ids=["token", "sequence"])
+@pytest.mark.parametrize("loss", LOSS_KINDS)
+def test_cuda_grpo_rows_options_match_triton(extension, loss, sequence, option):
+    _grpo_compare(_grpo_args(LOSS_KINDS[loss], sequence, **GRPO_OPTIONS[option], seed=len(option)))
+
+
+@gpu
+@pytest.mark.parametrize("sequence", [False, True], ids=["token", "sequence"])
+def test_cuda_grpo_rows_mixed_dtypes_and_weights(extension, sequence):
+    """Each input in its own dtype (fp64 too, which only the op level passes) and fractional mask weights."""
+    args = list(_grpo_args(grpo_tk.CLIP_FAMILY, sequence, T=1037, adv_per_token=True, seed=5))
+    for i, dtype in zip((0, 1, 2, 4, 5), (BF16, F32, torch.float64, F16, BF16)):
+        args[i] = args[i].to(dtype)
+    args[3] = args[3] * torch.rand_like(args[3])
+    _grpo_compare(tuple(args))
+
+
+@gpu
+def test_cuda_grpo_rows_fully_masked_and_empty(extension):
+    args = list(_grpo_args(grpo_tk.SAPO, True, T=17))
+    args[3] = torch.zeros_like(args[3])
+    grad, stats = _grpo_compare(tuple(args))
+    assert (grad == 0).all() and (stats == 0).all()
+    for B, T in ((0, 17), (3, 0)):  # no rows; rows of no tokens (the sums are 0)
+        empty = list(_grpo_args(grpo_tk.CLIP_FAMILY, True, T=max(T, 1), B=max(B, 1)))
+        for i in (0, 1, 3, 4, 5):
+            empty[i] = torch.zeros(B, T, device="cuda", dtype=empty[i].dtype)
+        empty[2] = torch.zeros(B, device="cuda")
+        grad, stats = grpo_op.grpo_rows(*empty, "cuda")
+        assert grad.shape == (B, T) and stats.shape == (B, grpo_tk.NSTAT)
+        assert (stats == 0).all()
+
+
+@gpu
+def test_cuda_grpo_rows_are_deterministic(extension):
+    args = _grpo_args(grpo_tk.CLIP_FAMILY, True, T=5000, B=64, dtype=BF16, delta=1.3)
+    first = grpo_op.grpo_rows(*args, "cuda")
+    for _ in range(3):
+        for got, want in zip(grpo_op.grpo_rows(*args, "cuda"), first):
+            assert torch.equal(got, want)
+
+
+@gpu
+def test_cuda_grpo_rows_beyond_grid_limit(extension):
+    """More than 65535 rows (the launcher's block count): the rows past it come out as on their own."""
+    B = 65535 + 7
+    args = _grpo_args(grpo_tk.CLIP_FAMILY, False, T=3, B=B, adv_per_token=True)
+    tail = slice(B - 20, B)
+    part = [a[tail] if isinstance(a, torch.Tensor) else a for a in args]
+    for full, sub in zip(grpo_op.grpo_rows(*args, "cuda"), grpo_op.grpo_rows(*part, "cuda")):
+        assert torch.equal(full[tail], sub)
+
+
+@gpu
+@pytest.mark.parametrize("sequence", [False, True], ids=["token", "sequence"])
+def test_cuda_grpo_rows_pass_opcheck(extension, sequence):
+    """The Python custom op on the cuda backend: schema, fake kernel, autograd registration."""
+    args = _grpo_args(grpo_tk.CLIP_FAMILY, sequence, T=37, delta=1.3)
+    torch.library.opcheck(grpo_op.grpo_rows, (*args, "cuda"))
+
+
+# (change to good arguments, error, message)
+GRPO_BAD_INPUTS = [
+    (lambda a: a.update(logp=a["logp"].cpu()), ValueError, "logp must be a CUDA tensor"),
+    (lambda a: a.update(logp=a["logp"][0]), ValueError, r"logp must have shape \[B, T\]"),
+    (lambda a: a.update(old_logp=a["old_logp"].long()), TypeError, "old_logp must be float32, float16, bfloat16"),
+    (lambda a: a.update(advantages=a["advantages"][:1]), ValueError, r"advantages must have shape \[B\] or \[B, T\]"),
+    (lambda a: a.update(mask=a["mask"].bool()), TypeError, "mask must be float32"),
+    (lambda a: a.update(ref_logp=a["ref_logp"].t().contiguous().t()), ValueError, "ref_logp must be contiguous"),
+    (lambda a: a.update(entropy=a["entropy"].cpu()), ValueError, "entropy is on cpu but logp is on cuda"),
+    (lambda a: a.update(loss_kind=3), ValueError, "loss_kind must be 0"),
+    (lambda a: a.update(kl_kind=-1), ValueError, "kl_kind must be 0"),
+]
+
+
+def check_bad_grpo_inputs() -> None:
+    """Each of GRPO_BAD_INPUTS raises its error with its message (run in a child process)."""
+    cuda_ext.build()
+    names = [a.name for a in cuda_ext.ops().grpo_rows.default._schema.arguments]
+    for change, error, match in GRPO_BAD_INPUTS:
+        a = dict(zip(names, _grpo_args(grpo_tk.CLIP_FAMILY, False, T=8, B=4)))
+        change(a)
+        print(f"expecting {error.__name__}: {match}", flush=True)
+        with pytest.raises(error, match=match):
+            cuda_ext.ops().grpo_rows(*a.values())
+
+
+@gpu
+def test_cuda_grpo_rows_reject_bad_input(extension):
+    """In a child process, for the reason given at test_cuda_rejects_bad_input."""
+    _run_in_child("check_bad_grpo_inputs")

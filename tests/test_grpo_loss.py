@@ -15,7 +15,7 @@ from fusedrl.kernels.grpo_loss.op import grpo_rows
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton"] + (["cuda"] if DEVICE == "cuda" else [])
 B, T = 3, 1037  # T past one 1024-token tile
 
 

@@ -17,7 +17,8 @@ KL_KINDS = {"k3": tk.KL_K3, "k2": tk.KL_K2, "k1": tk.KL_K1}
 COLUMN = {name: i for i, name in enumerate(tk.STATS)}
 
 SPEC = dispatch.register_op(
-    dispatch.OpSpec(name="grpo_loss", backends=(dispatch.Backend.TORCH, dispatch.Backend.TRITON))
+    dispatch.OpSpec(name="grpo_loss", backends=(dispatch.Backend.TORCH, dispatch.Backend.TRITON,
+                                                    dispatch.Backend.CUDA))
 )
 
 
@@ -130,7 +131,8 @@ def grpo_loss(
 
     ref_logp = ref_logp if beta != 0.0 else None
     tensors = [t for t in (logp, old_logp, advantages, ref_logp, entropy) if t is not None]
-    if dispatch.select(SPEC, tensors) is dispatch.Backend.TORCH:
+    backend = dispatch.select(SPEC, tensors)
+    if backend is dispatch.Backend.TORCH:
         return reference.grpo_loss(
             logp, old_logp, advantages, mask, ref_logp=ref_logp, beta=beta, loss_type=loss_type, eps_low=eps_low,
             eps_high=eps_high, delta=delta, importance_level=importance_level,
@@ -140,7 +142,7 @@ def grpo_loss(
     sequence = importance_level == "sequence"
     kernel_args = (eps_low, eps_high, delta if delta is not None else 0.0, beta, tau_pos, tau_neg,
                    LOSS_KINDS[loss_type], KL_KINDS[kl_estimator], sequence, delta is not None,
-                   bool(use_bias_correction_kl), "triton")
+                   bool(use_bias_correction_kl), backend.value)
     cont = lambda t: None if t is None else t.contiguous()
     mask_f = mask.to(torch.float32).contiguous()
     loss, stats = GRPOLoss.apply(logp.contiguous(), cont(old_logp), advantages.contiguous(), mask_f, cont(ref_logp),

@@ -1,5 +1,6 @@
-"""Custom op `fusedrl::grpo_rows` over the Triton kernel, and `GRPOLoss`, the autograd pairing that
-turns its row sums into the loss of each normalization and the gradient.
+"""Custom op `fusedrl::grpo_rows` over the Triton kernel or the CUDA extension (csrc/grpo_loss.cu), as
+the `backend` argument says, and `GRPOLoss`, the autograd pairing that turns its row sums into the
+loss of each normalization and the gradient.
 
 The loss is a scalar, so the forward computes the whole gradient dloss/dlogp ([B, T] fp32) and the
 backward only scales it by the incoming gradient: one pass over the tokens in all.
@@ -13,8 +14,8 @@ from . import triton_kernels as tk
 
 
 def _check_backend(backend: str) -> None:
-    if backend != "triton":
-        raise RuntimeError(f"grpo_loss has no {backend!r} kernel (only triton); dispatch should not pick it")
+    if backend not in ("triton", "cuda"):
+        raise RuntimeError(f"grpo_loss has no {backend!r} kernel (triton and cuda); dispatch should not pick it")
 
 
 @torch.library.custom_op("fusedrl::grpo_rows", mutates_args=())
@@ -26,6 +27,12 @@ def grpo_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, T] inputs (advantages [B] or [B, T]) -> (m dl/dlogp [B, T] fp32, row sums [B, NSTAT] fp32)."""
     _check_backend(backend)
+    if backend == "cuda":
+        from .. import cuda_ext
+
+        return tuple(cuda_ext.ops().grpo_rows(
+            logp, old_logp, advantages, mask, ref_logp, entropy, eps_low, eps_high, delta, beta, tau_pos, tau_neg,
+            loss_kind, kl_kind, sequence, has_delta, bias_correction))
     B, T = logp.shape
     grad = torch.empty((B, T), device=logp.device, dtype=torch.float32)
     stats = torch.empty((B, tk.NSTAT), device=logp.device, dtype=torch.float32)
