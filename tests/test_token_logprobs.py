@@ -45,6 +45,25 @@ def _err(a, b):
 @pytest.mark.parametrize("case", CASES, ids=["127x96-V1025-bias", "3x6x40-V50257-strided-T0.7",
                                              "2x9x64-V333-softcap-frozen"])
 def test_matches_float64(case, dtype, backend, use_backend):
+    _check_against_float64(case, dtype, backend, use_backend)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=["127x96-V1025-bias", "2x9x64-V333-softcap-frozen"])
+def test_triton_backward_in_vocabulary_chunks(case, dtype, use_backend, monkeypatch):
+    """The Triton backward with many vocabulary chunks (a partial last one, the fp32 dh accumulator
+    for fp16/bf16), as on a GPU at real sizes; the other tests fit in one chunk."""
+    from fusedrl.kernels.logprobs import hidden_op
+
+    monkeypatch.setattr(hidden_op, "DZ_MIN_ELEMENTS", 1)
+    N = 1
+    for n in case[0][:-1]:
+        N *= n
+    assert hidden_op.chunk_columns(N, case[1]) < case[1]
+    _check_against_float64(case, dtype, "triton", use_backend)
+
+
+def _check_against_float64(case, dtype, backend, use_backend):
     shape, V, with_bias, softcap, temperature, strided, frozen = case
     hidden, weight, bias, labels = _inputs(case, dtype)
     if strided:  # like hidden[:, :-1] in a causal LM: rows not contiguous

@@ -115,15 +115,17 @@ def _hidden_jobs() -> list[dict]:
     for data in ("bf16", "fp16", "fp32"):
         fwd = dict(h_ptr=f"*{data}", w_ptr=f"*{data}", b_ptr=f"*{data}", labels_ptr="*i64", logp_ptr="*fp32",
                    entropy_ptr="*fp32", lse_ptr="*fp32", **scalars)
-        bwd = dict(h_ptr=f"*{data}", w_ptr=f"*{data}", b_ptr=f"*{data}", labels_ptr="*i64", lse_ptr="*fp32",
-                   entropy_ptr="*fp32", g_logp_ptr="*fp32", g_entropy_ptr="*fp32", dh_ptr="*fp32", dw_ptr="*fp32",
-                   db_ptr="*fp32", **scalars)
+        dz = dict(h_ptr=f"*{data}", w_ptr=f"*{data}", b_ptr=f"*{data}", labels_ptr="*i64", lse_ptr="*fp32",
+                  entropy_ptr="*fp32", g_logp_ptr="*fp32", g_entropy_ptr="*fp32", dz_ptr=f"*{data}", v0="i32",
+                  C="i32", stride_dz="i32", **scalars)
+        precisions = ("ieee", "tf32") if data == "fp32" else ("ieee",)
         for flag in (True, False):
-            jobs.append(dict(kernel="_hidden_fwd_kernel", types=fwd, constexprs=dict(
-                HAS_BIAS=flag, HAS_SOFTCAP=not flag, WANT_ENTROPY=flag, **tiles)))
-            jobs.append(dict(kernel="_hidden_bwd_kernel", types=bwd, constexprs=dict(
-                HAS_BIAS=flag, HAS_SOFTCAP=not flag, HAS_G_LOGP=True, HAS_G_ENTROPY=flag, NEED_DH=True,
-                NEED_DW=flag, NEED_DB=flag, **tiles)))
+            for precision in precisions:
+                jobs.append(dict(kernel="_hidden_fwd_kernel", types=fwd, constexprs=dict(
+                    HAS_BIAS=flag, HAS_SOFTCAP=not flag, WANT_ENTROPY=flag, DOT_PRECISION=precision, **tiles)))
+                jobs.append(dict(kernel="_hidden_dz_kernel", types=dz, constexprs=dict(
+                    HAS_BIAS=flag, HAS_SOFTCAP=not flag, HAS_G_LOGP=True, HAS_G_ENTROPY=flag,
+                    DOT_PRECISION=precision, **tiles)))
     return [dict(job, module=module, arch=90) for job in jobs]
 
 

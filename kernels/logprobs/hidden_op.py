@@ -1,6 +1,13 @@
 """Custom ops `fusedrl::hidden_logprobs_fwd` / `_bwd` over the Triton kernels, paired for autograd by
 `HiddenLogprobs`. Layout: hidden [N, H] (rows may be strided, H contiguous), weight [V, H]
 contiguous, bias [V] or None, labels [N] int.
+
+The backward goes one vocabulary chunk of C columns at a time: the Triton kernel writes the chunk's
+dz [N, C] (input dtype), then dW[chunk] = dz^T h and dh += dz W[chunk] are plain matmuls. C is
+chosen so that dz holds at most max(4M, N V / 64) elements (in bf16, under 1% of the [N, V] fp32
+logits). Besides the outputs, the backward holds dz and, when there are several chunks and the
+input is fp16/bf16, an fp32 dh accumulator [N, H] (so that dh is rounded once, as a single matmul
+would round it).
 """
 
 from __future__ import annotations
@@ -9,6 +16,23 @@ import torch
 import triton
 
 from . import hidden_triton as hk
+
+DZ_MIN_ELEMENTS = 1 << 22
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot`'s input_precision for these inputs: TF32 for fp32 only when torch allows it for matmuls."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def chunk_columns(N: int, V: int) -> int:
+    """Vocabulary columns per backward chunk: a multiple of BLOCK_V, at most V rounded up."""
+    budget = max(DZ_MIN_ELEMENTS, N * V // 64)
+    cols = max(1, budget // max(N, 1))
+    cols = triton.cdiv(cols, hk.BLOCK_V) * hk.BLOCK_V
+    return min(cols, triton.cdiv(V, hk.BLOCK_V) * hk.BLOCK_V)
 
 
 def _check_backend(backend: str) -> None:
@@ -33,7 +57,8 @@ def hidden_logprobs_fwd(
             hidden, weight, bias if bias is not None else weight, labels, logp, entropy if want_entropy else logp, lse,
             N, V, H, hidden.stride(0), weight.stride(0), 1.0 / temperature, softcap, ignore_index,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, WANT_ENTROPY=want_entropy,
-            BLOCK_N=hk.BLOCK_N, BLOCK_V=hk.BLOCK_V, BLOCK_H=hk.BLOCK_H, num_warps=hk.NUM_WARPS,
+            BLOCK_N=hk.BLOCK_N, BLOCK_V=hk.BLOCK_V, BLOCK_H=hk.BLOCK_H, DOT_PRECISION=dot_precision(hidden.dtype),
+            num_warps=hk.NUM_WARPS,
         )
     return logp, entropy, lse
 
@@ -49,37 +74,60 @@ def _(hidden, weight, bias, labels, temperature, softcap, ignore_index, want_ent
 def hidden_logprobs_bwd(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
     lse: torch.Tensor, entropy: torch.Tensor, g_logp: torch.Tensor | None, g_entropy: torch.Tensor | None,
-    temperature: float, softcap: float, ignore_index: int, need_dw: bool, need_db: bool, backend: str,
+    temperature: float, softcap: float, ignore_index: int, need_dh: bool, need_dw: bool, need_db: bool,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (dhidden [N, H] like hidden, dweight [V, H] like weight or empty, dbias [V] or empty)."""
+    """-> (dhidden [N, H] like hidden or empty, dweight [V, H] like weight or empty, dbias [V] or empty)."""
     _check_backend(backend)
     N, H = hidden.shape
     V = weight.shape[0]
-    f32 = dict(device=hidden.device, dtype=torch.float32)
-    # fp32 accumulators for the atomics; dW only when the head is trained
-    dh = torch.zeros((N, H), **f32)
-    dw = torch.zeros((V, H) if need_dw else (0,), **f32)
-    db = torch.zeros(V if need_db else 0, **f32)
-    if N:
-        grid = (triton.cdiv(N, hk.BLOCK_N), triton.cdiv(V, hk.BLOCK_V))
-        hk._hidden_bwd_kernel[grid](
-            hidden, weight, bias if bias is not None else weight, labels, lse,
-            entropy if g_entropy is not None else lse, g_logp if g_logp is not None else lse,
-            g_entropy if g_entropy is not None else lse,
-            dh, dw if need_dw else dh, db if need_db else dh,
-            N, V, H, hidden.stride(0), weight.stride(0), 1.0 / temperature, softcap, ignore_index,
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, HAS_G_LOGP=g_logp is not None,
-            HAS_G_ENTROPY=g_entropy is not None, NEED_DH=True, NEED_DW=need_dw, NEED_DB=need_db,
-            BLOCK_N=hk.BLOCK_N, BLOCK_V=hk.BLOCK_V, BLOCK_H=hk.BLOCK_H, num_warps=hk.NUM_WARPS,
-        )
-    return (dh.to(hidden.dtype), dw.to(weight.dtype) if need_dw else weight.new_empty(0),
+    C = chunk_columns(N, V)
+    several = C < V
+    # dh: fp32 accumulator across chunks for fp16/bf16 (one rounding at the end); fp32 accumulates in place.
+    dh = None
+    if need_dh:
+        dh = torch.zeros((N, H), device=hidden.device, dtype=torch.float32 if several else hidden.dtype)
+    dw = torch.empty_like(weight) if need_dw else None
+    db = torch.empty(V, device=hidden.device, dtype=torch.float32) if need_db else None
+    if N and (need_dh or need_dw or need_db):
+        dz = torch.empty((N, C), device=hidden.device, dtype=hidden.dtype)
+        for v0 in range(0, V, C):
+            width = min(C, V - v0)
+            block = dz[:, :width]
+            hk._hidden_dz_kernel[(triton.cdiv(N, hk.BLOCK_N), triton.cdiv(width, hk.BLOCK_V))](
+                hidden, weight, bias if bias is not None else weight, labels, lse,
+                entropy if g_entropy is not None else lse, g_logp if g_logp is not None else lse,
+                g_entropy if g_entropy is not None else lse, dz,
+                N, V, H, v0, width, hidden.stride(0), weight.stride(0), dz.stride(0), 1.0 / temperature, softcap,
+                ignore_index,
+                HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, HAS_G_LOGP=g_logp is not None,
+                HAS_G_ENTROPY=g_entropy is not None, BLOCK_N=hk.BLOCK_N, BLOCK_V=hk.BLOCK_V, BLOCK_H=hk.BLOCK_H,
+                DOT_PRECISION=dot_precision(hidden.dtype), num_warps=hk.NUM_WARPS,
+            )
+            w_chunk = weight[v0:v0 + width]
+            if need_dw:
+                torch.mm(block.T, hidden, out=dw[v0:v0 + width])
+            if need_db:
+                db[v0:v0 + width] = block.sum(0, dtype=torch.float32)
+            if need_dh:
+                if dh.dtype == block.dtype:
+                    dh.addmm_(block, w_chunk)
+                else:
+                    dh += block @ w_chunk
+    elif need_dw:
+        dw.zero_()
+    if need_db and not N:
+        db.zero_()
+    # Outputs must not alias each other: a fresh empty tensor for each one not computed.
+    return (dh.to(hidden.dtype) if need_dh else weight.new_empty(0), dw if need_dw else weight.new_empty(0),
             db.to(bias.dtype) if need_db else weight.new_empty(0))
 
 
 @hidden_logprobs_bwd.register_fake
-def _(hidden, weight, bias, labels, lse, entropy, g_logp, g_entropy, temperature, softcap, ignore_index, need_dw,
-      need_db, backend):
-    return (torch.empty_like(hidden), torch.empty_like(weight) if need_dw else weight.new_empty(0),
+def _(hidden, weight, bias, labels, lse, entropy, g_logp, g_entropy, temperature, softcap, ignore_index, need_dh,
+      need_dw, need_db, backend):
+    return (torch.empty_like(hidden) if need_dh else weight.new_empty(0),
+            torch.empty_like(weight) if need_dw else weight.new_empty(0),
             torch.empty_like(bias) if need_db else weight.new_empty(0))
 
 
@@ -100,11 +148,11 @@ class HiddenLogprobs(torch.autograd.Function):
     def backward(ctx, g_logp, g_entropy):
         hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
         temperature, softcap, ignore_index = ctx.args
-        need_dw = ctx.needs_input_grad[1]
+        need_dh, need_dw = ctx.needs_input_grad[:2]
         need_db = bias is not None and ctx.needs_input_grad[2]
         g_entropy = g_entropy.contiguous() if ctx.want_entropy and g_entropy is not None else None
         g_logp = None if g_logp is None else g_logp.contiguous()
         dh, dw, db = hidden_logprobs_bwd(hidden, weight, bias, labels, lse, entropy, g_logp, g_entropy, temperature,
-                                         softcap, ignore_index, need_dw, need_db, ctx.backend)
-        return (dh if ctx.needs_input_grad[0] else None, dw if need_dw else None, db if need_db else None,
+                                         softcap, ignore_index, need_dh, need_dw, need_db, ctx.backend)
+        return (dh if need_dh else None, dw if need_dw else None, db if need_db else None,
                 None, None, None, None, None, None)

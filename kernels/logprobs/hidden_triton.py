@@ -6,10 +6,19 @@ accumulation) and folds it into an online log-sum-exp and entropy (the update of
 `triton_kernels.py`, per row of the block), picking up the label's logit on the way. Nothing
 [N, V] is ever written; lse and H ([N] fp32) are kept for the backward.
 
-Backward, one program per (row block, vocabulary tile): recompute the tile, form
-dz = (g_logp (onehot - p) - g_H p (log p + H)) / T (times cap' under soft-capping), then add
-dz W into dh and dz^T h into dW (only when the weight needs a gradient) with fp32 atomics, and
-sum dz into db. tanh is written with exp (no libdevice, so the CPU interpreter runs it).
+Backward, one vocabulary chunk [v0, v0 + C) at a time (`hidden_op.py` loops): `_hidden_dz_kernel`
+recomputes the chunk's logits tile by tile and writes only
+dz = (g_logp (onehot - p) - g_H p (log p + H)) / T (times cap' under soft-capping) as an [N, C]
+block in the input dtype; the launcher then makes the two gradient matmuls with cuBLAS:
+dW[chunk] = dz^T h (reduction over all N rows, written once, no accumulator) and
+dh += dz W[chunk]. Scattering dz W and dz^T h into dh and dW with atomics from every
+(row block, vocabulary tile) program, the first design, needs N H V / BLOCK_V + V H N / BLOCK_N
+fp32 atomic adds (~10^11 at N = 8192, H = 4096, V = 131072): far slower than the matmuls.
+
+fp32 inputs: `tl.dot` runs in IEEE fp32 unless torch allows TF32 for matmuls
+(`torch.backends.cuda.matmul.allow_tf32`), the setting torch's own fp32 matmuls follow; the
+DOT_PRECISION constexpr carries the choice. tanh is written with exp (no libdevice, so the CPU
+interpreter runs it).
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ def _tanh(x):
 @triton.jit
 def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w, softcap,
                  HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                 BLOCK_H: tl.constexpr):
+                 BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """(cap(h W^T + b) [BLOCK_N, BLOCK_V] fp32, tanh of the capped argument or 0)."""
     acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
     for k0 in range(0, H, BLOCK_H):
@@ -45,7 +54,7 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_h, s
                     other=0.0)
         w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_w + ks[None, :], mask=col_ok[:, None] & k_ok[None, :],
                     other=0.0)
-        acc = tl.dot(h, tl.trans(w), acc)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     t = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
@@ -60,7 +69,7 @@ def _hidden_fwd_kernel(
     h_ptr, w_ptr, b_ptr, labels_ptr, logp_ptr, entropy_ptr, lse_ptr,
     N, V, H, stride_h, stride_w, inv_temp, softcap, ignore_index,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WANT_ENTROPY: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -73,7 +82,7 @@ def _hidden_fwd_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < V
         z, _ = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w, softcap,
-                            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H)
+                            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
         z = tl.where(col_ok[None, :], z * inv_temp, float("-inf"))
         x_label += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -95,18 +104,19 @@ def _hidden_fwd_kernel(
 
 
 @triton.jit
-def _hidden_bwd_kernel(
-    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, entropy_ptr, g_logp_ptr, g_entropy_ptr,
-    dh_ptr, dw_ptr, db_ptr,
-    N, V, H, stride_h, stride_w, inv_temp, softcap, ignore_index,
+def _hidden_dz_kernel(
+    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, entropy_ptr, g_logp_ptr, g_entropy_ptr, dz_ptr,
+    N, V, H, v0, C, stride_h, stride_w, stride_dz, inv_temp, softcap, ignore_index,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_G_LOGP: tl.constexpr, HAS_G_ENTROPY: tl.constexpr,
-    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    """dz [N, C] (dtype of dz_ptr) = d(loss)/d(raw logits) for vocabulary columns [v0, v0 + C);
+    zero at ignored rows and past V."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    local = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = v0 + local
     row_ok = rows < N
-    col_ok = cols < V
+    col_ok = (local < C) & (cols < V)
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
     valid = row_ok & (labels != ignore_index)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
@@ -119,7 +129,7 @@ def _hidden_bwd_kernel(
         g_ent = tl.where(valid, tl.load(g_entropy_ptr + rows, mask=row_ok, other=0.0), 0.0)
         entropy = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
     z, t = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w, softcap,
-                        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H)
+                        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
     log_p = z * inv_temp - lse[:, None]
     p = tl.where(col_ok[None, :], tl.exp(log_p), 0.0)
     dz = tl.where(cols[None, :] == labels[:, None], g_logp[:, None], 0.0) - g_logp[:, None] * p
@@ -129,19 +139,5 @@ def _hidden_bwd_kernel(
     if HAS_SOFTCAP:
         dz = dz * (1.0 - t * t)
     dz = tl.where(valid[:, None] & col_ok[None, :], dz, 0.0)
-    if NEED_DB:
-        tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_ok)
-    dz_in = dz.to(h_ptr.dtype.element_ty)  # tensor-core operands in the input dtype, fp32 accumulation
-    for k0 in range(0, H, BLOCK_H):
-        ks = k0 + tl.arange(0, BLOCK_H)
-        k_ok = ks < H
-        if NEED_DH:
-            w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_w + ks[None, :],
-                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            tl.atomic_add(dh_ptr + rows[:, None].to(tl.int64) * H + ks[None, :], tl.dot(dz_in, w),
-                          mask=row_ok[:, None] & k_ok[None, :])
-        if NEED_DW:
-            h = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_h + ks[None, :],
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            tl.atomic_add(dw_ptr + cols[:, None].to(tl.int64) * H + ks[None, :], tl.dot(tl.trans(dz_in), h),
-                          mask=col_ok[:, None] & k_ok[None, :])
+    tl.store(dz_ptr + rows[:, None].to(tl.int64) * stride_dz + local[None, :], dz.to(dz_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (local < C)[None, :])
