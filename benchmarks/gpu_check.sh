@@ -12,8 +12,10 @@
 # 420 s). A failing step does not stop the later ones; the exit status is non-zero when any failed.
 #
 # The benchmark runs in two passes so that a tight budget still yields the fused kernels' numbers:
-# first eager + fusedrl's backends (seconds), then eager + torch.compile (~10-20 s of compiling per
-# case), each with its own eager baseline for `speedup_vs_eager`.
+# first eager, fusedrl's backends and the peers (seconds), then eager + torch.compile (~10-20 s of
+# compiling per case), each with its own eager baseline for `speedup_vs_eager`. Peers the image lacks
+# (Liger-Kernel, Cut Cross-Entropy, TRL, diffusers) come as wheels in .whl/: run
+# benchmarks/fetch_wheels.sh here first and carry .whl.
 set -uo pipefail
 
 PART=all
@@ -115,6 +117,12 @@ echo "gpu_check: part=$PART budget=${BUDGET}s out=$OUT" | tee -a "$OUT/summary.t
 env_report >"$OUT/env.txt" 2>&1
 echo "== env: $OUT/env.txt"
 
+# Wheels carried in .whl/ (benchmarks/fetch_wheels.sh: peers and drop-in libraries the image lacks).
+if compgen -G ".whl/*.whl" >/dev/null; then
+    step wheels env.txt 10 80 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
 # No network: build with the setuptools already installed and fetch nothing.
 step install env.txt 25 60 "$PY" -m pip install -e . --no-deps --no-build-isolation --no-index
 if ! "$PY" -c "import fusedrl.kernels" 2>/dev/null; then
@@ -134,7 +142,8 @@ step tests tests.log 60 30 env TRITON_INTERPRET=0 "$PY" -m pytest "${TESTS[@]}" 
 
 PLOT_ARGS=()
 "$PY" -c "import matplotlib" 2>/dev/null && PLOT_ARGS=(--plot "$OUT/bench.png")
-step bench_fused bench.log 45 12 "$PY" -m fusedrl bench "${OPS_ARGS[@]}" --providers eager,torch,triton,cuda \
+# First pass: every provider but torch.compile (fusedrl's backends and the installed peers).
+step bench_fused bench.log 45 12 "$PY" -m fusedrl bench "${OPS_ARGS[@]}" --no-compile \
     --csv "$OUT/bench.csv" "${PLOT_ARGS[@]}" || FAILED+=("bench_fused")
 # The compile pass gets whatever time is left; running out of it is no failure (its rows so far are kept).
 step bench_compile bench.log 100 0 "$PY" -m fusedrl bench "${OPS_ARGS[@]}" --providers eager,compile \

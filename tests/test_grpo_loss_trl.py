@@ -18,7 +18,8 @@ import torch
 from fusedrl.kernels import grpo_loss
 from fusedrl.kernels.grpo_loss import reference
 
-grpo_trainer = pytest.importorskip("trl.trainer.grpo_trainer", reason="parity with TRL needs `pip install trl`")
+grpo_trainer = pytest.importorskip("trl.trainer.grpo_trainer", exc_type=ImportError,
+                                   reason="parity with TRL needs `pip install trl` (with its datasets)")
 TRL_COMPUTE_LOSS = grpo_trainer.GRPOTrainer._compute_loss
 
 B, T = 5, 17
