@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from ..tiles import device_limits
 from . import hidden_triton as hk
 
 DZ_MIN_ELEMENTS = 1 << 22
@@ -31,8 +32,12 @@ def chunk_columns(N: int, V: int) -> int:
     """Vocabulary columns per backward chunk: a multiple of BLOCK_V, at most V rounded up."""
     budget = max(DZ_MIN_ELEMENTS, N * V // 64)
     cols = max(1, budget // max(N, 1))
-    cols = triton.cdiv(cols, hk.BLOCK_V) * hk.BLOCK_V
-    return min(cols, triton.cdiv(V, hk.BLOCK_V) * hk.BLOCK_V)
+    cols = triton.cdiv(cols, hk.COLUMN_ALIGN) * hk.COLUMN_ALIGN
+    return min(cols, triton.cdiv(V, hk.COLUMN_ALIGN) * hk.COLUMN_ALIGN)
+
+
+def tiles_for(t: torch.Tensor) -> hk.Tiles:
+    return hk.pick_tiles(t.element_size(), device_limits(t.device))
 
 
 def _check_backend(backend: str) -> None:
@@ -53,12 +58,13 @@ def hidden_logprobs_fwd(
     logp, lse = torch.empty(N, **f32), torch.empty(N, **f32)
     entropy = torch.empty(N if want_entropy else 0, **f32)
     if N:
-        hk._hidden_fwd_kernel[(triton.cdiv(N, hk.BLOCK_N),)](
+        tiles = tiles_for(hidden)
+        hk._hidden_fwd_kernel[(triton.cdiv(N, tiles.block_n),)](
             hidden, weight, bias if bias is not None else weight, labels, logp, entropy if want_entropy else logp, lse,
             N, V, H, hidden.stride(0), weight.stride(0), 1.0 / temperature, softcap, ignore_index,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, WANT_ENTROPY=want_entropy,
-            BLOCK_N=hk.BLOCK_N, BLOCK_V=hk.BLOCK_V, BLOCK_H=hk.BLOCK_H, DOT_PRECISION=dot_precision(hidden.dtype),
-            num_warps=hk.NUM_WARPS,
+            BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_H=tiles.block_h,
+            DOT_PRECISION=dot_precision(hidden.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )
     return logp, entropy, lse
 
@@ -91,18 +97,20 @@ def hidden_logprobs_bwd(
     db = torch.empty(V, device=hidden.device, dtype=torch.float32) if need_db else None
     if N and (need_dh or need_dw or need_db):
         dz = torch.empty((N, C), device=hidden.device, dtype=hidden.dtype)
+        tiles = tiles_for(hidden)
         for v0 in range(0, V, C):
             width = min(C, V - v0)
             block = dz[:, :width]
-            hk._hidden_dz_kernel[(triton.cdiv(N, hk.BLOCK_N), triton.cdiv(width, hk.BLOCK_V))](
+            hk._hidden_dz_kernel[(triton.cdiv(N, tiles.block_n), triton.cdiv(width, tiles.block_v))](
                 hidden, weight, bias if bias is not None else weight, labels, lse,
                 entropy if g_entropy is not None else lse, g_logp if g_logp is not None else lse,
                 g_entropy if g_entropy is not None else lse, dz,
                 N, V, H, v0, width, hidden.stride(0), weight.stride(0), dz.stride(0), 1.0 / temperature, softcap,
                 ignore_index,
                 HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, HAS_G_LOGP=g_logp is not None,
-                HAS_G_ENTROPY=g_entropy is not None, BLOCK_N=hk.BLOCK_N, BLOCK_V=hk.BLOCK_V, BLOCK_H=hk.BLOCK_H,
-                DOT_PRECISION=dot_precision(hidden.dtype), num_warps=hk.NUM_WARPS,
+                HAS_G_ENTROPY=g_entropy is not None, BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v,
+                BLOCK_H=tiles.block_h, DOT_PRECISION=dot_precision(hidden.dtype), num_warps=tiles.num_warps,
+                num_stages=tiles.num_stages,
             )
             w_chunk = weight[v0:v0 + width]
             if need_dw:

@@ -23,15 +23,52 @@ interpreter runs it).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import triton
 import triton.language as tl
 
+from ..tiles import INTERPRETER
 from .triton_kernels import NEG_BIG
 
-BLOCK_N = 64
-BLOCK_V = 128
-BLOCK_H = 64
-NUM_WARPS = 4
+
+@dataclass(frozen=True)
+class Tiles:
+    block_n: int  # rows of hidden per program
+    block_v: int  # vocabulary columns per tile
+    block_h: int  # hidden-size slice per tl.dot step
+    num_warps: int
+    num_stages: int
+
+    def shared_bytes(self, itemsize: int) -> int:
+        """Estimated shared memory: pipelined h and W slices, plus the fp32 logits tile that the
+        row reductions (max, sum) exchange through shared memory."""
+        operands = (self.block_n + self.block_v) * self.block_h * itemsize * self.num_stages
+        return operands + self.block_n * self.block_v * 4
+
+
+# Largest first; the first that fits the device's shared memory is used. 128 x 128 x 64 with 8 warps and
+# 3 stages is the usual Hopper/Ampere bf16 matmul tile; the smaller ones serve sm_86/sm_89 (99 KB per block).
+GPU_TILES = (
+    Tiles(128, 128, 64, 8, 3),
+    Tiles(128, 128, 32, 8, 3),
+    Tiles(64, 128, 32, 4, 3),
+    Tiles(64, 64, 32, 4, 2),
+)
+# Under TRITON_INTERPRET=1 (CPU tests) every program is Python: few, mid-sized tiles run fastest.
+INTERPRETER_TILES = Tiles(64, 128, 64, 4, 1)
+# A multiple of every block_v above: the backward's vocabulary chunks are cut on it.
+COLUMN_ALIGN = 128
+
+
+def pick_tiles(itemsize: int, limits) -> Tiles:
+    """Tiles for inputs of `itemsize` bytes on a device with `limits` (fusedrl.kernels.tiles.DeviceLimits)."""
+    if limits == INTERPRETER:
+        return INTERPRETER_TILES
+    for tiles in GPU_TILES:
+        if tiles.shared_bytes(itemsize) <= limits.shared_memory:
+            return tiles
+    return GPU_TILES[-1]
 
 
 @triton.jit
