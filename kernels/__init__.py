@@ -15,12 +15,13 @@ if __name__ != "fusedrl.kernels":
         raise AttributeError(f"this is fusedrl's kernels folder imported as `kernels`: use `fusedrl.kernels.{name}`")
 
 else:
+    from .attention import flash_attention
     from .diffusion_step import StepOutput, ddim_step, flow_sde_step
     from .fused_linear_grpo import fused_linear_grpo_loss
     from .grpo_loss import grpo_loss
     from .logprobs import logprobs_from_logits, token_logprobs
 
     __all__ = [
-        "StepOutput", "ddim_step", "flow_sde_step", "fused_linear_grpo_loss", "grpo_loss", "logprobs_from_logits",
-        "token_logprobs",
+        "StepOutput", "ddim_step", "flash_attention", "flow_sde_step", "fused_linear_grpo_loss", "grpo_loss",
+        "logprobs_from_logits", "token_logprobs",
     ]

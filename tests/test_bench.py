@@ -116,3 +116,18 @@ def test_every_case_module_runs_on_cpu(tmp_path):
     timed = [r for r in rows if r["op"] != "ceiling"]
     assert {r["provider"] for r in timed} == {"eager", "torch"}
     assert all(r["median_ms"] and int(r["bytes"]) > 0 for r in timed)
+
+
+def test_attention_cases_count_flops():
+    """4 B H N^2 D per forward, halved when causal; forward + backward counts 3.5 forwards."""
+    config = CaseConfig(device=torch.device("cpu"), sizes="small", dtypes=(torch.float32,))
+    cases = {(c.mode, c.shape): c for c in collect(config, ["attention"])}
+    fwd = 4 * 1 * 2 * 128 * 128 * 64
+    assert cases[("fwd", (1, 2, 128, 64))].flops == fwd
+    assert cases[("fwd_causal", (1, 2, 128, 64))].flops == fwd // 2
+    assert cases[("fwd+bwd", (1, 2, 128, 64))].flops == int(fwd * 3.5)
+    assert cases[("fwd", (1, 2, 128, 64))].bytes == 4 * 2 * 128 * 64 * 4
+    assert {"sdpa_math", "sdpa_flash", "flash_attn", "triton"} <= set(cases[("fwd", (1, 2, 128, 64))].providers)
+    default = CaseConfig(device=torch.device("cuda"), sizes="default", dtypes=(torch.bfloat16, torch.float32))
+    shapes = {c.shape for c in collect(default, ["attention"])}
+    assert {(1, 16, 16384, 128), (16, 32, 1024, 64), (8, 8, 4096, 40), (1, 24, 4429, 128), (64, 16, 257, 64)} <= shapes

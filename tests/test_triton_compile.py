@@ -133,3 +133,50 @@ def _hidden_jobs() -> list[dict]:
 def test_token_logprobs_kernels_compile_for_sm90():
     failures = compile_kernels(_hidden_jobs())
     assert not failures, "\n".join(f"{f['job']['kernel']} {f['job']['constexprs']}: {f['error']}" for f in failures)
+
+
+def _attention_jobs() -> list[dict]:
+    """Every kernel of flash attention with the tiles, warps and stages its launcher picks on sm_90, for
+    fp16 and bf16, head dims 64 (D = 40 pads to it) and 128 (D = 80, 96), causal / key padding on and off;
+    each must fit the H100's shared memory."""
+    from fusedrl.kernels.attention import triton_kernels as tk
+
+    module = "fusedrl.kernels.attention.triton_kernels"
+    strides = lambda *names: {f"stride_{n}{a}": "i64" if a == "b" else "i32" for n in names for a in "bhn"}
+    common = dict(Hq="i32", Nq="i32", Nkv="i32", D="i32", GROUP="i32", qk_scale="fp32", stride_kpmb="i32")
+    jobs = []
+    for data, D in (("fp16", 40), ("bf16", 64), ("bf16", 96), ("fp16", 128)):
+        cfg = tk.tile_config(D, 2, (9, 0))
+        t16 = f"*{data}"
+        fwd = dict(q_ptr=t16, k_ptr=t16, v_ptr=t16, kpm_ptr="*u8", o_ptr=t16, lse_ptr="*fp32",
+                   **strides("q", "k", "v", "o"), **common)
+        bwd = dict(q_ptr=t16, k_ptr=t16, v_ptr=t16, kpm_ptr="*u8", do_ptr=t16, lse_ptr="*fp32", delta_ptr="*fp32",
+                   **strides("q", "k", "v", "do"), **common, scale="fp32")
+        dkdv = dict(bwd, dk_ptr=t16, dv_ptr=t16, Hkv="i32")
+        dq = dict(bwd, dq_ptr=t16)
+        pre = dict(o_ptr=t16, do_ptr=t16, dlse_ptr="*fp32", delta_ptr="*fp32", **strides("o", "do"), Hq="i32",
+                   Nq="i32", D="i32")
+        jobs.append(dict(kernel="_attn_bwd_preprocess_kernel", types=pre,
+                         constexprs=dict(HAS_DLSE=D == 64, BLOCK_M=64, BLOCK_D=cfg.block_d)))
+        for causal, kpm in ((True, False), (False, True)):
+            flags = dict(CAUSAL=causal, HAS_KPM=kpm, DOT_PRECISION="tf32", BLOCK_D=cfg.block_d)
+            for kernel, types, t in (("_attn_fwd_kernel", fwd, cfg.fwd), ("_attn_bwd_dkdv_kernel", dkdv, cfg.dkdv),
+                                     ("_attn_bwd_dq_kernel", dq, cfg.dq)):
+                jobs.append(dict(kernel=kernel, types=types, max_shared=232448,
+                                 options=dict(num_warps=t.num_warps, num_stages=t.num_stages),
+                                 constexprs=dict(flags, BLOCK_M=t.block_m, BLOCK_N=t.block_n)))
+    # fp32 with exact dots: the launcher's choice for fp32 unless torch allows TF32
+    cfg = tk.tile_config(64, 4, (9, 0))
+    fwd32 = dict(q_ptr="*fp32", k_ptr="*fp32", v_ptr="*fp32", kpm_ptr="*u8", o_ptr="*fp32", lse_ptr="*fp32",
+                 **strides("q", "k", "v", "o"), **common)
+    jobs.append(dict(kernel="_attn_fwd_kernel", types=fwd32, max_shared=232448,
+                     options=dict(num_warps=cfg.fwd.num_warps, num_stages=cfg.fwd.num_stages),
+                     constexprs=dict(CAUSAL=True, HAS_KPM=True, DOT_PRECISION="ieee", BLOCK_M=cfg.fwd.block_m,
+                                     BLOCK_N=cfg.fwd.block_n, BLOCK_D=cfg.block_d)))
+    return [dict(job, module=module, arch=90) for job in jobs]
+
+
+@pytest.mark.slow
+def test_attention_kernels_compile_for_sm90():
+    failures = compile_kernels(_attention_jobs())
+    assert not failures, "\n".join(f"{f['job']['kernel']} {f['job']['constexprs']}: {f['error']}" for f in failures)

@@ -27,8 +27,12 @@ for job in jobs:
     consts = job["constexprs"]
     signature = {name: ("constexpr" if name in consts else job["types"][name]) for name in fn.arg_names}
     try:
-        triton.compile(triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts),
-                       target=GPUTarget("cuda", job["arch"], 32))
+        compiled = triton.compile(triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts),
+                                  target=GPUTarget("cuda", job["arch"], 32), options=job.get("options"))
+        shared = compiled.metadata.shared
+        if job.get("max_shared") is not None and shared > job["max_shared"]:
+            failures.append({"job": job, "error": f"needs {shared} bytes of shared memory, the device has "
+                                                  f"{job['max_shared']}"})
     except Exception as exc:
         failures.append({"job": job, "error": f"{type(exc).__name__}: {exc}"})
 print(json.dumps(failures))
@@ -36,7 +40,9 @@ print(json.dumps(failures))
 
 
 def compile_kernels(jobs: list[dict], timeout: int = 1200) -> list[dict]:
-    """Each job: module, kernel, types {arg: "*bf16" | "i32" | "fp32" ...}, constexprs {name: value}, arch.
+    """Each job: module, kernel, types {arg: "*bf16" | "i32" | "fp32" ...}, constexprs {name: value}, arch;
+    optionally options (num_warps, num_stages: as the launcher passes them) and max_shared (bytes: a
+    compiled kernel that needs more shared memory than that fails, as its launch would on the device).
 
     Returns the failures (job and error); raises if the child process itself fails.
     """
