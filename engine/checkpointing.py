@@ -1,0 +1,450 @@
+"""Activation checkpointing that keeps the attention forward: save each attention call's output and
+log-sum-exp, recompute everything else in backward.
+
+Reward backpropagation (AlignProp / DRaFT / ReFL) holds K denoiser steps, a VAE decode and a ViT
+reward in one autograd graph, and LLM GRPO holds long sequences: gradient checkpointing keeps them in
+memory. Plain `torch.utils.checkpoint` reruns every op of a block in backward, the attention forward
+included - the most expensive op of a long-sequence block. A flash-style attention needs for its
+backward only its output O and the fp32 row log-sum-exp (plus Q, K, V, which the cheap projections
+recompute). Saving those two per attention call costs O(N D) per call, next to the O(N D) per op that
+checkpointing already drops, and skips the attention forward in backward.
+
+Policies (`POLICIES`):
+- "none": no checkpointing; `fn` runs as is.
+- "full": plain non-reentrant `torch.utils.checkpoint`: only the region's inputs are kept, every op
+  reruns in backward.
+- "save_attention": selective activation checkpointing (`create_selective_checkpoint_contexts`): the
+  outputs of the fused attention ops (`ATTENTION_OPS`: SDPA's flash / efficient / cuDNN / CPU-flash
+  backends, `aten._flash_attention_forward`, `aten._efficient_attention_forward`,
+  `torch.ops.fusedrl.flash_attention_fwd`, flash-attn's `torch.ops.flash_attn._flash_attn_forward` /
+  `_flash_attn_varlen_forward`, FlashAttention-3's `torch.ops.flash_attn_3.fwd`) are saved
+  (`CheckpointPolicy.MUST_SAVE`); every other op is recomputed (`PREFER_RECOMPUTE`).
+- "save_attention_and_matmuls": also saves the outputs of the matmuls (`MATMUL_OPS`: aten.mm, addmm,
+  bmm, baddbmm, ...), so backward recomputes only the cheap elementwise ops and norms.
+- "offload": no recompute; every tensor saved for backward is copied to pinned CPU memory during the
+  forward and back in backward (`torch.autograd.graph.save_on_cpu`, except that tensors already on
+  the CPU and parameters - or views of them - stay where they are, since copying them saves nothing).
+
+Ops are matched by name (`op._schema.name`), so nothing is resolved at import and ops registered
+later (fusedrl's attention op, flash-attn imported after fusedrl) are recognised when they run.
+`register_attention_op("ns::name")` adds another attention op.
+
+Caveats, by design:
+- SDPA's math backend (on the CPU: attention dropout; on CUDA: an attn_mask that requires grad, or a
+  head dim / dtype no fused backend takes; anywhere: `sdpa_kernel(SDPBackend.MATH)`) decomposes into
+  bmm / softmax / bmm with no attention op to save. Saving its [N, N] probabilities would give back
+  most of the memory that checkpointing exists to save, so "save_attention" recomputes it there,
+  exactly like "full", and warns once (the math path is recognised by `aten._safe_softmax`, which
+  only SDPA's math backend calls). Hand-written attention (`softmax(q @ k.T) @ v`) is likewise
+  recomputed, without a warning. "save_attention_and_matmuls" saves the math path's two bmm outputs,
+  the [N, N] scores included.
+- An attention call with dropout (`dropout_p > 0`) draws random numbers inside the op; a saved op does
+  not run in recompute, which would shift the RNG stream that later random ops of the region replay.
+  Such calls are recomputed instead, so the recompute stays bit-identical to the forward.
+- RNG state is stashed and restored as `torch.utils.checkpoint` does (`preserve_rng_state=True`), so
+  dropout masks drawn in recompute equal the forward's.
+- flash-attn < 2.7 calls its CUDA extension outside the dispatcher; those calls cannot be saved and
+  are recomputed.
+
+Cost: the selective policies run the region under PyTorch's two SAC dispatch modes (forward and
+recompute), a Python call per aten op: measured ~20 us of host time per op and pass (a 28-op block,
+torch 2.14, one core of a 2-core Xeon VM) on top of "full". On a GPU it is hidden where the ops are
+large (a DiT block over 4096 tokens: ~60 us per matmul) and shows where they are small (a ViT over 257
+tokens at batch 1): choose the policy per submodule (`apply_checkpointing` on each), or use
+torch.compile, under which SAC only marks graph nodes and costs nothing per call.
+
+Equivalent PyTorch ("save_attention"):
+    ops = [torch.ops.aten._scaled_dot_product_flash_attention.default, ...]
+    torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False,
+        context_fn=functools.partial(create_selective_checkpoint_contexts, ops))
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+__all__ = [
+    "ATTENTION_OPS",
+    "MATMUL_OPS",
+    "POLICIES",
+    "CheckpointWrapper",
+    "apply_checkpointing",
+    "checkpoint",
+    "iter_wrappers",
+    "register_attention_op",
+    "remove_checkpointing",
+]
+
+POLICIES = ("none", "full", "save_attention", "save_attention_and_matmuls", "offload")
+
+# Fused attention ops whose outputs (O, LSE and, for some, RNG seed/offset and sequence offsets) are
+# all that their backward needs besides Q, K, V. Matched by schema name: nothing is resolved at import.
+ATTENTION_OPS = frozenset({
+    "aten::_scaled_dot_product_flash_attention",
+    "aten::_scaled_dot_product_efficient_attention",
+    "aten::_scaled_dot_product_cudnn_attention",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_fused_attention_overrideable",
+    "aten::_flash_attention_forward",
+    "aten::_efficient_attention_forward",
+    "fusedrl::flash_attention_fwd",
+    "flash_attn::_flash_attn_forward",
+    "flash_attn::_flash_attn_varlen_forward",
+    "flash_attn_3::fwd",
+})
+
+# Matmul-like ops saved by "save_attention_and_matmuls" (linear and matmul decompose into these below
+# autograd; they are listed for backends that keep them whole).
+MATMUL_OPS = frozenset({
+    "aten::mm", "aten::addmm", "aten::_addmm_activation", "aten::bmm", "aten::baddbmm", "aten::addbmm",
+    "aten::mv", "aten::addmv", "aten::_scaled_mm", "aten::_int_mm", "aten::linear", "aten::matmul",
+})
+
+# Only SDPA's math backend calls this op (torch >= 2.5): its presence means "attention ran unfused".
+_MATH_SDPA_SIGNATURE = "aten::_safe_softmax"
+_DROPOUT_ARGS = ("dropout_p", "p_dropout")
+
+_extra_attention_ops: set[str] = set()
+_lock = threading.Lock()
+_math_warned = False
+
+# Kinds of op, as the policy functions classify them (memoized per OpOverload).
+_OTHER, _ATTENTION, _MATMUL, _MATH_SOFTMAX = range(4)
+_op_kinds: dict[Any, tuple[int, int | None]] = {}
+
+
+def register_attention_op(name: str) -> None:
+    """Treat the op named `name` ("namespace::op", e.g. "mylib::attn_fwd") as an attention op whose
+    outputs "save_attention" keeps. Its outputs must be what its backward needs besides its inputs."""
+    if not isinstance(name, str) or "::" not in name:
+        raise ValueError(f"name must be 'namespace::op_name' (as in the op's schema), got {name!r}")
+    with _lock:
+        _extra_attention_ops.add(name)
+        _op_kinds.clear()
+
+
+def _schema_name(op) -> str | None:
+    schema = getattr(op, "_schema", None)  # higher-order ops (under torch.compile) have none
+    return None if schema is None else schema.name
+
+
+def _classify(op) -> tuple[int, int | None]:
+    """(kind, position of the op's dropout argument or None), memoized per op."""
+    found = _op_kinds.get(op)
+    if found is not None:
+        return found
+    name = _schema_name(op)
+    dropout_at = None
+    if name in ATTENTION_OPS or name in _extra_attention_ops:
+        kind = _ATTENTION
+        for i, arg in enumerate(op._schema.arguments):
+            if arg.name in _DROPOUT_ARGS:
+                dropout_at = i
+                break
+    elif name in MATMUL_OPS:
+        kind = _MATMUL
+    elif name == _MATH_SDPA_SIGNATURE:
+        kind = _MATH_SOFTMAX
+    else:
+        kind = _OTHER
+    _op_kinds[op] = found = (kind, dropout_at)
+    return found
+
+
+def _has_dropout(op, dropout_at: int | None, args: tuple, kwargs: dict) -> bool:
+    if dropout_at is None:
+        return False
+    name = op._schema.arguments[dropout_at].name
+    value = kwargs[name] if name in kwargs else args[dropout_at] if dropout_at < len(args) else 0.0
+    return isinstance(value, (int, float)) and value > 0
+
+
+def _warn_math_attention() -> None:
+    global _math_warned
+    if _math_warned:
+        return
+    _math_warned = True
+    warnings.warn(
+        "fusedrl checkpointing: SDPA ran its math backend (bmm + softmax, no fused attention op) inside a "
+        "'save_attention' region, so that attention is recomputed in backward as under 'full' (saving its "
+        "[N, N] probabilities would undo the memory saving). Use a fused backend (no dropout on CPU, no "
+        "attn_mask that requires grad, fp16/bf16 on CUDA) or fusedrl.kernels.flash_attention. "
+        "This warning is shown once.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def _sac_policy(save_matmuls: bool) -> Callable:
+    """The selective-checkpoint policy function of "save_attention" (/ "_and_matmuls")."""
+
+    def policy_fn(ctx, op, *args, **kwargs):
+        kind, dropout_at = _classify(op)
+        if kind == _ATTENTION:
+            if _has_dropout(op, dropout_at, args, kwargs):
+                return CheckpointPolicy.PREFER_RECOMPUTE  # keeps the RNG stream of the recompute aligned
+            return CheckpointPolicy.MUST_SAVE
+        if kind == _MATMUL and save_matmuls:
+            return CheckpointPolicy.MUST_SAVE
+        if kind == _MATH_SOFTMAX:
+            _warn_math_attention()
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy_fn
+
+
+_POLICY_FNS = {"save_attention": _sac_policy(False), "save_attention_and_matmuls": _sac_policy(True)}
+
+
+def _validate_policy(policy) -> str | Callable:
+    if isinstance(policy, str):
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(repr(p) for p in POLICIES)} or a callable "
+                             f"policy_fn(ctx, op, *args, **kwargs) -> CheckpointPolicy; got {policy!r}")
+        return policy
+    if callable(policy):
+        return policy
+    raise ValueError(f"policy must be one of {', '.join(repr(p) for p in POLICIES)} or a callable "
+                     f"policy_fn(ctx, op, *args, **kwargs) -> CheckpointPolicy; got {type(policy).__name__}")
+
+
+# Read once at import (a signature, not an op): inspect.signature under torch.compile would graph-break.
+_RESPECTS_HOOKS = "respect_saved_tensors_hooks" in inspect.signature(torch.utils.checkpoint.checkpoint).parameters
+
+
+def _checkpoint_accepts_respect_hooks() -> bool:
+    return _RESPECTS_HOOKS
+
+
+# ---- offload -------------------------------------------------------------------------------------
+
+def _is_parameter(t: torch.Tensor) -> bool:
+    return isinstance(t, nn.Parameter) or isinstance(getattr(t, "_base", None), nn.Parameter)
+
+
+def _offload_pack(t: torch.Tensor):
+    """Copy a saved tensor to (pinned, when CUDA is available) CPU memory; tensors already on the CPU
+    and parameters (which stay on the device anyway) are kept as they are."""
+    if t.device.type == "cpu" or _is_parameter(t):
+        return (None, t)
+    pin = torch.cuda.is_available() and not t.is_sparse
+    packed = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=pin)
+    # Non-blocking into pinned memory: the copy is queued on the current stream, before any kernel that
+    # could reuse t's memory after t is freed.
+    packed.copy_(t, non_blocking=pin)
+    return (t.device, packed)
+
+
+def _offload_unpack(packed) -> torch.Tensor:
+    device, t = packed
+    if device is None:
+        return t
+    return t.to(device, non_blocking=t.is_pinned())
+
+
+def _offload_hooks() -> torch.autograd.graph.saved_tensors_hooks:
+    # Looked up at call time (not bound at import) so that the pack function can be observed in tests.
+    return torch.autograd.graph.saved_tensors_hooks(
+        lambda t: _offload_pack(t), lambda p: _offload_unpack(p))
+
+
+# ---- the function --------------------------------------------------------------------------------
+
+def checkpoint(fn: Callable, *args: Any, policy: str | Callable = "save_attention",
+               preserve_rng_state: bool = True, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)`, with the activations it saves for backward chosen by `policy`.
+
+    Args:
+        fn: any function or module; args and kwargs may hold tensors (those in kwargs are not detached
+            in recompute, as in `torch.utils.checkpoint`) and it may return any structure.
+        policy: one of `POLICIES` ("none", "full", "save_attention", "save_attention_and_matmuls",
+            "offload"; see the module docstring), or a selective-checkpoint policy function
+            `policy_fn(ctx, op, *args, **kwargs) -> CheckpointPolicy | bool` as
+            `torch.utils.checkpoint.create_selective_checkpoint_contexts` takes.
+        preserve_rng_state: stash and restore the CPU/CUDA RNG state around the recompute, so random
+            ops (dropout) draw the same numbers as in the forward.
+
+    Returns: what `fn` returns. With grad disabled (or policy "none") `fn` simply runs.
+
+    Equivalent PyTorch: `torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False,
+    context_fn=partial(create_selective_checkpoint_contexts, policy_fn), **kwargs)` ("full": no
+    context_fn; "offload": `with torch.autograd.graph.save_on_cpu(pin_memory=True): fn(*args)`).
+    The "policy" and "preserve_rng_state" keywords (and torch.utils.checkpoint's own: "debug",
+    "determinism_check", "early_stop", ...) are not passed on to `fn`.
+    """
+    policy = _validate_policy(policy)
+    if policy == "none" or not torch.is_grad_enabled():
+        return fn(*args, **kwargs)
+    if policy == "offload":
+        with _offload_hooks():
+            return fn(*args, **kwargs)
+    options: dict[str, Any] = {}
+    if policy != "full":
+        policy_fn = _POLICY_FNS[policy] if isinstance(policy, str) else policy
+        options["context_fn"] = functools.partial(create_selective_checkpoint_contexts, policy_fn)
+        if _checkpoint_accepts_respect_hooks():
+            # Route the tensors that SAC saves through the caller's saved-tensors hooks (e.g. an outer
+            # save_on_cpu), as autograd's own saved tensors are; torch will default to this later.
+            options["respect_saved_tensors_hooks"] = True
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False,
+                                             preserve_rng_state=preserve_rng_state, **options, **kwargs)
+
+
+# ---- modules -------------------------------------------------------------------------------------
+
+_WRAPPED = "_checkpoint_wrapped_module"  # torch's checkpoint_wrapper uses the same name (PEFT and
+_PREFIX = _WRAPPED + "."                 # accelerate know to strip it)
+
+
+def _strip_prefix_hook(module, state_dict, prefix, local_metadata):
+    for key in [k for k in state_dict if k.startswith(prefix + _PREFIX)]:
+        state_dict[prefix + key[len(prefix + _PREFIX):]] = state_dict.pop(key)
+    return state_dict
+
+
+def _add_prefix_hook(state_dict, prefix, *args, **kwargs):
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + _PREFIX)]:
+        state_dict[prefix + _PREFIX + key[len(prefix):]] = state_dict.pop(key)
+
+
+class CheckpointWrapper(nn.Module):
+    """Runs `module` under `checkpoint(module, ..., policy=policy)`.
+
+    The wrapper is transparent: `state_dict()` keys are the wrapped module's (the wrapper adds no
+    prefix, and loads such state dicts), attributes the wrapper lacks are read from the wrapped
+    module, and `.module` is the wrapped module. Positional and keyword arguments are passed through.
+    The policy can be changed at any time (`wrapper.policy = "full"`); it is validated on assignment.
+    """
+
+    def __init__(self, module: nn.Module, policy: str | Callable = "save_attention", *,
+                 preserve_rng_state: bool = True) -> None:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        if isinstance(module, CheckpointWrapper):
+            raise ValueError("module is already a CheckpointWrapper; set its .policy instead of wrapping twice")
+        super().__init__()
+        setattr(self, _WRAPPED, module)
+        self.policy = policy
+        self.preserve_rng_state = preserve_rng_state
+        self._register_state_dict_hook(_strip_prefix_hook)
+        self._register_load_state_dict_pre_hook(_add_prefix_hook)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "policy":
+            value = _validate_policy(value)
+        super().__setattr__(name, value)
+
+    @property
+    def module(self) -> nn.Module:
+        return self._modules[_WRAPPED]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return checkpoint(self._modules[_WRAPPED], *args, policy=self.policy,
+                          preserve_rng_state=self.preserve_rng_state, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == _WRAPPED:
+                raise
+            return getattr(self._modules[_WRAPPED], name)
+
+    def __getitem__(self, index):  # wrapped nn.Sequential / ModuleList stay indexable
+        return self._modules[_WRAPPED][index]
+
+    def extra_repr(self) -> str:
+        return f"policy={self.policy!r}"
+
+
+def _selector(module_types, predicate) -> Callable[[str, nn.Module], bool]:
+    if module_types is None and predicate is None:
+        raise ValueError("give module_types (a class or tuple of classes, e.g. your transformer block) "
+                         "or predicate(name, module) -> bool to choose the submodules to checkpoint")
+    if module_types is not None:
+        types = (module_types,) if isinstance(module_types, type) else tuple(module_types)
+        if not types or not all(isinstance(t, type) for t in types):
+            raise TypeError(f"module_types must be a class or a non-empty tuple of classes, got {module_types!r}")
+    if predicate is not None and not callable(predicate):
+        raise TypeError(f"predicate must be callable(name, module) -> bool, got {type(predicate).__name__}")
+
+    def chosen(name: str, module: nn.Module) -> bool:
+        return ((module_types is not None and isinstance(module, types))
+                or (predicate is not None and bool(predicate(name, module))))
+
+    return chosen
+
+
+def apply_checkpointing(model: nn.Module, policy: str | Callable = "save_attention", *,
+                        module_types: type | Sequence[type] | None = None,
+                        predicate: Callable[[str, nn.Module], bool] | None = None,
+                        preserve_rng_state: bool = True) -> list[str]:
+    """Wrap, in place, the submodules of `model` chosen by `module_types` (isinstance) or
+    `predicate(qualified_name, module)` in `CheckpointWrapper(policy=policy)`.
+
+    Rules: the outermost chosen module of a branch is wrapped and nothing inside it (checkpoints do
+    not nest); `model` itself is never wrapped (wrap it with `CheckpointWrapper` yourself). Applied
+    again, a submodule that is already wrapped and still chosen gets the new policy - never a second
+    wrapper. `remove_checkpointing(model)` undoes it.
+
+    Returns: the qualified names of the wrapped (or re-policied) submodules. Raises ValueError when
+    none is chosen (checkpointing nothing would silently keep all the memory).
+    """
+    _validate_policy(policy)
+    chosen = _selector(module_types, predicate)
+    done: list[str] = []
+
+    def visit(parent: nn.Module, prefix: str) -> None:
+        for name, child in list(parent.named_children()):
+            qualified = f"{prefix}{name}"
+            if isinstance(child, CheckpointWrapper):
+                if chosen(qualified, child.module):
+                    child.policy = policy
+                    child.preserve_rng_state = preserve_rng_state
+                    done.append(qualified)
+                continue  # never nest a checkpoint inside another
+            if chosen(qualified, child):
+                setattr(parent, name, CheckpointWrapper(child, policy, preserve_rng_state=preserve_rng_state))
+                done.append(qualified)
+                continue
+            visit(child, qualified + ".")
+
+    visit(model, "")
+    if not done:
+        raise ValueError(f"apply_checkpointing: no submodule of {type(model).__name__} matched module_types="
+                         f"{module_types!r} / predicate={predicate!r}")
+    return done
+
+
+def remove_checkpointing(model: nn.Module) -> list[str]:
+    """Undo `apply_checkpointing`: replace every `CheckpointWrapper` inside `model` by the module it
+    wraps. Returns the qualified names of the unwrapped submodules."""
+    undone: list[str] = []
+
+    def visit(parent: nn.Module, prefix: str) -> None:
+        for name, child in list(parent.named_children()):
+            qualified = f"{prefix}{name}"
+            if isinstance(child, CheckpointWrapper):
+                setattr(parent, name, child.module)
+                undone.append(qualified)
+                child = child.module
+            visit(child, qualified + ".")
+
+    visit(model, "")
+    return undone
+
+
+def iter_wrappers(model: nn.Module) -> Iterable[tuple[str, CheckpointWrapper]]:
+    """(qualified name, wrapper) of every CheckpointWrapper inside `model`."""
+    for name, module in model.named_modules():
+        if isinstance(module, CheckpointWrapper):
+            yield name, module
