@@ -3,6 +3,7 @@
     from fusedrl.kernels import flow_sde_step, ddim_step
     from fusedrl.integrations.flow_grpo import sde_step_with_logprob
     from fusedrl.integrations.ddpo import ddim_step_with_logprob
+    fusedrl.patch_attention(model)  # transformers / diffusers attention on fusedrl.kernels.flash_attention
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -12,4 +13,6 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+local"
 
-__all__ = ["__version__"]
+from .attention import AttentionPatch, patch_attention, unpatch_attention  # imports no diffusers/transformers
+
+__all__ = ["AttentionPatch", "__version__", "patch_attention", "unpatch_attention"]

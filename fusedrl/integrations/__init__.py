@@ -10,6 +10,7 @@ speed and memory, not the learning curve:
   `ddpo_pytorch.diffusers_patch.ddim_with_logprob.ddim_step_with_logprob` (DDIM step on a
   `DDIMScheduler`), over `fusedrl.kernels.ddim_step`.
 - `fusedrl.integrations.trl.patch_grpo_trainer()`: TRL 1.16's `GRPOTrainer` over `token_logprobs` (and `grpo_loss`).
+- `transformers_attention`, `diffusers_attention`: `flash_attention` in transformers / diffusers models.
 
 Import the submodule you need; this package imports nothing itself (diffusers is optional).
 """
