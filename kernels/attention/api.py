@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-from . import reference
+from . import reference, xformers_path
 from .op import FlashAttention
 from .triton_kernels import MAX_HEAD_DIM
 
@@ -77,17 +77,32 @@ def _may_have_empty_rows(Nq: int, Nkv: int, causal: bool, key_padding_mask) -> b
     return key_padding_mask is not None or (causal and Nq > Nkv) or Nkv == 0
 
 
+_said: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        dispatch.log.debug("fusedrl: flash_attention's torch path: %s", message)
+
+
 def attention_torch(q, k, v, *, causal: bool, scale: float, key_padding_mask, return_lse: bool):
-    """The torch backend: SDPA (any of its backends) with an explicit mask, or a chunked fp32 formula
-    when the log-sum-exp is wanted (SDPA does not return it)."""
+    """The torch backend: on CUDA xformers when it works here (`xformers_path.why_not`), else SDPA
+    (any of its backends) with an explicit bottom-right mask, or a chunked fp32 formula when the
+    log-sum-exp is wanted (neither returns it)."""
+    if q.device.type == "cuda":
+        reason = xformers_path.why_not(q, key_padding_mask, return_lse)
+        if reason is None:
+            return xformers_path.attention(q, k, v, causal=causal, scale=scale), None
+        _say_once(f"not xformers: {reason}")
     if return_lse:
         return reference.attention_chunked(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
     Nq, Nkv = q.shape[-2], k.shape[-2]
     mask = reference.visible(Nq, Nkv, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
     if causal and Nq == Nkv and key_padding_mask is None:
         mask = None  # SDPA's own causal path (top-left equals bottom-right for square problems)
-    k, v = reference.expand_kv(k, q.shape[1]), reference.expand_kv(v, q.shape[1])
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and causal, scale=scale)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and causal, scale=scale,
+                                         enable_gqa=q.shape[1] != k.shape[1])
     if mask is not None and _may_have_empty_rows(Nq, Nkv, causal, key_padding_mask):
         out = torch.where(mask.any(-1, keepdim=True), out, 0.0)
     return out, None
@@ -122,8 +137,9 @@ def flash_attention(
 
     Backends: Triton (CUDA tensors, fp16/bf16/fp32, D <= 256: `triton_kernels.py`, through the custom ops
     `fusedrl::flash_attention_fwd` / `_bwd` of `op.py`; fp32 dots follow torch's TF32 matmul setting) or
-    torch (CPU, fp64, D > 256: SDPA with an explicit bottom-right mask, or a chunked fp32 formula when
-    lse is wanted). An auto-selected Triton that cannot serve the inputs falls back to torch; a forced
+    torch (CPU, fp64, D > 256: on CUDA xformers' memory-efficient attention when it is installed and its
+    C++ library loads, else SDPA with an explicit bottom-right mask; a chunked fp32 formula when lse is
+    wanted). An auto-selected Triton that cannot serve the inputs falls back to torch; a forced
     `FUSEDRL_BACKEND=triton` raises a RuntimeError that says why.
 
     Equivalent PyTorch (Hq == Hkv, no mask):
