@@ -3,6 +3,8 @@
     fusedrl info        versions, GPU / CUDA / nvcc presence, and which backends serve each op
     fusedrl build-ext   compile (or load the cached build of) the CUDA extension
     fusedrl bench       microbenchmarks: device ceilings, then every op vs eager / torch.compile
+    fusedrl train       train a model: `fusedrl train --help` lists the trainers, `fusedrl train NAME --help`
+                        documents every option of one
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import logging
 import platform
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 
 def _versions() -> list[tuple[str, str]]:
@@ -94,6 +98,102 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench.run(args)
 
 
+TRAIN_USAGE = "fusedrl train NAME [--config FILE] [--out DIR] [--resume] [options]"
+
+
+def _train_listing() -> str:
+    from fusedrl import train_registry
+
+    rows = train_registry.names()
+    width = max(len(n) for n, _ in rows)
+    lines = [f"usage: {TRAIN_USAGE}", "", "Trainers:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, help_ in rows]
+    lines += ["", "`fusedrl train NAME --help` documents every option of a trainer. Options also come from a YAML or",
+              "TOML file (--config FILE; keys nested by section as in a run folder's config.yaml); command-line",
+              "options override the file. Each run writes a run folder (--out): config.yaml, train.log, metrics.csv,",
+              "metrics.png, tensorboard/, samples/, checkpoints/; --resume continues it from its latest checkpoint."]
+    return "\n".join(lines)
+
+
+def build_trainer_parser(trainer) -> argparse.ArgumentParser:
+    """The option parser of `fusedrl train NAME`: the run-folder options, then one option per config field."""
+    from fusedrl.engine.config import add_arguments
+
+    description = trainer.help + (f"\n\n{trainer.description}" if trainer.description else "")
+    parser = argparse.ArgumentParser(
+        prog=f"fusedrl train {trainer.name}", description=description,
+        usage=f"fusedrl train {trainer.name} [--config FILE] [--out DIR] [--resume] [options]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Options override --config FILE (YAML/TOML, keys nested by section), which overrides the defaults; "
+        "with --resume the run folder's config.yaml is the base. Steps after the last checkpoint are recomputed "
+        "on resume.")
+    group = parser.add_argument_group("run folder")
+    group.add_argument("--config", metavar="FILE", type=Path, help="YAML (.yaml/.yml) or TOML (.toml) file of options")
+    group.add_argument("--out", metavar="DIR", type=Path,
+                       help=f"run folder (default: runs/{trainer.name}-YYYYmmdd-HHMMSS; with --resume: the newest "
+                       f"runs/{trainer.name}-*)")
+    group.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its latest checkpoint (a run with no checkpoint restarts)")
+    group.add_argument("--allow-change", nargs="+", default=[], metavar="FIELD",
+                       help="with --resume: config fields (dotted, e.g. optim.lr) that may differ from the saved run")
+    group.add_argument("--dry-run", action="store_true", help="validate the config, print it as YAML, and exit")
+    add_arguments(parser, trainer.config)
+    return parser
+
+
+def _default_out(name: str, resume: bool) -> Path:
+    if not resume:
+        return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    found = sorted(p for p in Path("runs").glob(f"{name}-*") if p.is_dir())
+    if not found:
+        raise FileNotFoundError(f"--resume without --out: no run folder runs/{name}-* to resume; pass --out DIR")
+    return found[-1]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fusedrl import train_registry
+
+    argv = list(args.train_argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_train_listing(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name.startswith("-"):
+        print(f"usage: {TRAIN_USAGE}\nfusedrl train: the trainer NAME comes first (got {name!r})", file=sys.stderr)
+        return 2
+    try:
+        trainer = train_registry.get(name)
+    except train_registry.TrainerUnavailable as exc:
+        print(f"fusedrl train: {exc}", file=sys.stderr)
+        return 2
+    opts = build_trainer_parser(trainer).parse_args(rest)
+
+    from fusedrl.engine.config import ConfigError, build_config, config_yaml, overrides_from_args, read_config_file
+    from fusedrl.engine.runs import Run, RunError
+
+    prog = f"fusedrl train {name}"
+    try:
+        out = opts.out if opts.out is not None else _default_out(name, opts.resume)
+        layers = [Run.saved_config(out) if opts.resume else None]
+        layers.append(read_config_file(opts.config) if opts.config is not None else None)
+        layers.append(overrides_from_args(opts))
+        config = build_config(trainer.config, *layers)
+        if opts.dry_run:
+            print(config_yaml(config), end="")
+            return 0
+        run = Run(out, config, resume=opts.resume, allow_changed=opts.allow_change)
+    except (ConfigError, RunError, FileNotFoundError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with run:
+            rc = trainer.run(config, run)
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted; continue with: fusedrl train {name} --out {out} --resume", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusedrl", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,11 +214,22 @@ def build_parser() -> argparse.ArgumentParser:
                                   "provider; print a table and append rows to a CSV.")
     bench.add_arguments(bench_parser)
     bench_parser.set_defaults(func=cmd_bench)
+    # `fusedrl train` parses its own options (they depend on the trainer, imported only when named): listed
+    # here for `fusedrl --help`; main() hands everything after "train" to cmd_train.
+    train = sub.add_parser("train", help="train a model (`fusedrl train --help` lists the trainers)", add_help=False)
+    train.set_defaults(func=cmd_train, train_argv=[])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    command_at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if command_at is not None and argv[command_at] == "train":
+        args = parser.parse_args(argv[: command_at + 1])
+        args.train_argv = argv[command_at + 1:]
+    else:
+        args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
     return args.func(args)
 

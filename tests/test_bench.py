@@ -67,6 +67,17 @@ def test_runner_small_cpu(tmp_path, capsys):
 def test_unknown_op_or_provider_is_an_error(tmp_path):
     assert run(_args("--device", "cpu", "--ops", "no_such_op", "--csv", str(tmp_path / "a.csv"))) == 2
     assert run(_args("--device", "cpu", "--providers", "nope", "--csv", str(tmp_path / "a.csv"))) == 2
+    assert run(_args("--device", "cpu", "--dtypes", "bf16,fp8", "--csv", str(tmp_path / "a.csv"))) == 2
+    assert not (tmp_path / "a.csv").exists()
+
+
+def test_dtypes_selects_the_cases_dtypes(tmp_path):
+    out = tmp_path / "results.csv"
+    rc = run(_args("--device", "cpu", "--sizes", "small", "--reps", "1", "--ops", "logprobs", "--dtypes", "fp64",
+                   "--providers", "eager,torch", "--csv", str(out)))
+    assert rc == 0
+    rows = [r for r in _read(out)[1] if r["op"] != "ceiling"]
+    assert rows and {r["dtype"] for r in rows} == {"fp64"}
 
 
 def test_csv_header_once_and_column_mismatch(tmp_path):

@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--providers", default=None, metavar="LIST",
                         help="comma-separated providers to run (eager, compile, torch, triton, cuda, ...); "
                         "default: all")
+    parser.add_argument("--dtypes", default=None, metavar="LIST",
+                        help="comma-separated dtypes of the cases that have a dtype axis (bf16, fp16, fp32, "
+                        "fp64); default: bf16,fp32 on CUDA, fp32 on a CPU")
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the torch.compile provider (its first call compiles for ~20 s per case "
                         "on a CPU)")

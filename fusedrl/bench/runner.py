@@ -74,6 +74,18 @@ def _meta(device: torch.device) -> dict[str, str]:
     }
 
 
+def _dtypes(value: str | None, device: torch.device) -> tuple[torch.dtype, ...]:
+    """--dtypes as torch dtypes (the device's defaults when not given); ValueError names an unknown one."""
+    names = _split(value)
+    if names is None:
+        return DTYPES[device.type]
+    by_name = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+    unknown = [name for name in names if name not in by_name]
+    if unknown:
+        raise ValueError(f"--dtypes: unknown {unknown}; known: {', '.join(by_name)}")
+    return tuple(by_name[name] for name in names)
+
+
 def _split(value: str | None) -> list[str] | None:
     if not value:
         return None
@@ -179,7 +191,8 @@ def run_bench(args) -> int:
     """Run the benchmark as `fusedrl bench` was asked (see `add_arguments`); 0 when nothing failed."""
     try:
         device = _device(args.device)
-        config = registry.CaseConfig(device=device, sizes=args.sizes, dtypes=DTYPES[device.type])
+        config = registry.CaseConfig(device=device, sizes=args.sizes,
+                                     dtypes=_dtypes(getattr(args, "dtypes", None), device))
         cases = registry.collect(config, _split(args.ops))
     except ValueError as exc:
         print(f"fusedrl bench: {exc}", file=sys.stderr)
