@@ -1,7 +1,8 @@
-"""What a GPU offers the Triton kernels' tiles: compute capability and shared memory per block.
+"""What a GPU offers the Triton kernels' tiles: compute capability, shared memory per block and the
+number of multiprocessors (how many programs a launch needs to fill the device).
 
 Read at call time from `torch.cuda.get_device_properties` (cached per device index), never at import.
-Kernels pick frozen tile settings from these two numbers (no autotune by default), so that a
+Kernels pick frozen tile settings from these numbers (no autotune by default), so that a
 consumer card with less shared memory than a Hopper part (sm_86 / sm_89: 99 KB per block opt-in,
 sm_80: 163 KB, sm_90: 227 KB) gets tiles that fit. Tests mock `device_limits`.
 """
@@ -18,6 +19,7 @@ import torch
 class DeviceLimits:
     capability: tuple[int, int]
     shared_memory: int  # bytes a block may use (opt-in maximum)
+    multiprocessors: int = 1  # streaming multiprocessors (SMs): how many programs run side by side
 
     @property
     def is_hopper_or_newer(self) -> bool:
@@ -31,7 +33,8 @@ INTERPRETER = DeviceLimits(capability=(0, 0), shared_memory=1 << 30)
 @functools.cache
 def _cuda_limits(index: int) -> DeviceLimits:
     props = torch.cuda.get_device_properties(index)
-    return DeviceLimits(capability=(props.major, props.minor), shared_memory=props.shared_memory_per_block_optin)
+    return DeviceLimits(capability=(props.major, props.minor), shared_memory=props.shared_memory_per_block_optin,
+                        multiprocessors=props.multi_processor_count)
 
 
 def device_limits(device: torch.device) -> DeviceLimits:

@@ -63,6 +63,31 @@ def test_triton_backward_in_vocabulary_chunks(case, dtype, use_backend, monkeypa
     _check_against_float64(case, dtype, "triton", use_backend)
 
 
+@pytest.mark.parametrize("splits", [2, 3, 64])
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=["127x96-V1025-bias", "2x9x64-V333-softcap-frozen"])
+def test_triton_forward_in_vocabulary_splits(case, splits, use_backend, monkeypatch):
+    """The Triton forward with its vocabulary cut into splits whose partials a second kernel merges, as on a
+    GPU when the row blocks alone leave multiprocessors idle (a partial last split; 64 asks for more splits
+    than there are vocabulary tiles, so some are empty); the other tests run one split."""
+    from fusedrl.kernels.logprobs import hidden_op
+
+    monkeypatch.setattr(hidden_op, "vocab_splits", lambda *args: splits)
+    _check_against_float64(case, torch.float32, "triton", use_backend)
+
+
+def test_vocab_splits_fill_the_multiprocessors():
+    from fusedrl.kernels.logprobs import hidden_op, hidden_triton
+    from fusedrl.kernels.tiles import INTERPRETER, DeviceLimits
+
+    tiles = hidden_triton.GPU_TILES[0]  # 128 rows x 128 columns
+    h200 = DeviceLimits((9, 0), 227 * 1024, multiprocessors=132)
+    assert hidden_op.vocab_splits(8192, 131072, tiles, h200) == 2  # 64 row blocks: 48% busy alone, 97% with 2
+    assert hidden_op.vocab_splits(16384, 131072, tiles, h200) == 1  # 128 row blocks fill 97%
+    assert hidden_op.vocab_splits(12288, 131072, tiles, h200) == 4  # 96 -> 384 programs in 3 waves of 132
+    assert hidden_op.vocab_splits(128, 200, tiles, h200) == 2  # never more splits than vocabulary tiles
+    assert hidden_op.vocab_splits(8192, 131072, tiles, INTERPRETER) == 1
+
+
 def _check_against_float64(case, dtype, backend, use_backend):
     shape, V, with_bias, softcap, temperature, strided, frozen = case
     hidden, weight, bias, labels = _inputs(case, dtype)

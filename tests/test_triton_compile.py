@@ -114,7 +114,7 @@ def _hidden_jobs() -> list[dict]:
     jobs = []
     for data in ("bf16", "fp16", "fp32"):
         fwd = dict(h_ptr=f"*{data}", w_ptr=f"*{data}", b_ptr=f"*{data}", labels_ptr="*i64", logp_ptr="*fp32",
-                   entropy_ptr="*fp32", lse_ptr="*fp32", **scalars)
+                   entropy_ptr="*fp32", lse_ptr="*fp32", part_ptr="*fp32", split_cols="i32", **scalars)
         dz = dict(h_ptr=f"*{data}", w_ptr=f"*{data}", b_ptr=f"*{data}", labels_ptr="*i64", lse_ptr="*fp32",
                   entropy_ptr="*fp32", g_logp_ptr="*fp32", g_entropy_ptr="*fp32", dz_ptr=f"*{data}", v0="i32",
                   C="i32", stride_dz="i32", **scalars)
@@ -122,10 +122,16 @@ def _hidden_jobs() -> list[dict]:
         for flag in (True, False):
             for precision in precisions:
                 jobs.append(dict(kernel="_hidden_fwd_kernel", types=fwd, constexprs=dict(
-                    HAS_BIAS=flag, HAS_SOFTCAP=not flag, WANT_ENTROPY=flag, DOT_PRECISION=precision, **tiles)))
+                    HAS_BIAS=flag, HAS_SOFTCAP=not flag, WANT_ENTROPY=flag, SPLIT=flag, DOT_PRECISION=precision,
+                    **tiles)))
                 jobs.append(dict(kernel="_hidden_dz_kernel", types=dz, constexprs=dict(
                     HAS_BIAS=flag, HAS_SOFTCAP=not flag, HAS_G_LOGP=True, HAS_G_ENTROPY=flag,
                     DOT_PRECISION=precision, **tiles)))
+    combine = dict(part_ptr="*fp32", labels_ptr="*i64", logp_ptr="*fp32", entropy_ptr="*fp32", lse_ptr="*fp32",
+                   N="i32", V="i32", S="i32", ignore_index="i32")
+    for flag in (True, False):
+        jobs.append(dict(kernel="_hidden_fwd_combine_kernel", types=combine,
+                         constexprs=dict(WANT_ENTROPY=flag, BLOCK=256)))
     return [dict(job, module=module, arch=90) for job in jobs]
 
 
