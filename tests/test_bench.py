@@ -142,3 +142,53 @@ def test_attention_cases_count_flops():
     default = CaseConfig(device=torch.device("cuda"), sizes="default", dtypes=(torch.bfloat16, torch.float32))
     shapes = {c.shape for c in collect(default, ["attention"])}
     assert {(1, 16, 16384, 128), (16, 32, 1024, 64), (8, 8, 4096, 40), (1, 24, 4429, 128), (64, 16, 257, 64)} <= shapes
+
+
+def test_plot_charts_and_summary_from_csv(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "results.csv"
+    assert run(_args("--device", "cpu", "--sizes", "small", "--reps", "1", "--ops", "logprobs", "--no-compile",
+                     "--csv", str(out))) == 0
+    capsys.readouterr()
+    charts = tmp_path / "charts"
+    assert run(_args("--from-csv", str(out), "--plot", str(charts))) == 0
+    printed = capsys.readouterr().out
+    pngs = sorted(p.name for p in charts.glob("*.png"))
+    assert pngs == ["logprobs_from_logits.png"] and (charts / pngs[0]).stat().st_size > 10_000
+    assert "| op | mode | shape |" in printed
+
+
+def _row(provider, median, date="2026-01-02", device="gpu0", **extra):
+    row = dict.fromkeys(COLUMNS, "")
+    row.update(date=date, device=device, op="op", provider=provider, mode="fwd", shape="4x8", dtype="bf16",
+               median_ms=str(median), peak_mb="1.5", bytes="100", achieved="1", achieved_unit="GB/s",
+               fraction_of_ceiling="0.5", **extra)
+    return row
+
+
+def test_summary_compares_the_kernel_with_each_baseline(tmp_path):
+    from fusedrl.bench.plot import summary_markdown
+
+    path = tmp_path / "r.csv"
+    rows = [_row("eager", 4.0), _row("torch", 3.0), _row("triton", 2.5, date="2026-01-01"), _row("triton", 2.0),
+            _row("cuda", 2.2), _row("liger", 1.0), _row("compile", 3.5), _row("triton", 9.0, device="other")]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    table = summary_markdown(path, device="gpu0").splitlines()
+    line = next(x for x in table if x.startswith("| op |") and "fwd" in x)
+    # the latest triton row (2.0 ms) is the kernel; the other device's row is not read
+    assert line == "| op | fwd | 4x8 | bf16 | 2 triton | 50% | 2 | 3 (1.50x) | 4 (2.00x) | 1 (0.50x) liger |"
+    assert summary_markdown(path).startswith("Device: gpu0")  # the newest row's device by default
+
+
+def test_plot_errors_are_named(tmp_path, capsys):
+    assert run(_args("--from-csv", str(tmp_path / "missing.csv"))) == 2
+    assert "give --plot DIR" in capsys.readouterr().err
+    assert run(_args("--from-csv", str(tmp_path / "missing.csv"), "--plot", str(tmp_path / "c"))) == 2
+    assert "missing.csv" in capsys.readouterr().err
+    empty = tmp_path / "empty.csv"
+    empty.write_text(",".join(COLUMNS) + "\n")
+    assert run(_args("--from-csv", str(empty), "--plot", str(tmp_path / "c"))) == 2
+    assert "no timed rows" in capsys.readouterr().err

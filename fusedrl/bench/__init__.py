@@ -39,8 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: cuda when available, else cpu")
     parser.add_argument("--csv", default=DEFAULT_CSV, metavar="PATH",
                         help=f"append result rows here (header written once; default {DEFAULT_CSV})")
-    parser.add_argument("--plot", default=None, metavar="PATH",
-                        help="also draw a PNG of %% of ceiling per case (needs matplotlib)")
+    parser.add_argument("--plot", default=None, metavar="DIR",
+                        help="draw one PNG per op into DIR (time, %% of ceiling and peak memory vs shape, a line per "
+                        "provider) from the CSV's rows of this device, and print a Markdown summary (needs "
+                        "matplotlib)")
+    parser.add_argument("--from-csv", default=None, metavar="CSV",
+                        help="with --plot: draw the charts of this CSV (e.g. benchmarks/results/*.csv) without "
+                        "running anything")
 
 
 def run(args: argparse.Namespace) -> int:

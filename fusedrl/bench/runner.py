@@ -187,8 +187,29 @@ def _legend(device: torch.device) -> str:
             f"{times}peak MB: {peak}.")
 
 
+def _plot(csv_path: Path, out_dir: str, device: str | None = None) -> int:
+    try:
+        from .plot import draw_charts, summary_markdown
+
+        for path in draw_charts(csv_path, out_dir, device):
+            print(f"chart written to {path}")
+        print(summary_markdown(csv_path, device))
+    except ImportError:
+        print("fusedrl bench: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        print(f"fusedrl bench: --plot: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def run_bench(args) -> int:
     """Run the benchmark as `fusedrl bench` was asked (see `add_arguments`); 0 when nothing failed."""
+    if getattr(args, "from_csv", None):
+        if not args.plot:
+            print("fusedrl bench: --from-csv draws charts: give --plot DIR too", file=sys.stderr)
+            return 2
+        return _plot(Path(args.from_csv), args.plot)
     try:
         device = _device(args.device)
         config = registry.CaseConfig(device=device, sizes=args.sizes,
@@ -260,9 +281,7 @@ def run_bench(args) -> int:
     print(_legend(device))
     print(f"{len(results)} rows appended to {csv_path} in {time.perf_counter() - started:.0f} s")
     if args.plot:
-        from .plot import save_plot
-
-        print(save_plot(results, Path(args.plot)))
+        _plot(csv_path, args.plot)
     failed = [r for r in results if r.failed]
     if failed:
         print(f"fusedrl bench: {len(failed)} measurement(s) failed; see the note column", file=sys.stderr)
