@@ -6,9 +6,9 @@
 # Run from the repository root on the GPU machine (no internet). NAME is a case module of
 # fusedrl/bench/cases (e.g. diffusion_step: its tests are tests/test_NAME*.py and tests/test_bench.py),
 # `tests` (the build and the kernels' tests, no benchmark) or `all` (the kernels' tests, every op; the
-# default). Logs and results go to $OUT (default ./gpu_out), in six files (the device runner returns
+# default). Logs and results go to $OUT (default ./gpu_out), in five files (the device runner returns
 # only a few): summary.txt, env.txt (versions, install, CUDA extension build, `fusedrl info`),
-# tests.log, bench.log, bench.csv, bench.png (one part, with matplotlib).
+# tests.log, bench.log, bench.csv (charts: `fusedrl bench --from-csv bench.csv --plot DIR` back here).
 # Every step runs under `timeout`, sized so that the whole script ends within the budget (default
 # 420 s). A failing step does not stop the later ones; the exit status is non-zero when any failed.
 #
@@ -177,8 +177,6 @@ if [ "$PART" = tests ]; then
     exit 0
 fi
 
-PLOT_ARGS=()
-"$PY" -c "import matplotlib" 2>/dev/null && PLOT_ARGS=(--plot "$OUT/bench.png")
 # First pass: every provider but torch.compile (fusedrl's backends and the installed peers).
 if [ "$PART" = all ]; then
     for entry in "${BENCH_PLAN[@]}"; do
@@ -189,7 +187,7 @@ if [ "$PART" = all ]; then
     done
 else
     step bench_fused bench.log 45 12 "$PY" -m fusedrl bench "${OPS_ARGS[@]}" --no-compile \
-        --csv "$OUT/bench.csv" "${PLOT_ARGS[@]}" || FAILED+=("bench_fused")
+        --csv "$OUT/bench.csv" || FAILED+=("bench_fused")
 fi
 # The compile pass gets whatever time is left; running out of it is no failure (its rows so far are kept).
 step bench_compile bench.log 100 0 "$PY" -m fusedrl bench "${OPS_ARGS[@]}" --providers eager,compile \

@@ -41,7 +41,7 @@ class Size:
 
 
 SIZES = {
-    "tiny": Size(latent=32, layers=2, heads=2, batch=2, steps=4),
+    "tiny": Size(latent=32, layers=2, heads=2, batch=4, steps=4),
     "small": Size(latent=64, layers=4, heads=4, batch=2, steps=8),
 }
 
@@ -74,21 +74,27 @@ lat = D.denoise(policy, emb, schedule, x, grad_steps={k}, guidance_scale=1.0, ch
 
 
 def measure(ks: Sequence[int] = (1, 2, 4, 8), policies: Sequence[str] = ("full", "none"), size: Size | str = "small",
-            timeout: float = 600) -> list[dict]:
-    """Peak RSS growth (MB) of one reward-backprop step for each K and checkpointing policy; one row per pair."""
+            jobs: int = 1, timeout: float = 600) -> list[dict]:
+    """Peak RSS growth (MB) of one reward-backprop step for each K and checkpointing policy; one row per pair,
+    each measured in its own child process, `jobs` children at a time (each runs on one thread)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     size = SIZES[size] if isinstance(size, str) else size
     if max(ks) > size.steps:
         raise ValueError(f"K = {max(ks)} exceeds the {size.steps} sampling steps of this size")
     env = {"TRITON_INTERPRET": "0", "FUSEDRL_BACKEND": "torch", "OMP_NUM_THREADS": "1"}
-    rows = []
     setup = SETUP.format(size=json.dumps(asdict(size)))
-    for policy in policies:
-        for k in ks:
-            t0 = time.perf_counter()
-            mb = peak_growth_mb(setup, CALL.format(k=k, policy=policy), env, timeout=timeout)
-            rows.append({"k": k, "checkpointing": policy, "peak_growth_mb": round(mb, 2),
-                         "seconds": round(time.perf_counter() - t0, 2), **asdict(size)})
-    return rows
+    pairs = [(policy, k) for policy in policies for k in ks]
+
+    def one(pair: tuple[str, int]) -> dict:
+        policy, k = pair
+        t0 = time.perf_counter()
+        mb = peak_growth_mb(setup, CALL.format(k=k, policy=policy), env, timeout=timeout)
+        return {"k": k, "checkpointing": policy, "peak_growth_mb": round(mb, 2),
+                "seconds": round(time.perf_counter() - t0, 2), **asdict(size)}
+
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        return list(pool.map(one, pairs))
 
 
 def format_table(rows: Sequence[dict]) -> str:
@@ -125,9 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", choices=sorted(SIZES), default="small", help="model and batch size")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8], help="values of K")
     parser.add_argument("--policies", nargs="+", default=["full", "none"], help="checkpointing policies")
+    parser.add_argument("--jobs", type=int, default=1, help="child processes at a time (peaks are per process)")
     parser.add_argument("--csv", type=Path, help="append the rows to this CSV")
     args = parser.parse_args(argv)
-    rows = measure(args.k, args.policies, args.size)
+    rows = measure(args.k, args.policies, args.size, jobs=args.jobs)
     print(format_table(rows))
     if args.csv:
         print(f"rows appended to {write_csv(rows, args.csv)}")
