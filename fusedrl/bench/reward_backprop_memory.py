@@ -5,8 +5,9 @@ The step is `engine.diffusion.differentiable`'s: S denoising steps of an SD3-sha
 config, random weights, LoRA), the last K with gradient, each checkpointed with `checkpointing` ("none": every
 activation kept), the VAE decode checkpointed in every case (so the only difference is the denoiser steps),
 then the mean pixel value as the reward and backward. The child first runs one full sampling pass without
-gradient, so the peak it reports grows only by what the gradient graph holds: about one step's activations
-(the recompute) for a checkpointed step, whatever K is, and K steps' activations without checkpointing.
+gradient (warm-up), resets its peak, and reports how far the step lifts its peak above its resident memory:
+the step's transient working memory plus what the gradient graph holds, i.e. about one step's activations
+(the recompute) for a checkpointed step whatever K is, and K steps' activations without checkpointing.
 
     python benchmarks/bench_reward_backprop_memory.py --csv benchmarks/results/reward_backprop_memory_cpu.csv
 """
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .rss import peak_growth_mb
+from .rss import peak_growth_mb as _ru_maxrss_growth_mb
 
 __all__ = ["SIZES", "Size", "format_table", "main", "measure", "write_csv"]
 
@@ -41,7 +42,7 @@ class Size:
 
 
 SIZES = {
-    "tiny": Size(latent=32, layers=2, heads=2, batch=4, steps=4),
+    "tiny": Size(latent=32, layers=4, heads=4, batch=4, steps=4),
     "small": Size(latent=64, layers=4, heads=4, batch=2, steps=8),
 }
 
@@ -73,6 +74,54 @@ lat = D.denoise(policy, emb, schedule, x, grad_steps={k}, guidance_scale=1.0, ch
 """
 
 
+# rss.py's child reads ru_maxrss, which a fork+exec'd child inherits from the image it was forked from: under a
+# parent bigger than the child's own peak (a pytest process that has loaded models) every growth reads 0. Where
+# Linux allows it, this child resets its peak (VmHWM, `echo 5 > /proc/self/clear_refs`) after the setup and
+# reads VmHWM after the call; elsewhere it falls back to rss.py's measurement.
+_CHILD = r"""
+import json, sys
+import torch
+spec = json.loads(sys.argv[1])
+torch.manual_seed(0)
+exec(spec["setup"])
+
+def hwm_kb():
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")
+before = hwm_kb()
+exec(spec["call"])
+after = hwm_kb()
+print(json.dumps({"peak_growth_kb": after - before, "peak_kb": after}))
+"""
+
+
+def _clear_refs_works() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        with open("/proc/self/status") as fh:
+            return any(line.startswith("VmHWM:") for line in fh)
+    except OSError:
+        return False
+
+
+def peak_growth_mb(setup: str, call: str, env: dict[str, str] | None = None, timeout: float = 600) -> float:
+    """MB by which the peak RSS of a fresh process grows while `call` runs (after `setup`)."""
+    import subprocess
+    import sys
+
+    if not _clear_refs_works():
+        return _ru_maxrss_growth_mb(setup, call, env, timeout)
+    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps({"setup": setup, "call": call})],
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    if proc.returncode != 0:
+        raise RuntimeError(f"the measuring process failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_growth_kb"] / 1024
+
+
 def measure(ks: Sequence[int] = (1, 2, 4, 8), policies: Sequence[str] = ("full", "none"), size: Size | str = "small",
             jobs: int = 1, timeout: float = 600) -> list[dict]:
     """Peak RSS growth (MB) of one reward-backprop step for each K and checkpointing policy; one row per pair,
@@ -82,7 +131,11 @@ def measure(ks: Sequence[int] = (1, 2, 4, 8), policies: Sequence[str] = ("full",
     size = SIZES[size] if isinstance(size, str) else size
     if max(ks) > size.steps:
         raise ValueError(f"K = {max(ks)} exceeds the {size.steps} sampling steps of this size")
-    env = {"TRITON_INTERPRET": "0", "FUSEDRL_BACKEND": "torch", "OMP_NUM_THREADS": "1"}
+    # glibc's malloc keeps freed blocks below its (growing) mmap threshold in the heap, so a freed activation
+    # can hide behind the RSS of the next one or not: a fixed 64 KiB threshold maps every large tensor on its
+    # own and unmaps it when freed, so the peak RSS follows the peak of live tensors.
+    env = {"TRITON_INTERPRET": "0", "FUSEDRL_BACKEND": "torch", "OMP_NUM_THREADS": "1",
+           "MALLOC_MMAP_THRESHOLD_": "65536"}
     setup = SETUP.format(size=json.dumps(asdict(size)))
     pairs = [(policy, k) for policy in policies for k in ks]
 
