@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .rss import peak_growth_mb as _ru_maxrss_growth_mb
+from .rss import peak_growth_mb
 
 __all__ = ["SIZES", "Size", "format_table", "main", "measure", "write_csv"]
 
@@ -72,54 +72,6 @@ CALL = """
 lat = D.denoise(policy, emb, schedule, x, grad_steps={k}, guidance_scale=1.0, checkpointing={policy!r})
 (-D.decode(policy, lat, checkpointing="full").mean()).backward()
 """
-
-
-# rss.py's child reads ru_maxrss, which a fork+exec'd child inherits from the image it was forked from: under a
-# parent bigger than the child's own peak (a pytest process that has loaded models) every growth reads 0. Where
-# Linux allows it, this child resets its peak (VmHWM, `echo 5 > /proc/self/clear_refs`) after the setup and
-# reads VmHWM after the call; elsewhere it falls back to rss.py's measurement.
-_CHILD = r"""
-import json, sys
-import torch
-spec = json.loads(sys.argv[1])
-torch.manual_seed(0)
-exec(spec["setup"])
-
-def hwm_kb():
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
-
-with open("/proc/self/clear_refs", "w") as fh:
-    fh.write("5")
-before = hwm_kb()
-exec(spec["call"])
-after = hwm_kb()
-print(json.dumps({"peak_growth_kb": after - before, "peak_kb": after}))
-"""
-
-
-def _clear_refs_works() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        with open("/proc/self/status") as fh:
-            return any(line.startswith("VmHWM:") for line in fh)
-    except OSError:
-        return False
-
-
-def peak_growth_mb(setup: str, call: str, env: dict[str, str] | None = None, timeout: float = 600) -> float:
-    """MB by which the peak RSS of a fresh process grows while `call` runs (after `setup`)."""
-    import subprocess
-    import sys
-
-    if not _clear_refs_works():
-        return _ru_maxrss_growth_mb(setup, call, env, timeout)
-    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps({"setup": setup, "call": call})],
-                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
-    if proc.returncode != 0:
-        raise RuntimeError(f"the measuring process failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_growth_kb"] / 1024
 
 
 def measure(ks: Sequence[int] = (1, 2, 4, 8), policies: Sequence[str] = ("full", "none"), size: Size | str = "small",
