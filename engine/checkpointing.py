@@ -13,47 +13,71 @@ Policies (`POLICIES`):
 - "none": no checkpointing; `fn` runs as is.
 - "full": plain non-reentrant `torch.utils.checkpoint`: only the region's inputs are kept, every op
   reruns in backward.
-- "save_attention": selective activation checkpointing (`create_selective_checkpoint_contexts`): the
-  outputs of the fused attention ops (`ATTENTION_OPS`: SDPA's flash / efficient / cuDNN / CPU-flash
+- "save_attention": non-reentrant checkpointing whose `context_fn` (`attention_stash.contexts`) gives the
+  region an attention stash, with no dispatch mode: in the forward each attention call of the region
+  runs as usual and stashes (out, lse) - detached aliases, no copy; in the recompute each one returns its
+  stashed pair through the same autograd.Function instead of running the attention forward, and the
+  backward calls the attention backward op. Everything else is recomputed. Served: calls of
+  `F.scaled_dot_product_attention` (swapped while a region is active, so diffusers' AttnProcessor2_0,
+  transformers' sdpa attention and nn.MultiheadAttention are seen; SDPA's own fused kernel runs, the one
+  SDPA would choose, so outputs and gradients equal the stock SDPA's bit for bit) and
+  `fusedrl.kernels.flash_attention` (its Triton path; its torch path calls SDPA). See
+  `fusedrl.engine.attention_stash` for which SDPA inputs are served; the others are recomputed as under
+  "full". Regions nest (the innermost one owns a call; a nested region of another policy keeps its
+  calls to itself) and are per thread. Under torch.compile, or once `register_attention_op` has
+  registered an op, "save_attention" runs on SAC instead, as "save_attention_and_matmuls" does.
+- "save_attention_and_matmuls": selective activation checkpointing (`create_selective_checkpoint_contexts`):
+  the outputs of the fused attention ops (`ATTENTION_OPS`: SDPA's flash / efficient / cuDNN / CPU-flash
   backends, `aten._flash_attention_forward`, `aten._efficient_attention_forward`,
   `torch.ops.fusedrl.flash_attention_fwd`, flash-attn's `torch.ops.flash_attn._flash_attn_forward` /
-  `_flash_attn_varlen_forward`, FlashAttention-3's `torch.ops.flash_attn_3.fwd`) are saved
-  (`CheckpointPolicy.MUST_SAVE`); every other op is recomputed (`PREFER_RECOMPUTE`).
-- "save_attention_and_matmuls": also saves the outputs of the matmuls (`MATMUL_OPS`: aten.mm, addmm,
-  bmm, baddbmm, ...), so backward recomputes only the cheap elementwise ops and norms.
+  `_flash_attn_varlen_forward`, FlashAttention-3's `torch.ops.flash_attn_3.fwd`) and of the matmuls
+  (`MATMUL_OPS`: aten.mm, addmm, bmm, baddbmm, ...) are saved (`CheckpointPolicy.MUST_SAVE`), so backward
+  recomputes only the cheap elementwise ops and norms.
 - "offload": no recompute; every tensor saved for backward is copied to pinned CPU memory during the
   forward and back in backward (`torch.autograd.graph.save_on_cpu`, except that tensors already on
   the CPU and parameters - or views of them - stay where they are, since copying them saves nothing).
+- a callable `policy_fn(ctx, op, *args, **kwargs) -> CheckpointPolicy`: SAC with that policy.
 
-Ops are matched by name (`op._schema.name`), so nothing is resolved at import and ops registered
+SAC ops are matched by name (`op._schema.name`), so nothing is resolved at import and ops registered
 later (fusedrl's attention op, flash-attn imported after fusedrl) are recognised when they run.
 `register_attention_op("ns::name")` adds another attention op.
 
 Caveats, by design:
 - SDPA's math backend (on the CPU: attention dropout; on CUDA: an attn_mask that requires grad, or a
   head dim / dtype no fused backend takes; anywhere: `sdpa_kernel(SDPBackend.MATH)`) decomposes into
-  bmm / softmax / bmm with no attention op to save. Saving its [N, N] probabilities would give back
+  bmm / softmax / bmm with no log-sum-exp to save. Saving its [N, N] probabilities would give back
   most of the memory that checkpointing exists to save, so "save_attention" recomputes it there,
-  exactly like "full", and warns once (the math path is recognised by `aten._safe_softmax`, which
-  only SDPA's math backend calls). Hand-written attention (`softmax(q @ k.T) @ v`) is likewise
+  exactly like "full", and warns once. Hand-written attention (`softmax(q @ k.T) @ v`) is likewise
   recomputed, without a warning. "save_attention_and_matmuls" saves the math path's two bmm outputs,
   the [N, N] scores included.
-- An attention call with dropout (`dropout_p > 0`) draws random numbers inside the op; a saved op does
-  not run in recompute, which would shift the RNG stream that later random ops of the region replay.
-  Such calls are recomputed instead, so the recompute stays bit-identical to the forward.
+- An attention call with dropout (`dropout_p > 0`) draws random numbers; a saved call does not run in
+  recompute, which would shift the RNG stream that later random ops of the region replay. Such calls
+  are recomputed instead, so the recompute stays bit-identical to the forward.
 - RNG state is stashed and restored as `torch.utils.checkpoint` does (`preserve_rng_state=True`), so
   dropout masks drawn in recompute equal the forward's.
-- flash-attn < 2.7 calls its CUDA extension outside the dispatcher; those calls cannot be saved and
-  are recomputed.
+- "save_attention" does not see flash-attn's functions or attention called through a name bound at import
+  (`from torch.nn.functional import scaled_dot_product_attention`): those calls are recomputed. SAC sees
+  flash-attn >= 2.7's ops; flash-attn < 2.7 calls its CUDA extension outside the dispatcher, and those
+  calls are recomputed under every policy.
+- The stash is not routed through an enclosing `saved_tensors_hooks` (e.g. `save_on_cpu`); SAC's saved
+  outputs are (`respect_saved_tensors_hooks`).
 
-Cost: the selective policies run the region under PyTorch's two SAC dispatch modes (forward and
-recompute), a Python call per aten op: measured ~20 us of host time per op and pass (a 28-op block,
-torch 2.14, one core of a 2-core Xeon VM) on top of "full". On a GPU it is hidden where the ops are
-large (a DiT block over 4096 tokens: ~60 us per matmul) and shows where they are small (a ViT over 257
-tokens at batch 1): choose the policy per submodule (`apply_checkpointing` on each), or use
-torch.compile, under which SAC only marks graph nodes and costs nothing per call.
+Cost (host time): "save_attention" adds per region and pass two context-manager calls and a refcounted
+swap of one module attribute, and per served attention call a Python wrapper, `torch._fused_sdp_choice`
+and an autograd.Function - nothing per other op. Measured with `python -m fusedrl.bench.cases.checkpointing
+--host` (72 regions of one attention call each, every op tiny, one thread of a loaded 2-core VM):
+~0.2 ms per region over "full", against ~2.6 ms per region for the same policy on SAC. The SAC policies
+("save_attention_and_matmuls", callables) run the region under PyTorch's two SAC dispatch modes (forward
+and recompute), a Python call per aten op: measured ~20 us of host time per op and pass (a 28-op block,
+torch 2.14, one core of a 2-core Xeon VM) on top of "full". On a GPU it is hidden where the ops are large
+(a DiT block over 4096 tokens: ~60 us per matmul) and shows where they are small (a ViT over 257 tokens
+at batch 1): choose the policy per submodule (`apply_checkpointing` on each), or use torch.compile, under
+which SAC only marks graph nodes and costs nothing per call.
 
-Equivalent PyTorch ("save_attention"):
+Memory: "save_attention" holds, beyond "full", each attention call's out and lse (for SDPA's CUDA kernels
+also their RNG seed / offset scalars) until the region's backward is done.
+
+Equivalent PyTorch ("save_attention", up to the stash): SAC with the attention ops saved,
     ops = [torch.ops.aten._scaled_dot_product_flash_attention.default, ...]
     torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False,
         context_fn=functools.partial(create_selective_checkpoint_contexts, ops))
@@ -64,13 +88,14 @@ from __future__ import annotations
 import functools
 import inspect
 import threading
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from . import attention_stash
 
 __all__ = [
     "ATTENTION_OPS",
@@ -115,7 +140,6 @@ _DROPOUT_ARGS = ("dropout_p", "p_dropout")
 
 _extra_attention_ops: set[str] = set()
 _lock = threading.Lock()
-_math_warned = False
 
 # Kinds of op, as the policy functions classify them (memoized per OpOverload).
 _OTHER, _ATTENTION, _MATMUL, _MATH_SOFTMAX = range(4)
@@ -124,7 +148,10 @@ _op_kinds: dict[Any, tuple[int, int | None]] = {}
 
 def register_attention_op(name: str) -> None:
     """Treat the op named `name` ("namespace::op", e.g. "mylib::attn_fwd") as an attention op whose
-    outputs "save_attention" keeps. Its outputs must be what its backward needs besides its inputs."""
+    outputs "save_attention" keeps. Its outputs must be what its backward needs besides its inputs.
+
+    A stash cannot replay an arbitrary op without a dispatch mode: once an op is registered,
+    "save_attention" runs on SAC (per-op host cost, see the module docstring) for the rest of the process."""
     if not isinstance(name, str) or "::" not in name:
         raise ValueError(f"name must be 'namespace::op_name' (as in the op's schema), got {name!r}")
     with _lock:
@@ -168,20 +195,8 @@ def _has_dropout(op, dropout_at: int | None, args: tuple, kwargs: dict) -> bool:
     return isinstance(value, (int, float)) and value > 0
 
 
-def _warn_math_attention() -> None:
-    global _math_warned
-    if _math_warned:
-        return
-    _math_warned = True
-    warnings.warn(
-        "fusedrl checkpointing: SDPA ran its math backend (bmm + softmax, no fused attention op) inside a "
-        "'save_attention' region, so that attention is recomputed in backward as under 'full' (saving its "
-        "[N, N] probabilities would undo the memory saving). Use a fused backend (no dropout on CPU, no "
-        "attn_mask that requires grad, fp16/bf16 on CUDA) or fusedrl.kernels.flash_attention. "
-        "This warning is shown once.",
-        RuntimeWarning,
-        stacklevel=2,
-    )
+# One warning for both implementations (SAC here, the stash in attention_stash).
+_warn_math_attention = attention_stash._warn_math_attention
 
 
 def _sac_policy(save_matmuls: bool) -> Callable:
@@ -276,10 +291,12 @@ def checkpoint(fn: Callable, *args: Any, policy: str | Callable = "save_attentio
     Returns: what `fn` returns. With grad disabled (or policy "none") `fn` simply runs.
 
     Equivalent PyTorch: `torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False,
-    context_fn=partial(create_selective_checkpoint_contexts, policy_fn), **kwargs)` ("full": no
-    context_fn; "offload": `with torch.autograd.graph.save_on_cpu(pin_memory=True): fn(*args)`).
-    The "policy" and "preserve_rng_state" keywords (and torch.utils.checkpoint's own: "debug",
-    "determinism_check", "early_stop", ...) are not passed on to `fn`.
+    context_fn=partial(create_selective_checkpoint_contexts, policy_fn), **kwargs)` ("save_attention":
+    `context_fn=attention_stash.contexts`, no dispatch mode; "full": no context_fn; "offload":
+    `with torch.autograd.graph.save_on_cpu(pin_memory=True): fn(*args)`).
+    The "policy" and "preserve_rng_state" keywords (and torch.utils.checkpoint's own: "determinism_check",
+    "early_stop", ...) are not passed on to `fn`; "debug=True" works with "full" and "offload" only (torch
+    refuses it with a context_fn).
     """
     policy = _validate_policy(policy)
     if policy == "none" or not torch.is_grad_enabled():
@@ -288,15 +305,68 @@ def checkpoint(fn: Callable, *args: Any, policy: str | Callable = "save_attentio
         with _offload_hooks():
             return fn(*args, **kwargs)
     options: dict[str, Any] = {}
-    if policy != "full":
+    # Under torch.compile the selective policies run on SAC, which there only marks graph nodes (no
+    # per-op cost) and which the compiler requires of a context_fn; nothing thread-local is touched.
+    compiling = _compiling()
+    if policy == "save_attention" and not compiling and not _extra_attention_ops:
+        options["context_fn"] = attention_stash.contexts
+    elif policy == "full":
+        if not compiling and attention_stash.active():
+            # nested in a save_attention region: keep its attention calls out of that region's stash
+            options["context_fn"] = attention_stash.blocker_contexts
+    else:
         policy_fn = _POLICY_FNS[policy] if isinstance(policy, str) else policy
-        options["context_fn"] = functools.partial(create_selective_checkpoint_contexts, policy_fn)
+        sac = functools.partial(create_selective_checkpoint_contexts, policy_fn)
+        options["context_fn"] = _with_blocker(sac) if not compiling and attention_stash.active() else sac
         if _checkpoint_accepts_respect_hooks():
             # Route the tensors that SAC saves through the caller's saved-tensors hooks (e.g. an outer
             # save_on_cpu), as autograd's own saved tensors are; torch will default to this later.
             options["respect_saved_tensors_hooks"] = True
     return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False,
                                              preserve_rng_state=preserve_rng_state, **options, **kwargs)
+
+
+def _compiling() -> bool:
+    """Under torch.compile (dynamo), or under AOTAutograd / export tracing (a proxy dispatch mode is active:
+    the test torch.utils.checkpoint makes before it requires dispatch modes of a context_fn)."""
+    if torch.compiler.is_compiling():
+        return True
+    try:
+        return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
+    except AttributeError:  # a torch without that query
+        return False
+
+
+class _Both:
+    """Enters two context managers (SAC's dispatch mode, then a stash blocker), exits them in reverse."""
+
+    def __init__(self, first, second) -> None:
+        self.first, self.second = first, second
+
+    def __enter__(self):
+        self.first.__enter__()
+        try:
+            self.second.__enter__()
+        except BaseException:
+            self.first.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        try:
+            self.second.__exit__(*exc)
+        finally:
+            self.first.__exit__(*exc)
+        return False
+
+
+def _with_blocker(sac_context_fn: Callable) -> Callable:
+    def context_fn():
+        fwd, rec = sac_context_fn()
+        block_fwd, block_rec = attention_stash.blocker_contexts()
+        return _Both(fwd, block_fwd), _Both(rec, block_rec)
+
+    return context_fn
 
 
 # ---- modules -------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """fusedrl.engine.checkpointing: which forward ops rerun in backward under each policy (counted with a
 TorchDispatchMode during loss.backward()), gradients equal to no checkpointing, RNG replay, offload,
-the module wrapper, and the bytes each policy holds for backward."""
+the module wrapper, and the bytes each policy holds for backward. The save_attention stash itself
+(nesting, threads, fallbacks, mismatches, third-party blocks) is tested in test_checkpointing_stash.py."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import CheckpointPolicy
 
+from fusedrl.engine import attention_stash
 from fusedrl.engine import checkpointing as ckpt
 
 CPU_FLASH = "aten::_scaled_dot_product_flash_attention_for_cpu"
@@ -162,7 +164,7 @@ def test_attention_with_dropout_is_recomputed_not_saved():
 
 def test_math_backend_is_recomputed_with_one_warning(model_x, monkeypatch):
     """SDPA's math backend has no attention op: save_attention recomputes it (as full) and says so once."""
-    monkeypatch.setattr(ckpt, "_math_warned", False)
+    monkeypatch.setattr(attention_stash, "_math_warned", False)
     model, x = model_x
     with sdpa_kernel(SDPBackend.MATH):
         _, none, ref = run(model, x, "none")
@@ -179,7 +181,7 @@ def test_math_backend_is_recomputed_with_one_warning(model_x, monkeypatch):
 
 
 def test_math_backend_with_matmuls_saves_the_bmms(model_x, monkeypatch):
-    monkeypatch.setattr(ckpt, "_math_warned", True)
+    monkeypatch.setattr(attention_stash, "_math_warned", True)
     model, x = model_x
     with sdpa_kernel(SDPBackend.MATH):
         _, none, ref = run(model, x, "none")
@@ -263,7 +265,9 @@ def _test_attn_backward(ctx, dout, dlse):
 _test_attn.register_autograd(_test_attn_backward, setup_context=_test_attn_setup)
 
 
-def test_registered_custom_attention_op():
+def test_registered_custom_attention_op(monkeypatch):
+    """A registered op is saved by name: "save_attention" then runs on SAC (see register_attention_op)."""
+    monkeypatch.setattr(ckpt, "_extra_attention_ops", set())  # the registration ends with the test
     ckpt.register_attention_op("fusedrl_ckpt_test::attn")
     torch.manual_seed(0)
     model = Model(depth=2, attention=lambda q, k, v: _test_attn(q, k, v)[0])
@@ -314,30 +318,43 @@ def test_offload_moves_cuda_activations_to_pinned_cpu(monkeypatch):
     assert_same_grads(got, ref)
 
 
-def held_bytes(model, x, policy) -> int:
-    """Bytes of the distinct storages saved for backward (inputs and parameters excluded)."""
-    saved = []
+def held_bytes(model, x, policy, monkeypatch) -> int:
+    """Bytes of the distinct storages held for backward (inputs and parameters excluded): the tensors
+    saved through the caller's saved-tensors hooks (autograd's, and SAC's) and the save_attention stash."""
+    saved, regions = [], []
 
     def pack(t):
         saved.append(t)
         return t
 
+    class Recorded(attention_stash.Region):
+        def __init__(self):
+            super().__init__()
+            regions.append(self)
+
+    monkeypatch.setattr(attention_stash, "Region", Recorded)
     x = x.detach().requires_grad_()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = ckpt.checkpoint(model, x, policy=policy)
     skip = {t.untyped_storage().data_ptr() for t in [x, *model.parameters()]}
     held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+    for region in regions:
+        for entry in region.entries:
+            for t in (entry.out, entry.lse):
+                if t is not None:
+                    held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     y.sum().backward()
     return sum(n for ptr, n in held.items() if ptr not in skip)
 
 
-def test_saved_bytes_order(model_x):
+def test_saved_bytes_order(model_x, monkeypatch):
     """What each policy keeps between forward and backward (SAC routes its saved tensors through the
-    caller's saved-tensors hooks): none > save_attention_and_matmuls > save_attention > full."""
+    caller's saved-tensors hooks; save_attention's stash is counted directly):
+    none > save_attention_and_matmuls > save_attention > full."""
     if not ckpt._checkpoint_accepts_respect_hooks():
         pytest.skip("this torch's checkpoint has no respect_saved_tensors_hooks: SAC's saves are invisible")
     model, x = model_x
-    got = {policy: held_bytes(model, x, policy) for policy in ("none", "save_attention_and_matmuls",
+    got = {policy: held_bytes(model, x, policy, monkeypatch) for policy in ("none", "save_attention_and_matmuls",
                                                                 "save_attention", "full")}
     assert got["none"] > got["save_attention_and_matmuls"] > got["save_attention"] > got["full"] == 0, got
     # save_attention keeps per attention call O [B, N, D] and the fp32 LSE [B, H, N]: 2 blocks.

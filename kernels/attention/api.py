@@ -29,6 +29,13 @@ def _supports(tensors, backend: dispatch.Backend) -> str | None:
     return None
 
 
+# The checkpointing hook: None, except while a "save_attention" region of `fusedrl.engine.checkpointing` is
+# active on some thread (kernels never import engine; the engine sets and clears it). Called instead of
+# `FlashAttention.apply` on the Triton path as hook(q, k, v, key_padding_mask, causal, scale, backend) ->
+# (out, lse), or None to let the call run as usual; it records the call's (out, lse) in the region's forward
+# and replays them through `FlashAttention.apply(..., saved=(out, lse))` in its recompute.
+checkpoint_hook = None
+
 SPEC = dispatch.register_op(dispatch.OpSpec(name="flash_attention",
                                             backends=(dispatch.Backend.TORCH, dispatch.Backend.TRITON),
                                             supports=_supports))
@@ -154,5 +161,8 @@ def flash_attention(
         out, lse = attention_torch(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
                                    return_lse=return_lse)
     else:
-        out, lse = FlashAttention.apply(q, k, v, key_padding_mask, causal, scale, backend.value)
+        hook = checkpoint_hook
+        served = None if hook is None else hook(q, k, v, key_padding_mask, causal, scale, backend.value)
+        out, lse = served if served is not None else FlashAttention.apply(q, k, v, key_padding_mask, causal, scale,
+                                                                          backend.value)
     return (out, lse) if return_lse else out

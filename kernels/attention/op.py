@@ -4,7 +4,9 @@
 
 The forward op's name is part of the contract: a selective activation-checkpointing policy saves the
 outputs of `torch.ops.fusedrl.flash_attention_fwd` by that name (out and the fp32 lse are all that the
-backward needs besides q, k, v), so recomputation never reruns the attention forward.
+backward needs besides q, k, v), so recomputation never reruns the attention forward. The engine's
+"save_attention" policy does the same without a dispatch mode, through `FlashAttention`'s `saved`
+argument (replay) and `api.checkpoint_hook`.
 
 Layout: q [B, Hq, Nq, D], k / v [B, Hkv, Nkv, D], any strides (a non-unit stride of the head dim is
 made contiguous first); key_padding_mask [B, Nkv] bool or None. Outputs are contiguous: out [B, Hq,
@@ -158,12 +160,21 @@ def _(dout, q, k, v, out, lse, dlse, key_padding_mask, causal, scale, backend):
 
 
 class FlashAttention(torch.autograd.Function):
-    """(q, k, v, key_padding_mask, causal, scale, backend) -> (out, lse); differentiable in q, k, v
-    through out and lse both (a gradient reaching lse enters the backward as delta -= dlse)."""
+    """(q, k, v, key_padding_mask, causal, scale, backend[, saved]) -> (out, lse); differentiable in q, k, v
+    through out and lse both (a gradient reaching lse enters the backward as delta -= dlse).
+
+    saved: the replay entry point of activation checkpointing ("save_attention" in
+    `fusedrl.engine.checkpointing`): the (out, lse) of an earlier call with the same inputs, returned (as
+    new aliases) instead of running the forward kernel. The node then saves exactly what a computed call
+    saves (q, k, v, out, lse, key_padding_mask, in that order), which non-reentrant checkpointing requires
+    of a recompute: it matches the recomputed saved tensors to the forward's by position."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, causal, scale, backend):
-        out, lse = flash_attention_fwd(q, k, v, key_padding_mask, causal, scale, backend)
+    def forward(ctx, q, k, v, key_padding_mask, causal, scale, backend, saved=None):
+        if saved is None:
+            out, lse = flash_attention_fwd(q, k, v, key_padding_mask, causal, scale, backend)
+        else:
+            out, lse = saved[0].detach(), saved[1].detach()
         ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
         ctx.args = (causal, scale, backend)
         ctx.set_materialize_grads(False)
@@ -173,10 +184,10 @@ class FlashAttention(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
         if dout is None and dlse is None:
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv = flash_attention_bwd(dout, q, k, v, out, lse, dlse, key_padding_mask, *ctx.args)
         need = ctx.needs_input_grad
         return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
-                None, None, None, None)
+                None, None, None, None, None)

@@ -34,9 +34,14 @@ What to expect (arithmetic, not measured): save_attention holds, beyond full, ea
 [B, N, d] and fp32 LSE [B, H, N] - about one block input per call, ~0.48 GB at default sizes (48
 denoiser calls x 9.7 MB + 24 reward calls x 0.54 MB), next to full's ~0.47 GB of block inputs, 0.38 GB
 of denoiser gradients and one block's backward; so its peak ratio to full depends on those other terms.
-The selective policies also cost host time per aten op (see fusedrl.engine.checkpointing, "Cost"),
-shown in the host ms column; GPU medians exclude it. On the CPU the peak column is the runner's
-saved-tensor estimate, which does not see the tensors that "offload" packs with its own hooks.
+Host time (see fusedrl.engine.checkpointing, "Cost"): "save_attention" runs without a dispatch mode (its
+stash costs a few microseconds per region and per attention call), "save_attention_and_matmuls" on
+PyTorch's selective checkpointing, a Python call per aten op and pass; the host ms column shows it, GPU
+medians exclude it. `--host` prints the host time per step at a size where every op is tiny ("host":
+the default's block counts at width 32 over 16 tokens, fp32 on the CPU), the old SAC implementation of
+save_attention included ("save_attention_sac"). On the CPU the peak column is the runner's saved-tensor
+estimate, which sees neither the tensors that "offload" packs with its own hooks nor save_attention's
+stash (held by the checkpoint, outside autograd's saved tensors): there it reads as full's.
 
 flops: the model FLOPs of the step without recompute, 3x the forward's matmul and attention FLOPs
 (attention forward: 4 B N^2 d per call), so `achieved` is useful TFLOP/s: recompute lowers it.
@@ -48,12 +53,15 @@ from __future__ import annotations
 
 import argparse
 import functools
+import statistics
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fusedrl.engine import checkpointing as _checkpointing
 from fusedrl.engine.checkpointing import apply_checkpointing, iter_wrappers
 
 from ..providers import Impl
@@ -92,6 +100,9 @@ SIZES = {
                     heads_vit=16, vit_depth=24),
     "small": Size(batch=1, tokens=64, d_dit=64, heads_dit=2, dit_depth=2, steps=2, pool=4, d_vit=64, heads_vit=2,
                   vit_depth=2),
+    # the default's block and attention-call counts with tiny ops: the step time is host time (`--host`)
+    "host": Size(batch=1, tokens=16, d_dit=32, heads_dit=2, dit_depth=12, steps=4, pool=4, d_vit=32, heads_vit=2,
+                 vit_depth=24),
 }
 
 
@@ -274,6 +285,47 @@ def cases(config: CaseConfig) -> list[Case]:
     return found
 
 
+HOST_POLICIES = ("none", "full", "save_attention", "save_attention_sac")
+
+
+def _policy(name: str):
+    """A policy by name; "save_attention_sac" is save_attention's policy function on PyTorch's selective
+    checkpointing (its implementation before the stash), for the host-time comparison."""
+    return _checkpointing._POLICY_FNS["save_attention"] if name == "save_attention_sac" else name
+
+
+def host_overhead(size: str = "host", rounds: int = 30, warmup: int = 3, op: str = "reward_backprop_sdpa",
+                  policies: tuple[str, ...] = HOST_POLICIES) -> dict[str, float]:
+    """Median CPU ms of one step (forward + torch.autograd.grad) per policy at `size`, fp32 on the CPU.
+    Policies alternate within each round, so that drift (other load, clocks) reaches them alike."""
+    s = SIZES[size]
+    device = torch.device("cpu")
+    model = build(s, ATTENTION[op], torch.float32, device)
+    x0 = torch.randn(s.batch, s.tokens, s.d_dit)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        return torch.autograd.grad(model(x0), params)
+
+    times: dict[str, list[float]] = {name: [] for name in policies}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # host work is one thread; intra-op threads only wait on ops this small
+    try:
+        for name in policies:
+            set_policy(model, _policy(name))
+            for _ in range(warmup):
+                step()
+        for _ in range(rounds):
+            for name in policies:
+                set_policy(model, _policy(name))
+                t0 = time.perf_counter()
+                step()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    finally:
+        torch.set_num_threads(threads)
+    return {name: statistics.median(ms) for name, ms in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print, per policy, step time and peak memory, the attention-forward share and the target check."""
     from ..runner import DEFAULT_REPS, WARMUP, _device
@@ -285,7 +337,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--op", default="reward_backprop_sdpa", choices=tuple(ATTENTION))
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--policies", default="none,full,save_attention")
+    parser.add_argument("--host", action="store_true",
+                        help="only the CPU host time per step of each policy at the 'host' size (tiny ops)")
     args = parser.parse_args(argv)
+    if args.host:
+        s = SIZES["host"]
+        ms = host_overhead(rounds=args.reps or 30, op=args.op)
+        calls = s.steps * s.dit_depth + s.vit_depth
+        print(f"{args.op} host size {s.shape} (fp32, CPU, 1 thread; {calls} checkpointed "
+              f"blocks and attention calls per step): ms per step (forward + backward)")
+        for name, value in ms.items():
+            extra = f"  (+{value - ms['full']:.2f} ms over full)" if "full" in ms and name != "full" else ""
+            print(f"  {name:<28} {value:10.2f} ms{extra}")
+        return 0
     device = _device(args.device)
     sizes = args.sizes or ("default" if device.type == "cuda" else "small")
     s, dtype = SIZES[sizes], torch.bfloat16 if device.type == "cuda" else torch.float32
