@@ -350,3 +350,19 @@ def test_bad_input_is_named(kwargs, error, match):
     q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
     with pytest.raises(error, match=match):
         flash_attention(q, k, v, **args)
+
+
+def test_sdpa_takes_hopper_calls_that_its_fast_paths_serve():
+    from fusedrl.kernels.attention.api import sdpa_is_faster
+    from fusedrl.kernels.tiles import DeviceLimits
+
+    h100, a100 = DeviceLimits((9, 0), 227 * 1024, 132), DeviceLimits((8, 0), 163 * 1024, 108)
+    plain = dict(return_lse=False, key_padding_mask_given=False, causal=False, Nq=4096, Nkv=4096)
+    assert sdpa_is_faster("cuda", torch.bfloat16, h100, **plain)
+    assert sdpa_is_faster("cuda", torch.float16, h100, **dict(plain, causal=True))
+    assert not sdpa_is_faster("cuda", torch.bfloat16, a100, **plain)  # not measured there: the kernels stay
+    assert not sdpa_is_faster("cuda", torch.float32, h100, **plain)
+    assert not sdpa_is_faster("cpu", torch.bfloat16, h100, **plain)
+    assert not sdpa_is_faster("cuda", torch.bfloat16, h100, **dict(plain, return_lse=True))  # SDPA returns no lse
+    assert not sdpa_is_faster("cuda", torch.bfloat16, h100, **dict(plain, key_padding_mask_given=True))
+    assert not sdpa_is_faster("cuda", torch.bfloat16, h100, **dict(plain, causal=True, Nkv=5000))  # bottom-right

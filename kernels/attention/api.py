@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
+from ..tiles import DeviceLimits, device_limits
 from . import reference, xformers_path
 from .op import FlashAttention
 from .triton_kernels import MAX_HEAD_DIM
@@ -27,6 +28,17 @@ def _supports(tensors, backend: dispatch.Backend) -> str | None:
     if any(t.dtype == torch.float64 for t in tensors):
         return "fp64 inputs run on the torch path (the kernels compute in fp32)"
     return None
+
+
+def sdpa_is_faster(device_type: str, dtype: torch.dtype, limits: DeviceLimits, *, return_lse: bool,
+                   key_padding_mask_given: bool, causal: bool, Nq: int, Nkv: int) -> bool:
+    """True where the auto-selected Triton kernels give way to the torch path (SDPA): CUDA fp16/bf16 on
+    Hopper or newer, when SDPA's own fast paths take the call (no lse wanted, no key padding mask, causal
+    only when square). There torch picks cuDNN's attention, which measured faster than these kernels on an
+    H200 (benchmarks/results/2026-11-27_H200_all_run1.csv: the Triton forward at 0.6-0.84x cuDNN's speed,
+    forward + backward at 0.43-0.78x). `FUSEDRL_BACKEND=triton` still forces the kernels."""
+    return (device_type == "cuda" and dtype in (torch.float16, torch.bfloat16) and limits.is_hopper_or_newer
+            and not return_lse and not key_padding_mask_given and (not causal or Nq == Nkv))
 
 
 # The checkpointing hook: None, except while a "save_attention" region of `fusedrl.engine.checkpointing` is
@@ -147,7 +159,9 @@ def flash_attention(
     torch (CPU, fp64, D > 256: on CUDA xformers' memory-efficient attention when it is installed and its
     C++ library loads, else SDPA with an explicit bottom-right mask; a chunked fp32 formula when lse is
     wanted). An auto-selected Triton that cannot serve the inputs falls back to torch; a forced
-    `FUSEDRL_BACKEND=triton` raises a RuntimeError that says why.
+    `FUSEDRL_BACKEND=triton` raises a RuntimeError that says why. On Hopper (sm_90+) CUDA fp16/bf16
+    calls that want no lse and pass no key padding mask take the torch path unless Triton is forced:
+    SDPA's cuDNN kernels measured faster there (`sdpa_is_faster`).
 
     Equivalent PyTorch (Hq == Hkv, no mask):
         p = torch.softmax(q.float() @ k.float().transpose(-1, -2) * scale, -1)
@@ -157,6 +171,12 @@ def flash_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     tensors = [q, k, v]
     backend = dispatch.select(SPEC, tensors)
+    if (backend is dispatch.Backend.TRITON and dispatch.forced_backend() is None
+            and sdpa_is_faster(q.device.type, q.dtype, device_limits(q.device), return_lse=return_lse,
+                               key_padding_mask_given=key_padding_mask is not None, causal=causal,
+                               Nq=q.shape[-2], Nkv=k.shape[-2])):
+        _say_once("CUDA fp16/bf16 on Hopper: SDPA (cuDNN) measured faster than the Triton kernels")
+        backend = dispatch.Backend.TORCH
     if backend is dispatch.Backend.TORCH:
         out, lse = attention_torch(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
                                    return_lse=return_lse)
