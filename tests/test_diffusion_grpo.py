@@ -1,0 +1,278 @@
+"""fusedrl.engine.diffusion.grpo (`fusedrl train diffusion-grpo`), fast parts: --help documents every option, a
+bad config fails before any model loads, one GRPO step on tiny SD1.5-, SD3- and Flux-shaped models with the
+on-policy ratio exactly 1 in fp32, off-policy updates under the clip, NaN/inf rewards and log-probs skipped with the
+weights and optimizer state untouched, the KL to the adapter-off reference, EMA, gradient checkpointing giving the
+same step, background rewards giving the same numbers, and the out-of-memory message."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from fusedrl.cli import main  # noqa: E402
+from fusedrl.engine.config import ConfigError, build_config, iter_fields  # noqa: E402
+from fusedrl.engine.diffusion import tiny_model_dir  # noqa: E402
+from fusedrl.engine.diffusion.grpo import (  # noqa: E402
+    DiffusionGRPOConfig,
+    DiffusionGRPOOutOfMemory,
+    GRPOTrainer,
+)
+
+FAMILIES = ("sd3", "sd", "flux")
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_models_grpo")
+    return {fam: tiny_model_dir(fam, root) for fam in FAMILIES}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    # The kernels' own tests run them under TRITON_INTERPRET=1 (80x slower than torch here: 20 s per step of the
+    # embedded default); the trainer's tests take the torch path, as CPU tensors do outside the test suite.
+    monkeypatch.setenv("FUSEDRL_BACKEND", "torch")
+    # The tiny models' ops are too small to share out; two threads spin-wait on a busy 2-core machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the interpreter's masked 1 / std of DDIM eta = 0 steps
+        yield
+    torch.set_num_threads(before)
+
+
+def _cfg(model: Path | None, **over) -> DiffusionGRPOConfig:
+    base = {"model.model": str(model) if model is not None else None, "prompts.per_step": 2,
+            "sampling.group_size": 2, "sampling.steps": 3, "sampling.micro_batch": 2, "optim.lr": 1e-2,
+            "run.seed": 7}
+    return build_config(DiffusionGRPOConfig, {**base, **over})
+
+
+def _snapshot(trainer: GRPOTrainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.params.items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------------------------ config and CLI
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "diffusion-grpo", "--help"])
+    assert info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.startswith("usage: fusedrl train diffusion-grpo") and "embedded default" in out
+    leaves = [fi for fi in iter_fields(DiffusionGRPOConfig) if not fi.is_section]
+    assert len(leaves) > 60
+    for fi in leaves:
+        assert fi.help, f"{fi.path} has no help text"
+        assert f"--{fi.path}" in out, f"--{fi.path} missing from --help"
+    for text in ("PPO clip range", "LoRA rank", "(default: 0.0001)", "--grpo.ema, --no-grpo.ema",
+                 "{none,full,save_attention,save_attention_and_matmuls,offload}"):
+        assert text in out
+
+
+def test_bad_config_fails_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    import fusedrl.engine.diffusion.policy as policy_mod
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config was validated")
+
+    monkeypatch.setattr(policy_mod, "load_policy", refuse)
+    out = tmp_path / "run"
+    rc = main(["train", "diffusion-grpo", "--out", str(out), "--sampling.group_size", "1", "--optim.lr", "-1",
+               "--reward.names", "brightnes", "--prompts.train", str(tmp_path / "missing.txt"),
+               "--grpo.clip_range", "0", "--model.model", str(tmp_path / "nope")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    for text in ("sampling.group_size: must be >= 2", "optim.lr: must be > 0; got -1.0", "reward.names:",
+                 "unknown reward(s) ['brightnes']", "prompts: train: the prompt file", "missing.txt",
+                 "grpo.clip_range: must be > 0", "model: model: the folder"):
+        assert text in err, text
+    assert not out.exists()
+
+
+def test_config_round_trips_and_rejects_unknown_keys():
+    cfg = build_config(DiffusionGRPOConfig, {"grpo": {"beta": 0.04}, "lora.rank": 4})
+    assert cfg.grpo.beta == 0.04 and cfg.lora.rank == 4 and cfg.reward.names == ["brightness"]
+    with pytest.raises(ConfigError, match=r"grpo.clip: unknown key; did you mean 'grpo.clip_range'"):
+        build_config(DiffusionGRPOConfig, {"grpo.clip": 0.1})
+    with pytest.raises(ConfigError, match=r"sampling: sde_window: must satisfy 0 <= start < end <= "
+                       r"sampling.steps = 10; got \[2, 20\]"):
+        build_config(DiffusionGRPOConfig, {"sampling.sde_window": [2, 20]})
+    with pytest.raises(ConfigError, match="reference_ema_decay is for full fine-tuning"):
+        build_config(DiffusionGRPOConfig, {"grpo.reference_ema_decay": 0.9})
+
+
+# ------------------------------------------------------------------------------------------------ the step
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_grpo_step_updates_lora_on_policy(tiny_dirs, family):
+    guidance = {"sd3": 2.0, "sd": 2.0, "flux": 3.5}[family]
+    cfg = _cfg(tiny_dirs[family], **{"sampling.guidance_scale": guidance, "grpo.beta": 0.05,
+                                     "grpo.timestep_fraction": 0.67})
+    trainer = GRPOTrainer(cfg)
+    assert trainer.policy.family == family and trainer.policy.has_lora
+    before = _snapshot(trainer)
+    m = trainer.train_step(1)
+    assert m["skipped"] == 0 and m["updates"] == 1 and m["trained_timesteps"] == 2
+    assert all(torch.isfinite(torch.tensor(v)) for v in m.values())
+    # the recorded log-probs equal the recomputed ones: one update per step, so every ratio is on policy
+    assert m["onpolicy_ratio_err"] <= 1e-5 and m["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert m["kl"] == pytest.approx(0.0, abs=1e-8)  # LoRA B starts at 0: the policy is the reference
+    after = _snapshot(trainer)
+    assert not _same(before, after)
+    assert all(n.startswith("denoiser.") and "lora_" in n for n in after)
+    # the next step starts from the updated policy: the KL to the adapter-off reference is now > 0
+    m2 = trainer.train_step(2)
+    assert m2["kl"] > 0 and m2["onpolicy_ratio_err"] <= 1e-5
+
+
+def test_several_updates_per_step_are_off_policy_and_clipped(tiny_dirs):
+    cfg = _cfg(tiny_dirs["sd3"], **{"optim.grad_accum": 1, "sampling.micro_batch": 1, "prompts.per_step": 2,
+                                    "optim.lr": 0.05, "grpo.clip_range": 1e-5})
+    trainer = GRPOTrainer(cfg)
+    m = trainer.train_step(1)
+    assert m["updates"] == 4  # 4 micro-batches of one sample, one update each
+    assert m["onpolicy_ratio_err"] <= 1e-5  # measured on the micro-batch before the first update
+    assert m["clip_frac"] > 0  # later micro-batches see a moved policy; their ratios leave [1 - eps, 1 + eps]
+
+
+def test_trained_timesteps_are_a_seeded_subset(tiny_dirs):
+    trainer = GRPOTrainer(_cfg(tiny_dirs["sd3"], **{"grpo.timestep_fraction": 0.5}))
+    picks = [trainer.trained_steps(s, list(range(10))) for s in (1, 2, 1)]
+    assert all(len(p) == 5 and p == sorted(p) for p in picks)
+    assert picks[0] == picks[2] and picks[0] != picks[1]
+
+
+def test_nan_reward_skips_the_step_and_changes_nothing(tiny_dirs):
+    calls = []
+
+    def flaky(images, prompts):
+        calls.append(1)
+        r = images.mean(dim=(1, 2, 3))
+        if len(calls) == 1:
+            r[1] = float("nan")
+        return r
+
+    cfg = _cfg(tiny_dirs["sd3"], **{"grpo.max_consecutive_skips": 2})
+    trainer = GRPOTrainer(cfg, rewards={"flaky": flaky})
+    before = _snapshot(trainer)
+    m = trainer.train_step(1)
+    assert m["skipped"] == 1 and "loss" not in m and trainer.skipped_total == 1
+    assert _same(before, _snapshot(trainer))
+    assert not trainer.optimizer.state  # AdamW never stepped
+    assert all(p.grad is None for p in trainer.params.values())
+    m = trainer.train_step(2)  # finite again: the update is applied
+    assert m["skipped"] == 0 and not _same(before, _snapshot(trainer)) and trainer.consecutive_skips == 0
+
+
+def test_inf_reward_every_step_stops_after_max_consecutive_skips(tiny_dirs):
+    cfg = _cfg(tiny_dirs["sd3"], **{"grpo.max_consecutive_skips": 2})
+    trainer = GRPOTrainer(cfg, rewards={"bad": lambda images, prompts: torch.full((len(images),), float("inf"))})
+    assert trainer.train_step(1)["skipped"] == 1
+    with pytest.raises(RuntimeError, match="2 steps in a row were skipped"):
+        trainer.train_step(2)
+
+
+def test_nan_log_probs_skip_the_update(tiny_dirs, monkeypatch):
+    import fusedrl.engine.diffusion.sampling as sampling
+
+    real = sampling.recompute_logprobs
+    seen = []
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append(1)
+        if len(seen) == 2:  # the second (micro-batch, timestep): a gradient is already accumulated
+            out.log_probs = out.log_probs * float("nan")
+        return out
+
+    monkeypatch.setattr(sampling, "recompute_logprobs", poisoned)
+    trainer = GRPOTrainer(_cfg(tiny_dirs["sd3"]))
+    before = _snapshot(trainer)
+    m = trainer.train_step(1)
+    assert m["skipped"] == 1 and "reward_mean" in m
+    assert _same(before, _snapshot(trainer)) and not trainer.optimizer.state
+    assert all(p.grad is None for p in trainer.params.values())
+
+
+def test_gradient_checkpointing_and_background_rewards_give_the_same_step(tiny_dirs):
+    ref = GRPOTrainer(_cfg(tiny_dirs["sd3"]))
+    m_ref = ref.train_step(1)
+    other = GRPOTrainer(_cfg(tiny_dirs["sd3"], **{"memory.gradient_checkpointing": "full",
+                                                 "reward.background": True}))
+    assert other.checkpointed == ["transformer_blocks.0", "transformer_blocks.1"]
+    assert other.params.keys() == ref.params.keys()  # names do not depend on the wrappers
+    m = other.train_step(1)
+    for key in ("reward_mean", "loss", "logp_mean"):
+        assert m[key] == m_ref[key], key
+    assert m["grad_norm"] == pytest.approx(m_ref["grad_norm"], rel=1e-5)
+    for n, p in ref.params.items():
+        torch.testing.assert_close(other.params[n], p, rtol=1e-5, atol=1e-7)
+
+
+def test_ema_and_full_finetuning_with_a_reference_copy(tiny_dirs):
+    trainer = GRPOTrainer(_cfg(tiny_dirs["sd3"], **{"grpo.ema": True, "grpo.ema_decay": 0.5}))
+    trainer.train_step(1)
+    trainer.train_step(2)
+    name, p = next(iter(trainer.params.items()))
+    shadow = trainer.ema.shadow[name]
+    assert not torch.equal(shadow, p) and shadow.abs().sum() > 0
+    with trainer.ema.swapped():
+        assert torch.equal(p, shadow)
+    assert not torch.equal(p, shadow)
+
+    full = GRPOTrainer(_cfg(tiny_dirs["sd3"], **{"lora.enabled": False, "grpo.beta": 0.1, "optim.lr": 1e-3,
+                                                "grpo.reference_ema_decay": 0.5}))
+    assert not full.policy.has_lora and all("lora" not in n for n in full.params)
+    full.train_step(1)
+    m = full.train_step(2)
+    assert m["skipped"] == 0 and m["kl"] > 0
+
+
+def test_mixed_precision_bf16_step_runs(tiny_dirs):
+    trainer = GRPOTrainer(_cfg(tiny_dirs["sd3"], **{"optim.mixed_precision": "bf16"}))
+    m = trainer.train_step(1)
+    assert m["skipped"] == 0 and torch.isfinite(torch.tensor(m["loss"]))
+    print(f"\n[bf16 autocast, CPU] on-policy max |ratio - 1| = {m['onpolicy_ratio_err']:.3g}")
+    assert m["onpolicy_ratio_err"] <= 1e-2
+
+
+def test_out_of_memory_names_the_settings_to_lower(tiny_dirs, monkeypatch):
+    import fusedrl.engine.diffusion.sampling as sampling
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    trainer = GRPOTrainer(_cfg(tiny_dirs["sd3"]))
+    monkeypatch.setattr(sampling, "sample", oom)
+    with pytest.raises(DiffusionGRPOOutOfMemory, match="while sampling") as info:
+        trainer.train_step(1)
+    msg = str(info.value)
+    assert "sampling.micro_batch (now 2; e.g. 1)" in msg and "optim.mixed_precision" in msg
+    assert "--resume" in msg
+
+
+def test_unusable_prompt_file_names_the_field_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    import fusedrl.engine.diffusion.policy as policy_mod
+
+    monkeypatch.setattr(policy_mod, "load_policy", lambda *a, **k: pytest.fail("model loaded"))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"text": "a cat"}\n')
+    rc = main(["train", "diffusion-grpo", "--out", str(tmp_path / "run"), "--prompts.train", str(prompts),
+               "--no-run.progress", "--no-run.tensorboard"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "prompts.train:" in err and "no field 'prompt'" in err
+    assert "prompts.train:" in (tmp_path / "run" / "train.log").read_text()
