@@ -1,0 +1,278 @@
+"""`fusedrl train llm-grpo`: GRPO for Hugging Face causal LMs on fusedrl's fused linear GRPO loss.
+
+    fusedrl train llm-grpo                                        # the embedded default: a tiny model, a toy task
+    fusedrl train llm-grpo --model.name_or_path Qwen/Qwen2.5-0.5B-Instruct --prompts.train gsm8k.jsonl \\
+        --reward.names numeric_answer --sampling.max_completion_length 512 --memory.token_budget 16384
+
+The run folder holds what every fusedrl trainer writes (config.yaml, train.log, metrics.csv, metrics.png,
+tensorboard/, checkpoints/ with the trainable tensors, the optimizer and the RNG states, written atomically), and
+here also: base_model/ (the embedded default's model and tokenizer, built once and loaded with from_pretrained),
+checkpoints/step-*/lora/ (the adapter in peft's format; loads with PeftModel.from_pretrained), and final/ (the
+adapter, or the full model, with the tokenizer, after the last step). `--resume` continues from the newest
+checkpoint and reproduces the uninterrupted run exactly (the same prompts, samples and updates).
+
+Several GPUs: `torchrun --nproc-per-node N -m fusedrl train llm-grpo ...` (or the `fusedrl` script under torchrun).
+LoRA trains with DistributedDataParallel, full fine-tuning with FSDP2 (`fully_shard` per decoder layer; the
+reference copy sharded too); prompts.per_step must be a multiple of N. Rank 0 writes the run folder; checkpoints
+hold whole (gathered) tensors and optimizer state; resume with the same number of processes (the samples of a
+step depend on the rank).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError
+from ..runs.trainer import Trainer
+from .config import LLMGRPOConfig
+
+log = logging.getLogger("fusedrl")
+
+__all__ = ["TRAINER", "build", "check_context", "train"]
+
+BASE_MODEL_DIR = "base_model"
+FINAL_DIR = "final"
+
+
+def _device(name: str):
+    import torch
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if name == "auto":
+        return torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return torch.device(f"cuda:{local}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError([("model.device", f"{name!r} asked for, but torch sees no CUDA device")])
+    return torch.device(name)
+
+
+def _dtype(name: str, device):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def check_context(cfg: LLMGRPOConfig, prompt_lengths: list[int], context: int | None, model_name: str) -> None:
+    """Refuse (ConfigError naming the fields) when the longest prompt plus max_completion_length does not fit the
+    model's context."""
+    if context is None or not prompt_lengths:
+        return
+    c = cfg.sampling.max_completion_length
+    longest = max(prompt_lengths)
+    if c >= context:
+        raise ConfigError([("sampling.max_completion_length", f"{c} tokens do not fit the context of {model_name} "
+                            f"({context} tokens) with any prompt; lower it below {context}")])
+    if longest + c > context:
+        where = "prompts.max_prompt_length" if cfg.prompts.max_prompt_length is not None else "prompts.train"
+        raise ConfigError([(where, f"the longest prompt has {longest} tokens, which with "
+                            f"sampling.max_completion_length = {c} makes {longest + c} > the context of "
+                            f"{model_name} ({context} tokens); lower sampling.max_completion_length or set "
+                            f"prompts.max_prompt_length <= {context - c} (keeps the last tokens of each prompt)")])
+
+
+def _model_source(cfg: LLMGRPOConfig, out_dir: Path | None) -> tuple[str, bool]:
+    """(path or hub id of the model, whether it is the embedded default); builds the embedded default once."""
+    if cfg.model.name_or_path is not None:
+        return cfg.model.name_or_path, False
+    from .tiny import build_tiny_model
+
+    m = cfg.model
+    if out_dir is None:
+        folder = Path(tempfile.mkdtemp(prefix="fusedrl-tiny-")) / BASE_MODEL_DIR
+    else:
+        folder = out_dir / BASE_MODEL_DIR
+    if not (folder / "config.json").is_file():
+        build_tiny_model(folder, arch=m.tiny_arch, hidden_size=m.tiny_hidden_size, layers=m.tiny_layers,
+                         seed=cfg.run.seed)
+    return str(folder), True
+
+
+def build(cfg: LLMGRPOConfig, out_dir: str | os.PathLike | None = None) -> Any:
+    """Load everything a run needs, checking what can be checked before the weights load: returns the
+    `LLMGRPOTrainer` (policy, rewards, prompts, optimizer). `out_dir` holds the embedded default's base_model/."""
+    import transformers
+
+    from ..checkpointing import apply_checkpointing
+    from .data import load_prompt_records
+    from .generation import tokenize_prompts
+    from .policy import LoraSpec, Policy, context_length, decoder_of, load_tokenizer
+    from .rewards import build_reward_terms
+    from .tiny import TOY_REWARD, toy_records
+    from .trainer import LLMGRPOTrainer
+
+    m = cfg.model
+    if cfg.sampling.backend == "vllm":
+        raise ConfigError([("sampling.backend", "generation with vLLM is not implemented in this version of fusedrl "
+                            "(it is planned as an experimental option); use 'hf'")])
+    device = _device(m.device)
+    source, embedded = _model_source(cfg, Path(out_dir) if out_dir is not None else None)
+    # Prompts, rewards, tokenizer and model config first: every mistake found here costs no weight loading.
+    if cfg.prompts.train is None:
+        records = toy_records()
+    else:
+        try:
+            records = load_prompt_records(cfg.prompts.train, prompt_field=cfg.prompts.prompt_field,
+                                          answer_field=cfg.prompts.answer_field, split=cfg.prompts.split,
+                                          seed=cfg.run.seed, limit=cfg.prompts.limit)
+        except (ValueError, TypeError, FileNotFoundError) as exc:
+            raise ConfigError([("prompts.train", str(exc))]) from exc
+    names = list(cfg.reward.names)
+    if not names and cfg.reward.function is None:
+        names = [TOY_REWARD]
+    try:
+        terms = build_reward_terms(names, cfg.reward.function, cfg.reward.weights, cfg.reward.options,
+                                   device=cfg.reward.device or str(device))
+    except (ValueError, ImportError, FileNotFoundError) as exc:
+        raise ConfigError([("reward", str(exc))]) from exc
+    tokenizer = load_tokenizer(source, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    model_config = transformers.AutoConfig.from_pretrained(source, revision=m.revision,
+                                                           trust_remote_code=m.trust_remote_code)
+    lengths = [len(t) for t in tokenize_prompts(tokenizer, [r.prompt for r in records],
+                                                cfg.prompts.max_prompt_length)]
+    check_context(cfg, lengths, context_length(model_config), "the embedded model" if embedded else source)
+
+    lora = None
+    if cfg.lora.enabled:
+        lora = LoraSpec(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                        target_modules=cfg.lora.target_modules)
+    policy = Policy.from_pretrained(source, lora=lora, device=device, dtype=_dtype(m.dtype, device),
+                                    reference=cfg.grpo.beta != 0 and not cfg.lora.enabled,
+                                    temperature=cfg.sampling.temperature, revision=m.revision,
+                                    trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation,
+                                    no_dropout=m.disable_dropout, tokenizer=tokenizer)
+    if m.patch_attention:
+        from fusedrl.attention import patch_attention
+
+        patch_attention(policy.model)
+    if cfg.memory.gradient_checkpointing != "none":
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        apply_checkpointing(decoder_of(policy.model), cfg.memory.gradient_checkpointing,
+                            module_types=GradientCheckpointingLayer)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # Before the optimizer exists: FSDP2 replaces the parameters by sharded ones.
+        policy.parallelize("ddp" if cfg.lora.enabled else "fsdp", device)
+    return LLMGRPOTrainer(policy, terms, records, cfg)
+
+
+def init_distributed(cfg: LLMGRPOConfig) -> tuple[int, int]:
+    """(rank, world size); under torchrun (WORLD_SIZE > 1) the default process group is started: NCCL on
+    CUDA, gloo on the CPU."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available() and cfg.model.device != "cpu"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _write_final(trainer, out_dir: Path, state_dict=None) -> Path:
+    """Save the adapter (or model) and tokenizer to out_dir/final atomically."""
+    final = out_dir / FINAL_DIR
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{FINAL_DIR}-", dir=out_dir))
+    try:
+        trainer.policy.save_pretrained(tmp, state_dict=state_dict)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _after_step(step: int, trainer: Any) -> None:
+    """Called after each step's update and logging, before its checkpoint (tests simulate a kill here)."""
+
+
+def _run(cfg: LLMGRPOConfig, run) -> int | None:
+    from ..runs import seed_everything
+
+    rank, world = init_distributed(cfg)
+    seed_everything(cfg.run.seed)
+    if world > 1:  # rank 0 writes the embedded default once; every process loads that folder
+        import torch.distributed as dist
+
+        if rank == 0:
+            _model_source(cfg, run.out_dir)
+        dist.barrier()
+    trainer = build(cfg, run.out_dir)
+    lora = cfg.lora.enabled
+    policy = trainer.policy
+    ckpt = run.load_checkpoint()  # after building: the random initialisation must not consume restored streams
+    if ckpt is not None:
+        policy.load_trainable_state(ckpt.tensors)
+        policy.load_optimizer_state(trainer.optimizer, ckpt.objects["optim"])
+        trainer.load_state_dict(ckpt.state)
+    run.info(f"llm-grpo: {type(policy.model).__name__} on {trainer.device}"
+             f"{f' x {world} processes ({policy.strategy})' if world > 1 else ''}, "
+             f"{sum(p.numel() for p in trainer.params) * (world if policy.strategy == 'fsdp' else 1):,} trainable "
+             f"parameters ({'LoRA' if lora else 'full'}), {len(trainer.records)} prompts, {cfg.prompts.per_step} x "
+             f"{cfg.sampling.group_size} completions per step, loss {cfg.grpo.loss_type}, lr {trainer.lr:g}")
+    for step in run.steps():
+        metrics = trainer.step(step)
+        if run.every(step, cfg.run.log_every):
+            run.log(step, metrics)
+        if run.every(step, cfg.run.samples_every) and trainer.last_rollout is not None:
+            ro, rw = trainer.last_rollout, trainer.last_rewards
+            for i in range(0, min(ro.num_rows, 3 * cfg.sampling.group_size), cfg.sampling.group_size):
+                run.info(f"step {step} sample: {ro.prompts[i]!r} -> {ro.texts[i]!r} (reward {float(rw[i]):.3g})")
+        _after_step(step, trainer)
+        if run.every(step, cfg.run.checkpoint_every) or run.is_last(step):
+            # Gathered on every process (collectives under FSDP2); written by rank 0.
+            tensors, optim = policy.full_state(), policy.optimizer_state(trainer.optimizer)
+            full_last = run.is_last(step) and not lora
+
+            def extra(folder: Path, full_last: bool = full_last, tensors=tensors) -> None:
+                if lora:
+                    policy.model.save_pretrained(str(folder / "lora"))
+                elif full_last:
+                    policy.save_pretrained(folder / "model", state_dict=tensors)
+
+            run.save_checkpoint(step, tensors, trainer.state_dict(), {"optim": optim}, write_extra=extra)
+    state = policy.full_state() if policy.strategy == "fsdp" else None
+    if run.is_main:
+        final = _write_final(trainer, run.out_dir, state)
+        run.info(f"llm-grpo: done; {'adapter' if lora else 'model'} and tokenizer in {final}")
+    return None
+
+
+def train(cfg: LLMGRPOConfig, run) -> int | None:
+    """The `fusedrl train llm-grpo` entry point: runs `_run`, turning config problems found after start-up
+    (prompt files, rewards, context length) and out-of-memory errors into a message and exit code 2 / 3."""
+    from .trainer import OutOfMemoryAdvice, TooManySkips
+
+    try:
+        return _run(cfg, run)
+    except ConfigError as exc:
+        message, code = str(exc), 2
+    except (OutOfMemoryAdvice, TooManySkips) as exc:
+        message, code = str(exc), 3
+    run.info(f"llm-grpo stopped: {message}")
+    print(f"fusedrl train llm-grpo: {message}", file=sys.stderr)
+    return code
+
+
+TRAINER = Trainer(
+    "llm-grpo", LLMGRPOConfig, train, "GRPO for Hugging Face causal LMs on the fused loss kernels",
+    description="Samples sampling.group_size completions per prompt with model.generate, scores them with the "
+    "reward layer (or a Python function), and trains on the fused linear GRPO loss (no [N, V] logits), LoRA or "
+    "full fine-tuning. With no options it trains the embedded default: a tiny model learning to add small numbers "
+    "on the CPU in a few minutes, the reward rising in metrics.png.")
