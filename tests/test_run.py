@@ -207,3 +207,21 @@ def test_every_and_is_last(tmp_path):
         assert [s for s in range(1, 11) if run.every(s, 4)] == [4, 8, 10]
         assert not any(run.every(s, 0) for s in range(1, 11))
         assert [s for s in range(1, 11) if run.is_last(s)] == [10]
+
+
+def test_atomic_write_dir_replaces_a_folder_whole(tmp_path):
+    from fusedrl.engine.runs.atomic import atomic_write_dir
+
+    target = tmp_path / "model"
+    atomic_write_dir(target, lambda d: (d / "a.txt").write_text("one"))
+    atomic_write_dir(target, lambda d: (d / "b.txt").write_text("two"))
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+
+    def fails(d):
+        (d / "c.txt").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_dir(target, fails)
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]  # the old folder stands
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folder left

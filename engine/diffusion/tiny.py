@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -167,20 +165,15 @@ def save_tiny(family: str, path: str | os.PathLike, *, seed: int = 0) -> Path:
     """Build the tiny `family` pipeline and save it to `path` (created; replaced if it exists) with
     `save_pretrained`, plus its `fusedrl_policy.json`. The folder is written next to `path` and renamed
     into place, so a reader never sees a half-written model. Returns `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from ..runs.atomic import atomic_write_dir
+
     pipe = build_tiny_pipeline(family, seed=seed)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         pipe.save_pretrained(tmp)
         (tmp / POLICY_DEFAULTS_FILE).write_text(json.dumps(_policy_defaults(family), indent=2) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+
+    return atomic_write_dir(path, write)
 
 
 def _cache_root() -> Path:

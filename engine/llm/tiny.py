@@ -16,8 +16,6 @@ a user's checkpoint.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from .data import PromptRecord
@@ -79,25 +77,20 @@ def build_tiny_model(path: str | os.PathLike, *, arch: str = "qwen2", hidden_siz
     import torch
     import transformers
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    from ..runs.atomic import atomic_write_dir
+
+    config = tiny_config(arch, hidden_size, layers)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
     try:
-        config = tiny_config(arch, hidden_size, layers)
-        state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        try:
-            model = transformers.AutoModelForCausalLM.from_config(config)
-        finally:
-            torch.random.set_rng_state(state)  # building the model must not shift the run's random streams
-        model.generation_config.pad_token_id = 0
-        model.generation_config.eos_token_id = 1
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    finally:
+        torch.random.set_rng_state(state)  # building the model must not shift the run's random streams
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = 1
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         build_tiny_tokenizer().save_pretrained(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+
+    return atomic_write_dir(path, write)

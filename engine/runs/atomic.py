@@ -55,6 +55,23 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
+def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp_dir)` to fill a new folder beside `path`, then move it to `path` (replacing a folder
+    already there), so a reader never sees a half-written one. The temporary folder goes on failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        write(tmp)
+        remove_tree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
 def remove_tree(path: str | Path) -> None:
     """Delete a folder so that it vanishes at once: rename it to a hidden name, then delete that."""
     path = Path(path)
