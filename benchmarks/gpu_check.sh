@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check: environment report, install, CUDA extension build, GPU tests, then `fusedrl bench`.
 #
-#   benchmarks/gpu_check.sh [--part NAME] [--budget SECONDS]
+#   benchmarks/gpu_check.sh [--part NAME] [--budget SECONDS] [--list]
 #
 # Run from the repository root on the GPU machine (no internet). NAME is a case module of
 # fusedrl/bench/cases (e.g. diffusion_step: its tests are tests/test_NAME*.py and tests/test_bench.py),
@@ -15,22 +15,51 @@
 # The benchmark runs in two passes so that a tight budget still yields the fused kernels' numbers:
 # first eager, fusedrl's backends and the peers, then eager + torch.compile (~10-20 s of compiling per
 # case), each with its own eager baseline for `speedup_vs_eager`. With `--part all`, the first pass
-# runs op by op (BENCH_PLAN below: each op's dtypes, reps and providers sized to fit one device call),
+# runs op by op (BENCH_PLAN: each op's dtypes, reps and providers sized to fit one device call),
 # so that one slow op cannot starve the others. Peers the image lacks (Liger-Kernel, Cut
 # Cross-Entropy, TRL, diffusers) come as wheels in .whl/: run benchmarks/fetch_wheels.sh here first
-# and carry .whl. Tests run in parallel (pytest-xdist) when it is installed.
+# and carry .whl. Tests run in parallel (pytest-xdist) when it is installed. --list prints the parts
+# and their time caps for the budget given.
 set -uo pipefail
+
+# The first pass of `--part all`, op by op: "case module|cap %|reserve %|options". bf16 at the sizes
+# of issue 3/4 (fp32 token log-probs at N = 8192, V = 131072 take ~0.5 s a call); sdpa_* are torch's
+# attention backends, one at a time.
+BENCH_PLAN=(
+    "token_logprobs|18|35|--dtypes bf16 --reps 10"
+    "attention|18|22|--dtypes bf16 --reps 20"
+    "checkpointing|8|16|--reps 5"
+    "rewards|12|8|--reps 3"
+    "grpo_loss|4|6|--reps 50"
+    "diffusion_step|5|3|--reps 50"
+    "logprobs|4|1|--reps 50"
+)
 
 PART=all
 BUDGET=420
+LIST=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --part) PART="$2"; shift 2 ;;
         --budget) BUDGET="$2"; shift 2 ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        --list) LIST=1; shift ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
+
+if [ "$LIST" = 1 ]; then
+    echo "parts (benchmarks/gpu_check.sh --part NAME --budget SECONDS; budget $BUDGET s here):"
+    echo "  tests   the CUDA extension build and the kernels' GPU tests, the whole budget (~200 s on an H200)"
+    echo "  all     build, the kernels' tests (<= 25%), then each op's first bench pass under its cap:"
+    for entry in "${BENCH_PLAN[@]}"; do
+        IFS='|' read -r op cap _ options <<<"$entry"
+        printf '            %-15s <= %3d s  (%s)\n' "$op" $(( cap * BUDGET / 100 )) "$options"
+    done
+    echo "          then torch.compile with what is left"
+    echo "  NAME    one case module of fusedrl/bench/cases (e.g. token_logprobs): its tests, then its cases"
+    exit 0
+fi
 
 cd "$(dirname "$0")/.." || exit 2
 OUT="${OUT:-$PWD/gpu_out}"
@@ -157,18 +186,6 @@ TEST_ARGS=(-v --maxfail=50 -rfE -p no:cacheprovider)
 step tests tests.log "$TEST_CAP" "$TEST_RESERVE" env TRITON_INTERPRET=0 "$PY" -m pytest "${TESTS[@]}" "${TEST_ARGS[@]}" \
     || FAILED+=("tests")
 
-# The first pass of `--part all`, op by op: "case module|cap %|reserve %|options". bf16 at the sizes
-# of issue 3/4 (fp32 token log-probs at N = 8192, V = 131072 take ~0.5 s a call); sdpa_* are torch's
-# attention backends, one at a time.
-BENCH_PLAN=(
-    "token_logprobs|18|35|--dtypes bf16 --reps 10"
-    "attention|18|22|--dtypes bf16 --reps 20"
-    "checkpointing|8|16|--reps 5"
-    "rewards|12|8|--reps 3"
-    "grpo_loss|4|6|--reps 50"
-    "diffusion_step|5|3|--reps 50"
-    "logprobs|4|1|--reps 50"
-)
 
 if [ "$PART" = tests ]; then
     echo "gpu_check: $(( SECONDS - START )) s" | tee -a "$OUT/summary.txt"
