@@ -13,18 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from ..checkpointing import POLICIES
 from ..config import Check, between, field, ge, gt, section
 from ..runs import RunConfig
 
 __all__ = [
-    "CHECKPOINTING_POLICIES", "DiffusionGRPOConfig", "GRPOSection", "GRPORunConfig", "LoraSection", "MemorySection",
+    "DiffusionGRPOConfig", "GRPOSection", "GRPORunConfig", "LoraSection", "MemorySection",
     "ModelSection", "OptimSection", "PromptsSection", "RewardSection", "SamplingSection",
 ]
 
 # Attention projections of diffusers' denoisers (UNet, SD3 and Flux transformers), as peft module names.
 DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 DEFAULT_TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-CHECKPOINTING_POLICIES = ("none", "full", "save_attention", "save_attention_and_matmuls", "offload")
 _PROMPT_FILE_TYPES = (".txt", ".jsonl", ".csv")
 
 
@@ -232,7 +232,7 @@ class GRPOSection:
 class MemorySection:
     """Memory-saving options."""
 
-    gradient_checkpointing: Literal["none", "full", "save_attention", "save_attention_and_matmuls", "offload"] = field(
+    gradient_checkpointing: Literal[POLICIES] = field(  # engine.checkpointing's policy names
         "none", "activation checkpointing of the denoiser's blocks (fusedrl.engine.checkpointing policies): full "
         "recomputes everything, save_attention keeps attention outputs, offload copies activations to the CPU")
 

@@ -15,16 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from ..checkpointing import POLICIES
 from ..config import Check, field, ge, gt, section
 from ..runs.run import RunConfig
 
 __all__ = [
-    "CHECKPOINTING_POLICIES", "GRPOSection", "LLMGRPOConfig", "LLMRunConfig", "LoraSection", "MemorySection",
+    "GRPOSection", "LLMGRPOConfig", "LLMRunConfig", "LoraSection", "MemorySection",
     "ModelSection", "OptimSection", "PromptsSection", "RewardSection", "SamplingSection", "LOSS_TYPES",
 ]
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
-CHECKPOINTING_POLICIES = ("none", "full", "save_attention", "save_attention_and_matmuls", "offload")
 PROMPT_FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
 
 # The embedded default's optimizer settings (a tiny model learning a toy task in a few CPU minutes).
@@ -259,7 +259,7 @@ class MemorySection:
         None, "micro-batching: most tokens (rows x padded length) per forward/backward; gradients of a mini-batch "
         "are accumulated over its micro-batches, the loss is the mini-batch's exactly; none: one micro-batch",
         check=gt(0))
-    gradient_checkpointing: Literal["none", "full", "save_attention", "save_attention_and_matmuls", "offload"] = field(
+    gradient_checkpointing: Literal[POLICIES] = field(  # engine.checkpointing's policy names
         "none", "activation checkpointing of the decoder layers (fusedrl.engine.checkpointing): full recomputes "
         "everything, save_attention keeps the attention outputs, offload copies activations to the CPU")
 
