@@ -5,7 +5,6 @@ the module wrapper, and the bytes each policy holds for backward. The save_atten
 
 from __future__ import annotations
 
-import collections
 import warnings
 
 import pytest
@@ -13,11 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import CheckpointPolicy
 
 from fusedrl.engine import attention_stash
 from fusedrl.engine import checkpointing as ckpt
+
+from .op_recorder import OpRecorder
 
 CPU_FLASH = "aten::_scaled_dot_product_flash_attention_for_cpu"
 MM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
@@ -57,19 +57,6 @@ class Model(nn.Module):
         for block in self.blocks:
             x = block(x, shift=shift)
         return self.head(x)
-
-
-class OpRecorder(TorchDispatchMode):
-    """Counts the ops dispatched while active, by schema name."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts: collections.Counter[str] = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        schema = getattr(func, "_schema", None)
-        self.counts[schema.name if schema is not None else str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def run(model, x, policy, **kw):

@@ -6,7 +6,6 @@ the bytes held, and third-party blocks (diffusers' AttnProcessor2_0, transformer
 
 from __future__ import annotations
 
-import collections
 import threading
 
 import pytest
@@ -14,26 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fusedrl.engine import attention_stash
 from fusedrl.engine import checkpointing as ckpt
+
+from .op_recorder import OpRecorder
 
 STOCK_SDPA = F.scaled_dot_product_attention
 CPU_FLASH = "aten::_scaled_dot_product_flash_attention_for_cpu"
 FUSEDRL_FWD = "fusedrl::flash_attention_fwd"
 POLICIES = ("none", "full", "save_attention")
-
-
-class OpRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts: collections.Counter[str] = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        schema = getattr(func, "_schema", None)
-        self.counts[schema.name if schema is not None else str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def sdpa(q, k, v):
