@@ -68,7 +68,8 @@ def test_triton_backward_in_vocabulary_chunks(case, dtype, use_backend, monkeypa
 def test_triton_forward_in_vocabulary_splits(case, splits, use_backend, monkeypatch):
     """The Triton forward with its vocabulary cut into splits whose partials a second kernel merges, as on a
     GPU when the row blocks alone leave multiprocessors idle (a partial last split; 64 asks for more splits
-    than there are vocabulary tiles, so some are empty); the other tests run one split."""
+    than there are vocabulary tiles, and the launcher cuts one split per tile instead); the other tests run
+    one split."""
     from fusedrl.kernels.logprobs import hidden_op
 
     monkeypatch.setattr(hidden_op, "vocab_splits", lambda *args: splits)
