@@ -71,6 +71,32 @@ def test_unknown_op_or_provider_is_an_error(tmp_path):
     assert not (tmp_path / "a.csv").exists()
 
 
+def test_shapes_and_quick_select_cases(tmp_path, capsys):
+    out = tmp_path / "results.csv"
+    rc = run(_args("--device", "cpu", "--sizes", "small", "--reps", "1", "--ops", "attention", "--shapes",
+                   "2x4x257x64,1x2x300x40", "--providers", "eager", "--csv", str(out)))
+    assert rc == 0
+    rows = [r for r in _read(out)[1] if r["op"] != "ceiling"]
+    assert {r["shape"] for r in rows} == {"2x4x257x64", "1x2x300x40"}
+    assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
+    assert run(_args("--device", "cpu", "--sizes", "small", "--ops", "attention", "--shapes", "9x9",
+                     "--csv", str(tmp_path / "b.csv"))) == 2
+    assert "no case of the selected ops and sizes has shape ['9x9']; known: 1x2x128x64" in capsys.readouterr().err
+    assert not (tmp_path / "b.csv").exists()
+
+    quick = tmp_path / "quick.csv"
+    assert run(_args("--device", "cpu", "--sizes", "small", "--quick", "--ops", "attention,grpo_loss",
+                     "--providers", "eager,compile", "--csv", str(quick))) == 0
+    rows = [r for r in _read(quick)[1] if r["op"] != "ceiling"]
+    by_mode = {(r["op"], r["mode"]): set() for r in rows}
+    for r in rows:
+        by_mode[(r["op"], r["mode"])].add(r["shape"])
+    # attention's small cases have three shapes for fwd: --quick keeps the smallest of each (op, mode)
+    assert by_mode[("flash_attention", "fwd")] == {"1x2x128x64"} and all(len(v) == 1 for v in by_mode.values())
+    assert {r["note"] for r in rows if r["provider"] == "compile"} == {"disabled by --no-compile"}
+    assert "(--quick)" in capsys.readouterr().err
+
+
 def test_dtypes_selects_the_cases_dtypes(tmp_path):
     out = tmp_path / "results.csv"
     rc = run(_args("--device", "cpu", "--sizes", "small", "--reps", "1", "--ops", "logprobs", "--dtypes", "fp64",

@@ -64,7 +64,7 @@ def test_cli_embedded_default_fills_the_run_folder(tmp_path):
     assert [p.name for p in sorted((out / "samples").glob("*.png"))] == \
         ["step-00000000.png", "step-00000002.png", "step-00000004.png"]
     log = (out / "train.log").read_text()
-    assert "reward_mean: first 1 steps" in log and "diffusion-grpo: sd3 model, LoRA" in log
+    assert "reward_mean: first 1 steps" in log and "diffusion-grpo: sd3 model on cpu, LoRA" in log
     assert (out / "checkpoints" / "step-00000004" / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
     # diffusers loads the LoRA; the loaded pipeline computes what the trained policy computes
@@ -125,9 +125,9 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch)
 def test_embedded_default_reward_rises():
     """The embedded default's settings (model, reward, LoRA targets, lr, batch), fewer steps."""
     torch.set_num_threads(1)
-    cfg = build_config(DiffusionGRPOConfig, {"run.steps": 50})
+    cfg = build_config(DiffusionGRPOConfig, {"run.steps": 80})
     trainer = GRPOTrainer(cfg)
-    rewards = [trainer.train_step(step)["reward_mean"] for step in range(1, 51)]
+    rewards = [trainer.train_step(step)["reward_mean"] for step in range(1, 81)]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     print(f"\n[embedded default] reward_mean: first 5 steps {first:.4f} -> last 5 steps {last:.4f}")
-    assert last > first + 0.02  # measured: 0.516 -> 0.563 (the std of one sample: 0.006)
+    assert last > first + 0.02  # measured: 0.517 -> 0.602 (the std of one sample: 0.006)

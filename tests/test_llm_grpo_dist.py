@@ -12,12 +12,13 @@ FSDP2 (`fully_shard`) for full fine-tuning.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from .dist_helpers import free_port, setup_process
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -30,20 +31,8 @@ PROMPTS = ["1+1=", "12 3+45=", "9", "7+7+7="]
 G = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _setup(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), FUSEDRL_BACKEND="torch")  # interpreted Triton: too slow here
-    torch.set_num_threads(1)
-
-
 def _grad_worker(rank: int, world: int, port: int, model_dir: str, strategy: str) -> None:
-    _setup(rank, world, port)
+    setup_process(rank, world, port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         from fusedrl.engine.advantages import group_advantages
@@ -122,11 +111,11 @@ def model_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_process_gradient_equals_single_process(model_dir, strategy):
-    mp.spawn(_grad_worker, args=(2, _free_port(), model_dir, strategy), nprocs=2, join=True)
+    mp.spawn(_grad_worker, args=(2, free_port(), model_dir, strategy), nprocs=2, join=True)
 
 
 def _cli_worker(rank: int, world: int, port: int, argv: list[str]) -> None:
-    _setup(rank, world, port)
+    setup_process(rank, world, port)
     from fusedrl.cli import main
     from fusedrl.engine.llm import grpo
 
@@ -153,8 +142,8 @@ def test_two_process_cli_run_and_resume(tmp_path, lora):
     argv = ["train", "llm-grpo", "--out", str(out), "--prompts.per_step", "4", "--sampling.group_size", "2",
             "--run.steps", "2", "--run.checkpoint_every", "1", "--no-run.progress", "--no-run.tensorboard",
             "--grpo.beta", "0.05", "--lora.enabled" if lora else "--no-lora.enabled"]
-    mp.spawn(_cli_worker, args=(2, _free_port(), argv), nprocs=2, join=True)
-    mp.spawn(_cli_worker, args=(2, _free_port(), ["train", "llm-grpo", "--out", str(out), "--resume",
+    mp.spawn(_cli_worker, args=(2, free_port(), argv), nprocs=2, join=True)
+    mp.spawn(_cli_worker, args=(2, free_port(), ["train", "llm-grpo", "--out", str(out), "--resume",
                                                    "--run.steps", "3", "--no-run.progress"]), nprocs=2, join=True)
     rows = read_metrics(out / "metrics.csv")
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["skipped"] == 0 for r in rows)

@@ -358,7 +358,7 @@ def test_train_stops_on_out_of_memory_with_advice(policies, tmp_path, monkeypatc
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(trainer, "forward", oom)
-    monkeypatch.setattr(rb.RewardBackprop, "build", classmethod(lambda cls, c: trainer))
+    monkeypatch.setattr(rb.RewardBackprop, "build", classmethod(lambda cls, c, device=None: trainer))
     with Run(tmp_path / "run", cfg) as run:
         assert rb.train(cfg, run) == 3
     assert "backprop.k_range (the largest K is 3)" in capsys.readouterr().err

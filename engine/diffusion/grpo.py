@@ -20,6 +20,15 @@ Each training step:
    and timesteps (gradient accumulation across timesteps and `optim.grad_accum` micro-batches);
 5. clips the gradient norm, steps AdamW (a GradScaler under fp16), updates the EMA.
 
+Several processes (`torchrun --nproc-per-node N -m fusedrl train diffusion-grpo ...`): LoRA trains under DDP,
+full fine-tuning under FSDP2 (`fully_shard` of every block and of the denoiser; the reference copy too). The
+step's prompts.per_step x group_size images are split evenly over the processes in order (a group may span
+two), each image's noise seeded by its place in the step, so the images do not depend on the split; the
+rewards are gathered for the group statistics, and each process weights its samples as if alone while DDP /
+FSDP2 average the gradients: N processes take the step one process takes with the same global batch
+(optim.grad_accum counts each process's micro-batches). Skips are decided on all processes together; rank 0
+writes the run folder; checkpoints hold whole tensors (gathered under FSDP2).
+
 Robustness: a NaN/inf in the rewards, the images, the recorded or recomputed log-probs, the loss or the
 gradient norm skips the step's (remaining) updates: nothing of it reaches the weights or the optimizer
 state; the step is logged with `skipped=1` and a message in train.log. `grpo.max_consecutive_skips` skipped
@@ -176,7 +185,7 @@ def build_rewards(cfg: DiffusionGRPOConfig, device) -> _Scorer:
 
 
 def _concat(trajs: list) -> Any:
-    """One Trajectory from several sampled with the same schedule (group ids renumbered)."""
+    """One Trajectory from several sampled with the same schedule (their group ids kept)."""
     import torch
 
     from .policy import PromptEmbeddings
@@ -184,14 +193,10 @@ def _concat(trajs: list) -> Any:
 
     if len(trajs) == 1:
         return trajs[0]
-    offsets, groups = [], 0
-    for t in trajs:
-        offsets.append(t.group_ids + groups)
-        groups += int(t.group_ids.max()) + 1
     first = trajs[0]
     images = None if first.images is None else torch.cat([t.images for t in trajs])
     return Trajectory(
-        prompts=[p for t in trajs for p in t.prompts], group_ids=torch.cat(offsets),
+        prompts=[p for t in trajs for p in t.prompts], group_ids=torch.cat([t.group_ids for t in trajs]),
         embeddings=PromptEmbeddings.cat([t.embeddings for t in trajs]), latents=torch.cat([t.latents for t in trajs]),
         schedule=first.schedule, sde_steps=first.sde_steps, log_probs=torch.cat([t.log_probs for t in trajs]),
         images=images, guidance_scale=first.guidance_scale, noise_level=first.noise_level, sde_type=first.sde_type,
@@ -213,10 +218,17 @@ class GRPOTrainer:
                  rewards: dict[str, Callable] | None = None) -> None:
         import torch
 
+        from ..config import ConfigError
+        from ..distributed import local_device, rank_and_world
         from ..runs import seed_everything
         from .prompts import DEFAULT_EVAL_PROMPTS, DEFAULT_PROMPTS, load_prompts
 
         self.cfg, self.run = cfg, run
+        self.rank, self.world = rank_and_world()
+        n = cfg.prompts.per_step * cfg.sampling.group_size
+        if n % self.world:
+            raise ConfigError([("prompts.per_step", f"prompts.per_step x sampling.group_size = {n} images per step "
+                                f"must split evenly over the {self.world} processes")])
         seed_everything(cfg.run.seed)
         p = cfg.prompts
         if p.train is None:
@@ -232,8 +244,8 @@ class GRPOTrainer:
             evals = list(DEFAULT_EVAL_PROMPTS) if p.train is None else self.train_prompts
         self.eval_prompts = evals[: p.num_eval]
 
-        self.device = torch.device(cfg.model.device if cfg.model.device != "auto"
-                                   else ("cuda" if torch.cuda.is_available() else "cpu"))
+        with _config_errors("model.device"):
+            self.device = local_device(cfg.model.device)
         self.weights = dict(zip(cfg.reward.names, cfg.reward.weights or [1.0] * len(cfg.reward.names)))
         if rewards is not None:
             self.scorer = _Scorer(dict(rewards))
@@ -244,6 +256,8 @@ class GRPOTrainer:
         self.policy = policy if policy is not None else self._load_policy()
         self.device = self.policy.device
         self.checkpointed = self._apply_checkpointing()
+        if self.world > 1:  # after checkpointing (DDP / FSDP2 wrap the checkpointed blocks), before the optimizer
+            self.policy.parallelize("ddp" if self.policy.has_lora else "fsdp")
         self.params = {self._name(n): p for n, p in self._named_trainable()}
         if not self.params:
             raise ValueError("the policy has no trainable parameters")
@@ -305,15 +319,14 @@ class GRPOTrainer:
         return policy
 
     def _apply_checkpointing(self) -> list[str]:
-        import re
-
         from ..checkpointing import apply_checkpointing
+        from .policy import block_names
 
         policy = self.cfg.memory.gradient_checkpointing
         if policy == "none":
             return []
-        pattern = re.compile(r"^(transformer_blocks|single_transformer_blocks|down_blocks|up_blocks)\.\d+$|^mid_block$")
-        return apply_checkpointing(self.policy.denoiser, policy, predicate=lambda name, _m: bool(pattern.match(name)))
+        blocks = set(block_names(self.policy.denoiser))
+        return apply_checkpointing(self.policy.denoiser, policy, predicate=lambda name, _m: name in blocks)
 
     def _named_trainable(self) -> Iterator[tuple[str, Any]]:
         pol = self.policy
@@ -343,13 +356,8 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------------------------------ sampling
 
-    def _chunks(self, n_prompts: int) -> list[tuple[int, int]]:
-        """(start, end) prompt ranges sampled one `sample` call each: as many whole groups as fit a micro-batch."""
-        G, mb = self.cfg.sampling.group_size, self.cfg.sampling.micro_batch
-        per = n_prompts if mb is None else max(1, mb // G)
-        return [(s, min(s + per, n_prompts)) for s in range(0, n_prompts, per)]
-
-    def _sample(self, prompts: list[str], group_size: int, seed: int):
+    def _sample(self, prompts: list[str], group_size: int, **randomness: Any):
+        """`sample` with the config's settings; `randomness`: seed=, or seeds= (+ initial_noise_seeds=)."""
         from .sampling import sample
 
         s = self.cfg.sampling
@@ -358,11 +366,22 @@ class GRPOTrainer:
             return sample(self.policy, prompts, group_size=group_size, num_steps=s.steps,
                           guidance_scale=s.guidance_scale, noise_level=s.noise_level,
                           sde_window=tuple(s.sde_window) if s.sde_window is not None else None, sde_type=s.sde_type,
-                          seed=seed, height=s.height, width=s.width, max_batch_size=s.micro_batch,
-                          same_initial_noise_per_group=s.same_initial_noise)
+                          height=s.height, width=s.width, max_batch_size=s.micro_batch, **randomness)
 
-    def sample_and_score(self, step: int) -> tuple[Any, dict[str, Any], list[Any]]:
-        """Sample the step's groups and score them -> (trajectory, raw rewards {name: [B]}, micro-batches)."""
+    def local_samples(self) -> range:
+        """This process's part of a step's samples: global indices (sample i is of prompt i // group_size)."""
+        n = self.cfg.prompts.per_step * self.cfg.sampling.group_size // self.world
+        return range(self.rank * n, (self.rank + 1) * n)
+
+    def sample_and_score(self, step: int) -> tuple[Any, dict[str, Any], list[Any], bool]:
+        """Sample this process's part of the step's groups and score it -> (trajectory, raw rewards
+        {name: [b]}, micro-batches, whether some images are NaN/inf).
+
+        Sample i of the step (prompt i // G) draws its noise from seed (run.seed, step, i) wherever it is
+        sampled, so the samples do not depend on the number of processes or on sampling.micro_batch; with
+        sampling.same_initial_noise the samples of a group share the initial noise of seed (run.seed, step,
+        group). Chunks of sampling.micro_batch samples are sampled one `sample` call each and scored as they
+        come (in a background thread with reward.background)."""
         import torch
 
         from .prompts import prompt_batch
@@ -370,30 +389,40 @@ class GRPOTrainer:
         cfg = self.cfg
         G = cfg.sampling.group_size
         prompts = prompt_batch(self.train_prompts, step - 1, cfg.prompts.per_step, seed=cfg.run.seed)
-        trajs, scores, micro, offset = [], [], [], 0
+        mine = self.local_samples()
+        per = cfg.sampling.micro_batch or len(mine)
+        trajs, scores, micro, offset, bad_images = [], [], [], 0, False
         worker = None
         if cfg.reward.background:
             from ..rewards import RewardWorker
 
             worker = RewardWorker(self.scorer, max_pending=2)
         try:
-            for k, (a, b) in enumerate(self._chunks(len(prompts))):
-                traj = self._sample(prompts[a:b], G, _seed(cfg.run.seed, "train", step, k))
-                if not _finite(traj.images):
-                    raise _Skip("the sampled images have NaN/inf")
-                micro += [idx + offset for idx in traj.micro_batches()]
+            for a in range(0, len(mine), per):
+                idx = list(mine[a:a + per])
+                init = ([_seed(cfg.run.seed, "train-init", step, i // G) for i in idx]
+                        if cfg.sampling.same_initial_noise else None)
+                seeds = [_seed(cfg.run.seed, "train", step, i) for i in idx]
+                traj = self._sample([prompts[i // G] for i in idx], 1, seeds=seeds, initial_noise_seeds=init)
+                traj.group_ids = torch.tensor([i // G for i in idx])
+                micro += [m + offset for m in traj.micro_batches()]
                 offset += len(traj)
+                trajs.append(traj)
+                if not _finite(traj.images):  # not scored; every process still takes part in what follows
+                    bad_images = True
+                    scores.append({n: torch.full((len(idx),), float("nan")) for n in self.scorer.rewards})
+                    continue
                 images = traj.images.detach()
                 scores.append(worker.submit(images, traj.prompts) if worker is not None
                               else self.scorer(images, traj.prompts))
-                trajs.append(traj)
             if worker is not None:
-                scores = [f.result() for f in scores]
+                scores = [s.result() if hasattr(s, "result") else s for s in scores]
         finally:
             if worker is not None:
                 worker.shutdown(cancel_pending=True)
+        self.policy.reshard()
         raw = {name: torch.cat([s[name] for s in scores]) for name in scores[0]}
-        return _concat(trajs), raw, micro
+        return _concat(trajs), raw, micro, bad_images
 
     def advantages(self, raw: dict[str, Any]) -> tuple[Any, Any]:
         """(total reward [B], advantages [B]) from the raw rewards."""
@@ -429,14 +458,18 @@ class GRPOTrainer:
     def _train_step(self, step: int) -> dict[str, float]:
         import torch
 
+        from ..distributed import all_gather, any_process
+
         t0 = time.perf_counter()
         metrics: dict[str, float] = {}
         self._phase = "sampling"
-        try:
-            traj, raw, micro = self.sample_and_score(step)
-        except _Skip as skip:
-            return self._skipped(step, str(skip), metrics, t0)
+        traj, local_raw, micro, bad_images = self.sample_and_score(step)
         t_sample = time.perf_counter() - t0
+        # Every decision below is taken on every process alike: the rewards are gathered (rank order = the
+        # step's sample order), and a local NaN is made known to all (any_process).
+        raw = {n: all_gather(r, self.device) for n, r in local_raw.items()}
+        if any_process(bad_images, self.device):
+            return self._skipped(step, "the sampled images have NaN/inf", metrics, t0)
         bad = {n: int((~torch.isfinite(r)).sum()) for n, r in raw.items()}
         finite = {n: r[torch.isfinite(r)] for n, r in raw.items()}
         total = sum(self.weights[n] * r for n, r in raw.items())
@@ -449,9 +482,11 @@ class GRPOTrainer:
         if any(bad.values()):
             what = ", ".join(f"{n}: {c} of {len(raw[n])}" for n, c in bad.items() if c)
             return self._skipped(step, f"rewards have NaN/inf ({what})", metrics, t0)
-        if not _finite(traj.log_probs):
+        if any_process(not _finite(traj.log_probs), self.device):
             return self._skipped(step, "the sampled log-probs have NaN/inf", metrics, t0)
         total, adv = self.advantages(raw)
+        mine = self.local_samples()
+        adv = adv[mine.start:mine.stop]
 
         self._phase = "training"
         t1 = time.perf_counter()
@@ -491,10 +526,16 @@ class GRPOTrainer:
         return sorted(sde_steps[i] for i in torch.randperm(len(sde_steps), generator=g)[:k].tolist())
 
     def _optimize(self, step: int, traj: Any, adv: Any, micro: list[Any]) -> dict[str, float]:
+        """The updates of one step on this process's samples. Several processes: each update's gradient is
+        averaged over them (DDP / FSDP2; the last backward of an update syncs, the others run under no_sync),
+        each process weighting its own samples as if alone, so the average is the mean over every process's
+        samples: one process with the same global batch takes the same update. A NaN/inf on one process does
+        not stop it mid-update (the others would wait for it): it finishes the update, and all skip it."""
         import torch
 
         from fusedrl.kernels import grpo_loss
 
+        from ..distributed import all_mean, any_process
         from .sampling import recompute_logprobs
 
         cfg, g = self.cfg, self.cfg.grpo
@@ -509,16 +550,18 @@ class GRPOTrainer:
         for _epoch in range(g.inner_epochs):
             for group in groups:
                 n_samples = sum(len(idx) for idx in group)
-                for idx in group:
+                work = [(idx, s) for idx in group for s in steps]
+                problem = None
+                for k, (idx, s) in enumerate(work):
                     weight = len(idx) / (n_samples * len(steps))
-                    for s in steps:
+                    with self.policy.no_sync() if k < len(work) - 1 else contextlib.nullcontext():
                         with self._autocast():
                             out = recompute_logprobs(self.policy, traj, [s], sample_indices=idx,
                                                      with_reference=g.beta > 0)
                         logp = out.log_probs.float()
                         old = traj.log_probs_at([s])[idx.to(traj.log_probs.device)].to(logp.device)
                         if not _finite(logp):
-                            raise _Skip(f"recomputed log-probs have NaN/inf (timestep {s})")
+                            problem = problem or f"recomputed log-probs have NaN/inf (timestep {s})"
                         a = adv[idx.to(adv.device)]
                         policy_loss, m = grpo_loss(logp, old, a, torch.ones_like(logp), loss_type="grpo",
                                                    eps_low=g.clip_range, eps_high=g.clip_range)
@@ -528,20 +571,25 @@ class GRPOTrainer:
                             loss = loss + g.beta * kl
                             sums["kl"] += kl.item()
                         if not _finite(loss):
-                            raise _Skip(f"the loss is NaN/inf (timestep {s})")
+                            problem = problem or f"the loss is NaN/inf (timestep {s})"
+                        if problem is not None and self.world == 1:
+                            raise _Skip(problem)
                         scaled = loss * weight
                         (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-                        with torch.no_grad():
-                            ratio = torch.exp(logp - old)
-                            if updates == 0:
-                                on_policy_err = max(on_policy_err, (ratio - 1).abs().max().item())
-                            sums["ratio"] += ratio.mean().item()
-                            sums["clip_frac"] += ((ratio - 1).abs() > g.clip_range).float().mean().item()
-                            sums["approx_kl"] += (0.5 * (logp - old).square()).mean().item()
-                            sums["logp"] += logp.mean().item()
-                        sums["loss"] += loss.item()
-                        sums["policy_loss"] += policy_loss.item()
-                        count += 1
+                    with torch.no_grad():
+                        ratio = torch.exp(logp - old)
+                        if updates == 0:
+                            on_policy_err = max(on_policy_err, (ratio - 1).abs().max().item())
+                        sums["ratio"] += ratio.mean().item()
+                        sums["clip_frac"] += ((ratio - 1).abs() > g.clip_range).float().mean().item()
+                        sums["approx_kl"] += (0.5 * (logp - old).square()).mean().item()
+                        sums["logp"] += logp.mean().item()
+                    sums["loss"] += loss.item()
+                    sums["policy_loss"] += policy_loss.item()
+                    count += 1
+                self.policy.reshard()  # the reference's forwards leave its root gathered
+                if any_process(problem is not None, self.device):
+                    raise _Skip(problem or "another process's log-probs or loss are NaN/inf")
                 grad_norms.append(self._apply_update())
                 updates += 1
         metrics = {"loss": sums["loss"] / count, "policy_loss": sums["policy_loss"] / count}
@@ -549,8 +597,9 @@ class GRPOTrainer:
             metrics["kl"] = sums["kl"] / count
         metrics.update({"ratio_mean": sums["ratio"] / count, "onpolicy_ratio_err": on_policy_err,
                         "clip_frac": sums["clip_frac"] / count, "approx_kl": sums["approx_kl"] / count,
-                        "logp_mean": sums["logp"] / count, "adv_abs_mean": adv.abs().mean().item(),
-                        "grad_norm": sum(grad_norms) / len(grad_norms), "updates": float(updates),
+                        "logp_mean": sums["logp"] / count, "adv_abs_mean": adv.abs().mean().item()})
+        all_mean(metrics, sorted(metrics), self.device)  # per-process means -> means over every process
+        metrics.update({"grad_norm": sum(grad_norms) / len(grad_norms), "updates": float(updates),
                         "trained_timesteps": float(len(steps))})
         return metrics
 
@@ -558,11 +607,15 @@ class GRPOTrainer:
         """Clip, check and apply the accumulated gradient; raise _Skip (nothing applied) when it is not finite."""
         import torch
 
+        from ..distributed import average_gradients, full_tensor
+
         params = list(self.params.values())
+        average_gradients(self.policy.unsynced_parameters())  # text-encoder LoRA under DDP
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.optim.max_grad_norm
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+        norm = full_tensor(norm)  # FSDP2: the norm over every shard, a replicated DTensor
         if not math.isfinite(norm.item()):
             if self.scaler is not None:  # fp16 overflow: the scaler skips the step and lowers its scale
                 self.scaler.step(self.optimizer)
@@ -592,7 +645,9 @@ class GRPOTrainer:
         self._phase = "evaluating"
         n = cfg.prompts.eval_images_per_prompt
         with self.ema.swapped() if self.ema is not None else contextlib.nullcontext(), torch.no_grad():
-            traj = self._sample(self.eval_prompts, n, cfg.sampling.eval_seed)
+            traj = self._sample(self.eval_prompts, n, seed=cfg.sampling.eval_seed,
+                                same_initial_noise_per_group=cfg.sampling.same_initial_noise)
+        self.policy.reshard()
         raw = self.scorer(traj.images, traj.prompts)
         total = sum(self.weights[k] * r for k, r in raw.items())
         ok = torch.isfinite(total)
@@ -607,13 +662,28 @@ class GRPOTrainer:
     # ------------------------------------------------------------------------------------------ saving
 
     def state_tensors(self) -> dict[str, Any]:
-        tensors = {f"param/{n}": p.detach() for n, p in self.params.items()}
+        """The trainable tensors (and the EMA's), whole, on the CPU: under FSDP2 gathered one at a time (a
+        collective: every process calls it)."""
+        from ..distributed import full_tensor
+
+        tensors = {f"param/{n}": full_tensor(p.detach()).cpu() for n, p in self.params.items()}
         if self.ema is not None:
-            tensors.update({f"ema/{n}": t for n, t in self.ema.shadow.items()})
+            tensors.update({f"ema/{n}": full_tensor(t).cpu() for n, t in self.ema.shadow.items()})
         return tensors
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """The optimizer's state dict, whole (under FSDP2 gathered to the CPU by name: a collective)."""
+        if self.policy.strategy != "fsdp":
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.policy.denoiser, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def load_state(self, ckpt: Any) -> None:
         import torch
+
+        from ..distributed import shard_like
 
         missing = [n for n in self.params if f"param/{n}" not in ckpt.tensors]
         if missing:
@@ -621,49 +691,72 @@ class GRPOTrainer:
                              "was it written with another lora / model config?")
         with torch.no_grad():
             for n, p in self.params.items():
-                p.copy_(ckpt.tensors[f"param/{n}"])
+                p.copy_(shard_like(ckpt.tensors[f"param/{n}"], p))
             if self.ema is not None:
-                for n in self.ema.shadow:
+                for n, t in self.ema.shadow.items():
                     key = f"ema/{n}"
-                    self.ema.shadow[n].copy_(ckpt.tensors[key] if key in ckpt.tensors else self.params[n])
-        self.optimizer.load_state_dict(ckpt.objects["optim"])
+                    t.copy_(shard_like(ckpt.tensors[key], t) if key in ckpt.tensors else self.params[n])
+        optim = ckpt.objects["optim"]
+        if self.policy.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.policy.denoiser, self.optimizer, optim_state_dict=optim,
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(optim)
         if self.scaler is not None and "scaler" in ckpt.objects:
             self.scaler.load_state_dict(ckpt.objects["scaler"])
         self.consecutive_skips = int(ckpt.state.get("consecutive_skips", 0))
         self.skipped_total = int(ckpt.state.get("skipped_total", 0))
 
-    def save_weights(self, folder: Path) -> None:
-        """The trained weights in diffusers' formats under `folder`: lora/ (+ lora_ema/), or denoiser/."""
+    def _plain_denoiser(self) -> Any:
+        """The denoiser without checkpointing wrappers or FSDP2 shards, for `save_pretrained` (under FSDP2 a
+        collective; on ranks other than 0 it returns None)."""
+        from ..checkpointing import iter_wrappers, remove_checkpointing
+        from ..distributed import full_tensor
+
+        den = self.policy.denoiser
+        if self.policy.strategy == "fsdp":
+            state = {n.replace(_WRAPPED, ""): full_tensor(t).cpu() for n, t in den.state_dict().items()}
+            if self.rank != 0:
+                return None
+            plain = type(den).from_config(den.config)
+            plain.load_state_dict(state)
+            return plain
+        if any(True for _ in iter_wrappers(den)):
+            import copy
+
+            plain = copy.deepcopy(den)
+            remove_checkpointing(plain)
+            return plain
+        return den
+
+    def save_weights(self, folder: Path, denoiser: Any = None) -> None:
+        """The trained weights in diffusers' formats under `folder`: lora/ (+ lora_ema/), or denoiser/
+        (`denoiser`: a plain copy from `_plain_denoiser`, else made here)."""
         if self.policy.has_lora:
             self.policy.save_lora(folder / "lora")
             if self.ema is not None:
                 with self.ema.swapped():
                     self.policy.save_lora(folder / "lora_ema")
         else:
-            from ..checkpointing import iter_wrappers
-
-            if any(True for _ in iter_wrappers(self.policy.denoiser)):
-                import copy
-
-                from ..checkpointing import remove_checkpointing
-
-                plain = copy.deepcopy(self.policy.denoiser)
-                remove_checkpointing(plain)
-            else:
-                plain = self.policy.denoiser
-            plain.save_pretrained(folder / "denoiser", safe_serialization=True)
+            (denoiser if denoiser is not None else self._plain_denoiser()).save_pretrained(
+                folder / "denoiser", safe_serialization=True)
 
     def save(self, step: int) -> Path | None:
-        """A checkpoint (and the run folder's lora/, replaced atomically)."""
+        """A checkpoint (and the run folder's lora/, replaced atomically). Every process calls it (under FSDP2
+        the tensors are gathered); rank 0 writes."""
         if self.run is None:
             return None
-        objects = {"optim": self.optimizer.state_dict()}
+        tensors, optim = self.state_tensors(), self.optimizer_state()
+        plain = self._plain_denoiser() if self.policy.strategy == "fsdp" else None
+        objects = {"optim": optim}
         if self.scaler is not None:
             objects["scaler"] = self.scaler.state_dict()
-        path = self.run.save_checkpoint(step, self.state_tensors(),
+        path = self.run.save_checkpoint(step, tensors,
                                         {"consecutive_skips": self.consecutive_skips,
                                          "skipped_total": self.skipped_total},
-                                        objects, write_extra=self.save_weights)
+                                        objects, write_extra=lambda folder: self.save_weights(folder, plain))
         if path is not None:
             for name in ("lora", "lora_ema", "denoiser"):
                 if (path / name).exists():
@@ -682,9 +775,11 @@ class GRPOTrainer:
         ckpt = run.load_checkpoint()
         if ckpt is not None:
             self.load_state(ckpt)
-        n_params = sum(p.numel() for p in self.params.values())
+        n_params = sum(p.numel() * (self.world if hasattr(p, "device_mesh") else 1) for p in self.params.values())
         what = "LoRA" if self.policy.has_lora else "full fine-tuning"
-        run.info(f"diffusion-grpo: {self.policy.family} model, {what} ({n_params:,} trainable parameters), "
+        procs = f" x {self.world} processes ({self.policy.strategy})" if self.world > 1 else ""
+        run.info(f"diffusion-grpo: {self.policy.family} model on {self.device}{procs}, {what} "
+                 f"({n_params:,} trainable parameters), "
                  f"{cfg.prompts.per_step} prompts x {cfg.sampling.group_size} images per step, "
                  f"{cfg.sampling.steps} sampling steps, reward {' + '.join(cfg.reward.names)}"
                  + (f", gradient checkpointing {cfg.memory.gradient_checkpointing} on {len(self.checkpointed)} "
@@ -700,7 +795,7 @@ class GRPOTrainer:
                 run.log(step, metrics)
             if run.every(step, cfg.run.checkpoint_every) or run.is_last(step):
                 self.save(step)
-        summary = reward_summary(run.out_dir / "metrics.csv")
+        summary = reward_summary(run.out_dir / "metrics.csv") if run.is_main else None
         if summary:
             run.info(summary)
         if self.device.type == "cuda":
@@ -791,6 +886,9 @@ def train(cfg: DiffusionGRPOConfig, run: Any) -> int | None:
     from ..config import ConfigError
 
     try:
+        from .processes import prepare_processes
+
+        prepare_processes(cfg.model.device, embedded=cfg.model.model is None)
         GRPOTrainer(cfg, run).fit()
     except ConfigError as exc:  # what a field names turned out unusable (a prompt file's rows, reward options)
         run.info(f"stopped: {exc}")

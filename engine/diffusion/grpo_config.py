@@ -115,7 +115,8 @@ class PromptsSection:
     split: str = field("train", "dataset split of prompts.train")
     eval_split: str = field("test", "dataset split of prompts.eval")
     limit: int | None = field(None, "use only the first N training prompts (after a seeded shuffle)", check=gt(0))
-    per_step: int = field(4, "prompts per training step; each is sampled sampling.group_size times", check=gt(0))
+    per_step: int = field(4, "prompts per training step, over all processes; each is sampled sampling.group_size "
+                          "times", check=gt(0))
     num_eval: int = field(4, "evaluation prompts sampled at each evaluation", check=gt(0))
     eval_images_per_prompt: int = field(2, "images per evaluation prompt", check=gt(0))
 
@@ -196,8 +197,9 @@ class OptimSection:
                                        check=Check(lambda b: all(0 <= x < 1 for x in b), "must be in [0, 1)"))
     weight_decay: float = field(1e-4, "AdamW weight decay", check=ge(0))
     eps: float = field(1e-8, "AdamW epsilon", check=gt(0))
-    grad_accum: int = field(0, "micro-batches (each with all its trained timesteps) accumulated per optimizer step; "
-                            "0: all of a step's micro-batches (one update per step and inner epoch)", check=ge(0))
+    grad_accum: int = field(0, "micro-batches (each with all its trained timesteps) accumulated per optimizer step, "
+                            "on each process; 0: all of a step's micro-batches (one update per step and inner epoch)",
+                            check=ge(0))
     max_grad_norm: float | None = field(1.0, "clip the gradient norm to this (none: no clipping)", check=gt(0))
     mixed_precision: Literal["no", "bf16", "fp16"] = field(
         "no", "run the denoiser under torch.autocast in this dtype, in sampling and training alike (fp16 adds a "

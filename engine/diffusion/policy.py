@@ -33,6 +33,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["DiffusionPolicy", "LoraOptions", "PromptEmbeddings", "Schedule", "load_policy"]
+__all__ = ["DiffusionPolicy", "LoraOptions", "PromptEmbeddings", "Schedule", "block_names", "load_policy"]
 
 PIPELINE_FAMILIES = {
     "StableDiffusionPipeline": "sd",
@@ -254,6 +255,8 @@ class DiffusionPolicy:
         self._cache: dict[str, PromptEmbeddings] = {}
         self._reference_model: nn.Module | None = None
         self._use_reference = False
+        self._ddp: nn.Module | None = None  # DistributedDataParallel(denoiser) after parallelize("ddp")
+        self.strategy: str | None = None  # "ddp" / "fsdp" after parallelize
 
         if self.family == "sd":
             from diffusers import DDIMScheduler
@@ -374,6 +377,70 @@ class DiffusionPolicy:
             raise ValueError(f"decay must lie in [0, 1], got {decay}")
         for r, p in zip(self._reference_model.parameters(), self.denoiser.parameters()):
             r.lerp_(p.to(r.dtype), 1 - decay)
+
+    # ------------------------------------------------------------------ several processes
+
+    def parallelize(self, strategy: str) -> None:
+        """Spread training over the processes of the default process group (call after activation
+        checkpointing is applied, before the optimizer is built):
+
+        - "ddp" (LoRA): DistributedDataParallel over the denoiser; every forward that back-propagates goes
+          through it (one forward per backward, as the GRPO trainer does), so gradients are averaged during
+          backward. Trainable text-encoder LoRA weights lie outside it: `unsynced_parameters()` lists them
+          for the trainer to average (`engine.distributed.average_gradients`).
+        - "fsdp" (full fine-tuning): FSDP2 `fully_shard` of every block (`block_names`) and of the denoiser,
+          and of the frozen reference copy the same way; parameters become DTensor shards.
+        """
+        if strategy == "ddp":
+            if not self.has_lora:
+                raise ValueError("parallelize('ddp') is for LoRA; full fine-tuning uses 'fsdp'")
+            import inspect
+
+            from torch.nn.parallel import DistributedDataParallel
+
+            # The denoiser's buffers (SD3's 226 MB positional table) are equal everywhere and never change: no
+            # broadcast at each forward (the keyword is forward_sync_buffers from torch 2.14 on).
+            accepted = inspect.signature(DistributedDataParallel).parameters
+            quiet = "forward_sync_buffers" if "forward_sync_buffers" in accepted else "broadcast_buffers"
+            self._ddp = DistributedDataParallel(
+                self.denoiser, device_ids=[self.device.index] if self.device.type == "cuda" else None, **{quiet: False})
+        elif strategy == "fsdp":
+            if self.has_lora:
+                raise ValueError("parallelize('fsdp') is for full fine-tuning; LoRA uses 'ddp'")
+            from torch.distributed.fsdp import fully_shard
+
+            for module in [self.denoiser] + ([self._reference_model] if self._reference_model is not None else []):
+                for name in block_names(module):
+                    fully_shard(module.get_submodule(name))
+                fully_shard(module)
+        else:
+            raise ValueError(f"strategy must be 'ddp' or 'fsdp'; got {strategy!r}")
+        self.strategy = strategy
+
+    def no_sync(self) -> Any:
+        """A context (around forward and backward) in which gradients accumulate on each process without being
+        averaged: all but the last backward of an update."""
+        if self.strategy == "ddp":
+            return self._ddp.no_sync()
+        if self.strategy == "fsdp":
+            from ..distributed import fsdp_no_sync
+
+            return fsdp_no_sync(self.denoiser)
+        return contextlib.nullcontext()
+
+    def reshard(self) -> None:
+        """FSDP2: free the gathered root parameters that a forward without backward (sampling, evaluation, the
+        reference) leaves behind; until then `named_parameters()` lists the gathered tensors, not the shards
+        the optimizer holds. Nothing without FSDP2."""
+        if self.strategy == "fsdp":
+            for module in [self.denoiser] + ([self._reference_model] if self._reference_model is not None else []):
+                module.reshard()
+
+    def unsynced_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters whose gradients no wrapper averages (text-encoder LoRA under DDP)."""
+        if self.strategy != "ddp":
+            return []
+        return [p for te in self.text_encoders for p in te.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ text
 
@@ -499,6 +566,8 @@ class DiffusionPolicy:
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, emb: PromptEmbeddings, guidance_scale: float) -> torch.Tensor:
         model = self._reference_model if self._use_reference else self.denoiser
+        if model is self.denoiser and self._ddp is not None and torch.is_grad_enabled():
+            model = self._ddp  # forwards that back-propagate go through DDP (its gradient hooks)
         if self.family == "sd":
             return model(x, t, encoder_hidden_states=emb.embeds, return_dict=False)[0]
         if self.family == "sd3":
@@ -610,6 +679,17 @@ class DiffusionPolicy:
         kwargs = {k: v for k, v in self.lora_state_dicts().items() if k in accepted}
         save(str(directory), safe_serialization=True, **kwargs)
         return Path(directory)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks|down_blocks|up_blocks)\.\d+$|^mid_block$")
+
+
+def block_names(denoiser: nn.Module) -> list[str]:
+    """The names of the denoiser's repeated blocks (transformer blocks, or the UNet's down / mid / up
+    blocks): the units of activation checkpointing and of FSDP2 sharding."""
+    return [name for name, _ in denoiser.named_modules() if _BLOCK.match(name)]
 
 
 # ----------------------------------------------------------------------------- loading

@@ -25,6 +25,14 @@ Determinism and resume: the prompts of a micro-batch are `prompt_batch(prompts, 
 and K come from (run.seed, step, micro-batch): pure functions of the step, so a resumed run (LoRA, AdamW state
 and gradient-scaler state restored from the checkpoint) repeats the uninterrupted run exactly.
 
+Several processes (torchrun; the same command): sampling.batch_size is per process; micro-batch m of a step is
+the world x batch_size prompts `prompt_batch(prompts, index, world * batch_size)`, process r taking the r-th
+slice, with the noise its samples would have in one process; every process holds the whole trainable weights
+(LoRA or the full denoiser), and after the backward of the step's micro-batches the gradients are averaged
+over the processes (`engine.distributed.average_gradients`; data parallel, no sharding: the many denoiser
+calls before one backward do not fit DDP's hooks), so one process with the same global batch takes the same
+step. Skips are decided on all processes together; rank 0 evaluates and writes the run folder.
+
 Robustness: a non-finite reward, loss or gradient norm skips the step (no optimizer update; logged as
 skipped=1 with the reason in train.log); an out-of-memory error stops the run with a message naming the
 settings to lower (`OutOfMemory`); config errors are raised by the config before anything is loaded.
@@ -48,6 +56,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
+from ..distributed import all_sum, any_process, average_gradients
 from ..runs import Run, Trainer, seed_everything
 from ..runs.atomic import fsync_dir, fsync_file
 from .reward_backprop_config import Resolved, RewardBackpropConfig, resolve
@@ -96,9 +105,11 @@ class RewardBackprop:
 
     def __init__(self, cfg: RewardBackpropConfig, policy: Any, reward: Any, *, resolved: Resolved | None = None,
                  train_prompts: Sequence[str] | None = None, eval_prompts: Sequence[str] | None = None) -> None:
+        from ..distributed import rank_and_world
         from .prompts import DEFAULT_EVAL_PROMPTS, DEFAULT_PROMPTS
 
         self.cfg = cfg
+        self.rank, self.world = rank_and_world()
         self.resolved = resolved or resolve(cfg)
         self.policy = policy
         self.reward = reward
@@ -128,12 +139,13 @@ class RewardBackprop:
     # ------------------------------------------------------------------------------------------ building
 
     @classmethod
-    def build(cls, cfg: RewardBackpropConfig) -> RewardBackprop:
-        """Load the rewards (first: a wrong reward fails before the model loads), prompts and the policy."""
+    def build(cls, cfg: RewardBackpropConfig, *, device: torch.device | None = None) -> RewardBackprop:
+        """Load the rewards (first: a wrong reward fails before the model loads), prompts and the policy (on
+        `device`, default cfg.device)."""
         resolved = resolve(cfg)
-        reward = build_reward(cfg)
+        reward = build_reward(cfg, device)
         train_prompts, eval_prompts = load_prompt_lists(cfg)
-        policy = build_policy(cfg, resolved)
+        policy = build_policy(cfg, resolved, device=device)
         return cls(cfg, policy, reward, resolved=resolved, train_prompts=train_prompts, eval_prompts=eval_prompts)
 
     def _named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
@@ -174,7 +186,8 @@ class RewardBackprop:
             vae_ckpt = "full"  # the VAE's cost is its convolutions; its one attention block is small
         with torch.set_grad_enabled(grad):
             emb = policy.encode_prompts(list(prompts))
-            gens = D.noise_generators(B, seed)
+            # this process's part of the micro-batch's generators: its samples' noise does not depend on the split
+            gens = D.noise_generators(B * self.world, seed)[self.rank * B:(self.rank + 1) * B]
             x = D.initial_latents(policy, B, gens, height=self.height, width=self.width)
             common = dict(guidance_scale=self.guidance_scale, generators=gens, noise_level=s.noise_level,
                           sde_type=s.sde_type, checkpointing=mem.checkpointing)
@@ -236,7 +249,9 @@ class RewardBackprop:
         reason = None
         for micro in range(accum):
             index = (step - 1) * accum + micro
-            prompts = prompt_batch(self.train_prompts, index, cfg.sampling.batch_size, seed=cfg.run.seed)
+            b = cfg.sampling.batch_size  # per process: the micro-batch of all processes is world x b prompts
+            prompts = prompt_batch(self.train_prompts, index, b * self.world, seed=cfg.run.seed)
+            prompts = prompts[self.rank * b:(self.rank + 1) * b]
             out = self.forward(prompts, seed=_seed("noise", cfg.run.seed, step, micro), k=self.choose_k(step, micro))
             ks.append(out.k)
             rewards.append(out.rewards.detach())
@@ -253,8 +268,11 @@ class RewardBackprop:
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             del out, loss
         grad_norm = float("nan")
+        if any_process(reason is not None, self.policy.device):
+            reason = reason or "a non-finite reward or loss on another process"
         if reason is None:
             params = [p for _, p in self.named_params]
+            average_gradients(params)  # several processes: the mean gradient of the whole micro-batches
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else float("inf")
@@ -274,16 +292,17 @@ class RewardBackprop:
             log.warning("step %d skipped: %s (no update applied; %d skipped so far)", step, reason,
                         self.skipped_total)
         self.optimizer.zero_grad(set_to_none=True)
+        device = self.policy.device
         r = torch.cat(rewards).float()
         refl = cfg.method == "refl"
-        metrics = {"reward_mean": _nan_mean(r), "loss": _nan_mean(torch.stack(losses)),
-                   "k": 1.0 if refl else sum(ks) / len(ks), "grad_norm": grad_norm, "reward_std": _nan_std(r),
+        metrics = {"reward_mean": _mean(r, device), "loss": _mean(torch.stack(losses), device),
+                   "k": 1.0 if refl else sum(ks) / len(ks), "grad_norm": grad_norm, "reward_std": _std(r, device),
                    "skipped": float(reason is not None), "lr": lr}
         if refl:
             metrics["refl_step"] = sum(ks) / len(ks)
         if len(raws) > 1:
             for n, vs in raws.items():
-                metrics[f"reward/{n}"] = _nan_mean(torch.cat(vs))
+                metrics[f"reward/{n}"] = _mean(torch.cat(vs), device)
         metrics["step_time"] = time.perf_counter() - t0
         self.last_skip_reason = reason
         return metrics
@@ -375,6 +394,21 @@ class RewardBackprop:
         return directory
 
 
+def _mean(t: torch.Tensor, device: torch.device) -> float:
+    """The mean over every process's values (NaN when any is NaN, or when there are none)."""
+    n = all_sum(t.numel(), device)
+    return all_sum(float(t.float().sum()), device) / n if n else float("nan")
+
+
+def _std(t: torch.Tensor, device: torch.device) -> float:
+    """The (unbiased) std over every process's values."""
+    n = all_sum(t.numel(), device)
+    if n < 2:
+        return 0.0
+    mean = all_sum(float(t.float().sum()), device) / n
+    return math.sqrt(max(all_sum(float((t.float() - mean).square().sum()), device) / (n - 1), 0.0))
+
+
 def _nan_mean(t: torch.Tensor) -> float:
     return float(t.float().mean()) if t.numel() else float("nan")
 
@@ -386,14 +420,14 @@ def _nan_std(t: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------- building parts
 
 
-def build_reward(cfg: RewardBackpropConfig) -> Any:
+def build_reward(cfg: RewardBackpropConfig, device: torch.device | str | None = None) -> Any:
     """The configured rewards as one `CombinedReward` (weighted sum, no normalisation), on the policy's device.
     Raises ConfigError naming reward.names when a reward turns out not to be differentiable."""
     from ..rewards import CombinedReward, load_reward
     from ..rewards.registry import _key
 
     rc = cfg.reward
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(device or cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     paths = {_key(k): v for k, v in rc.paths.items()}
     options = {_key(k): v for k, v in rc.options.items()}
     rewards = {}
@@ -424,7 +458,8 @@ def load_prompt_lists(cfg: RewardBackpropConfig) -> tuple[list[str], list[str]]:
     return train, evals
 
 
-def build_policy(cfg: RewardBackpropConfig, resolved: Resolved | None = None) -> Any:
+def build_policy(cfg: RewardBackpropConfig, resolved: Resolved | None = None, *,
+                 device: torch.device | None = None) -> Any:
     from .policy import LoraOptions, load_policy
 
     resolved = resolved or resolve(cfg)
@@ -434,7 +469,8 @@ def build_policy(cfg: RewardBackpropConfig, resolved: Resolved | None = None) ->
         lora = LoraOptions(rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, target_modules=resolved.lora_targets,
                            text_encoder=lc.text_encoder)
     kwargs = {"revision": cfg.revision} if cfg.revision else {}
-    return load_policy(cfg.model, device=cfg.device, dtype=None if cfg.dtype == "auto" else cfg.dtype, lora=lora,
+    return load_policy(cfg.model, device=device if device is not None else cfg.device,
+                       dtype=None if cfg.dtype == "auto" else cfg.dtype, lora=lora,
                        offload_text_encoders=cfg.memory.offload_text_encoders, offload_vae=cfg.memory.offload_vae,
                        patch_attention=cfg.memory.patch_attention, **kwargs)
 
@@ -483,32 +519,41 @@ def _fail(run: Run, exc: BaseException) -> None:
 
 
 def _train(cfg: RewardBackpropConfig, run: Run) -> int:
+    from ..distributed import local_device
+    from .processes import prepare_processes
+
     resolved = resolve(cfg)
+    try:
+        device = local_device(cfg.device or "auto", field="device")
+    except ValueError as exc:
+        _fail(run, ConfigError([("device", str(exc).split(": ", 1)[1])]))
+        return 2
+    prepare_processes(str(device), embedded=cfg.model is None)
     seed_everything(cfg.run.seed)
-    device = torch.device(cfg.device) if cfg.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and resolved.cpu_threads is not None:
         torch.set_num_threads(resolved.cpu_threads)
-    run.info(f"reward-backprop: method={cfg.method} model={cfg.model or 'embedded tiny SD3'} lr={resolved.lr} "
-             f"lora_targets={list(resolved.lora_targets) if cfg.lora.enabled else 'full fine-tuning'} "
-             f"rewards={cfg.reward.names} device={device}")
     try:
-        trainer = RewardBackprop.build(cfg)
+        trainer = RewardBackprop.build(cfg, device=device)
     except ConfigError as exc:
         _fail(run, exc)
         return 2
+    procs = f" x {trainer.world} processes (gradients averaged)" if trainer.world > 1 else ""
+    run.info(f"reward-backprop: method={cfg.method} model={cfg.model or 'embedded tiny SD3'} lr={resolved.lr} "
+             f"lora_targets={list(resolved.lora_targets) if cfg.lora.enabled else 'full fine-tuning'} "
+             f"rewards={cfg.reward.names} device={device}{procs}")
     ckpt = run.load_checkpoint()
     if ckpt is not None:
         trainer.load_state(ckpt.tensors, ckpt.objects, ckpt.state)
     rc = cfg.run
-    if run.start_step == 0 and rc.eval_every > 0:
-        run.log(0, _evaluate(trainer, run, 0))  # the reward before training
+    if run.start_step == 0 and rc.eval_every > 0 and run.is_main:
+        run.log(0, _evaluate(trainer, run, 0))  # the reward before training (rank 0 evaluates and logs)
     for step in run.steps():
         try:
             metrics = trainer.train_step(step)
         except OutOfMemory as exc:
             _fail(run, exc)
             return 3
-        evaluated = run.every(step, rc.eval_every)
+        evaluated = run.every(step, rc.eval_every) and run.is_main
         if evaluated:
             metrics.update(_evaluate(trainer, run, step))
         if run.every(step, rc.log_every) or metrics["skipped"] or evaluated:

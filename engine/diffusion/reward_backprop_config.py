@@ -77,7 +77,7 @@ class SamplingConfig:
     """The sampler whose last steps carry gradients."""
 
     num_steps: int = field(8, "denoising steps S per sample", check=gt(0))
-    batch_size: int = field(8, "prompts (one sample each) per micro-batch", check=gt(0))
+    batch_size: int = field(8, "prompts (one sample each) per micro-batch, on each process", check=gt(0))
     guidance_scale: float | None = field(None, "classifier-free guidance weight (Flux with a guidance embedding: "
                                          "its input); none: the model's default", check=ge(0))
     noise_level: float = field(0.0, "0: deterministic steps (flow Euler / DDIM eta=0, as DRaFT and AlignProp); "

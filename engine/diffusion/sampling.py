@@ -20,8 +20,9 @@ Steps outside `sde_window` are ODE steps: the same kernels with noise_level / et
 flow Euler step / DDIM eta = 0 step), no noise drawn and no log-prob. MixGRPO / Flow-GRPO-Fast /
 DanceGRPO train only the SDE steps.
 
-Randomness: every sample has its own CPU generator, seeded from `seed` (or drawn from `generator`), which
-draws its initial noise and then its step noise, as diffusers' `randn_tensor` does. A sample's noise
+Randomness: every sample has its own CPU generator, seeded from `seed` (or drawn from `generator`, or given
+per sample in `seeds`), which draws its initial noise and then its step noise, as diffusers' `randn_tensor`
+does. A sample's noise
 therefore does not depend on the batch it is in, and the same seed gives a bit-identical trajectory on the
 CPU (on a GPU, up to the kernels' determinism).
 """
@@ -173,9 +174,19 @@ def _columns(traj: Trajectory, step_indices) -> list[int]:
     return [where[s] for s in steps]
 
 
-def _generators(batch: int, seed: int | None, generator: torch.Generator | None) -> list[torch.Generator]:
-    if seed is not None and generator is not None:
-        raise ValueError("pass seed or generator, not both")
+def _int_list(name: str, values, n: int) -> list[int]:
+    values = list(values)
+    if len(values) != n or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"{name} must be {n} ints (one per sample), got {len(values)} values")
+    return values
+
+
+def _generators(batch: int, seed: int | None, generator: torch.Generator | None,
+                seeds: Sequence[int] | None = None) -> list[torch.Generator]:
+    if sum(x is not None for x in (seed, generator, seeds)) > 1:
+        raise ValueError("pass one of seed, generator and seeds")
+    if seeds is not None:
+        return [torch.Generator().manual_seed(s) for s in _int_list("seeds", seeds, batch)]
     if generator is None:
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
@@ -204,6 +215,8 @@ def sample(
     sde_type: str = "sde",
     seed: int | None = None,
     generator: torch.Generator | None = None,
+    seeds: Sequence[int] | None = None,
+    initial_noise_seeds: Sequence[int] | None = None,
     height: int | None = None,
     width: int | None = None,
     max_batch_size: int | None = None,
@@ -222,6 +235,12 @@ def sample(
         sde_window: (start, end): SDE steps are start <= i < end, ODE steps elsewhere; None: every step is SDE.
         sde_type: flow families: "sde" (Flow-GRPO) or "cps" (coefficients-preserving); ignored for DDIM.
         seed / generator: the randomness (one of them; neither: a random seed). See the module docstring.
+        seeds: instead, B ints: sample b's own generator is seeded with seeds[b]. A trainer that spreads one
+            batch over processes or micro-batches passes seeds that are a function of each sample's place in
+            the whole batch, so the samples do not depend on how the batch is split.
+        initial_noise_seeds: B ints: sample b's initial noise is drawn by a fresh generator seeded with
+            initial_noise_seeds[b] (its own generator then draws only its step noise). Equal values for the
+            samples of a group give them one starting point (DanceGRPO) even when the group is split.
         height, width: image size in px (default: policy.defaults).
         max_batch_size: samples per denoiser call (before CFG doubling); default: all B at once.
         decode: decode the final latents to images with the VAE.
@@ -260,11 +279,16 @@ def sample(
     group_ids = torch.arange(len(prompts)).repeat_interleave(G)
     embeddings = policy.encode_prompts(prompts).index(group_ids.to(policy.device)).detach()
     schedule = policy.schedule(S, height, width)
-    gens = _generators(B, seed, generator)
+    gens = _generators(B, seed, generator, seeds)
 
     C = policy.latent_channels
     device = policy.device
-    if same_initial_noise_per_group:
+    if initial_noise_seeds is not None:
+        if same_initial_noise_per_group:
+            raise ValueError("pass same_initial_noise_per_group or initial_noise_seeds, not both")
+        init = _int_list("initial_noise_seeds", initial_noise_seeds, B)
+        x0 = torch.cat([torch.randn((1, C, h, w), generator=torch.Generator().manual_seed(s)) for s in init])
+    elif same_initial_noise_per_group:
         first = [gens[j * G] for j in range(len(prompts))]
         x0 = torch.cat([torch.randn((1, C, h, w), generator=gen) for gen in first]).repeat_interleave(G, dim=0)
     else:

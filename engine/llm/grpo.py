@@ -41,16 +41,12 @@ FINAL_DIR = "final"
 
 
 def _device(name: str):
-    import torch
+    from ..distributed import local_device
 
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if name == "auto":
-        return torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return torch.device(f"cuda:{local}")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError([("model.device", f"{name!r} asked for, but torch sees no CUDA device")])
-    return torch.device(name)
+    try:
+        return local_device(name)
+    except ValueError as exc:
+        raise ConfigError([("model.device", str(exc).split(": ", 1)[1])]) from None
 
 
 def _dtype(name: str, device):
@@ -170,17 +166,10 @@ def init_distributed(cfg: LLMGRPOConfig) -> tuple[int, int]:
     """(rank, world size); under torchrun (WORLD_SIZE > 1) the default process group is started: NCCL on
     CUDA, gloo on the CPU."""
     import torch
-    import torch.distributed as dist
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        cuda = torch.cuda.is_available() and cfg.model.device != "cpu"
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+    from .. import distributed
+
+    return distributed.init_distributed(torch.cuda.is_available() and cfg.model.device != "cpu")
 
 
 def _write_final(trainer, out_dir: Path, state_dict=None) -> Path:

@@ -27,6 +27,8 @@ from torch import nn
 
 from fusedrl.kernels import fused_linear_grpo_loss, token_logprobs
 
+from ..distributed import fsdp_no_sync, fsdp_unsharded, full_tensor, shard_like
+
 log = logging.getLogger("fusedrl")
 
 __all__ = ["LoraSpec", "Policy", "SeqBatch", "disable_dropout"]
@@ -220,12 +222,7 @@ class Policy:
                              f"{unexpected[:5]} (was it saved with other LoRA settings?)")
         with torch.no_grad():
             for name, p in params.items():
-                value = tensors[name]
-                if hasattr(p, "device_mesh"):  # an FSDP2 shard: take this process's part of the whole tensor
-                    from torch.distributed.tensor import distribute_tensor
-
-                    value = distribute_tensor(value.to(p.device, p.dtype), p.device_mesh, p.placements)
-                p.copy_(value.to(p.device, p.dtype))
+                p.copy_(shard_like(tensors[name], p))  # an FSDP2 shard takes this process's part
 
     def _forward_module(self, reference: bool) -> nn.Module:
         if not reference:
@@ -290,23 +287,21 @@ class Policy:
         if self.strategy == "ddp":
             return self.engine.no_sync()
         if self.strategy == "fsdp":
-            return _fsdp_no_sync(self.forward_module)
+            return fsdp_no_sync(self.forward_module)
         return contextlib.nullcontext()
 
     def generation_context(self) -> Any:
         """Around `generate`: under FSDP2 the root's parameters (embeddings, final norm, LM head) are gathered
         for the duration (each layer gathers its own as it runs)."""
         if self.strategy == "fsdp":
-            return _fsdp_unsharded(self.forward_module)
+            return fsdp_unsharded(self.forward_module)
         return contextlib.nullcontext()
 
     def full_state(self) -> dict[str, torch.Tensor]:
         """The trainable tensors as whole CPU tensors (a collective under FSDP2: call it on every process)."""
         out = {}
         for name, t in self.trainable_state().items():
-            if hasattr(t, "full_tensor"):
-                t = t.full_tensor()
-            out[name] = t.detach().to("cpu")
+            out[name] = full_tensor(t).detach().to("cpu")
         return out
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -396,24 +391,6 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     if not lists:
         raise TypeError(f"{type(model).__name__}: no decoder layers found to shard")
     return list(max(lists, key=len))
-
-
-@contextlib.contextmanager
-def _fsdp_no_sync(module):
-    module.set_requires_gradient_sync(False)
-    try:
-        yield
-    finally:
-        module.set_requires_gradient_sync(True)
-
-
-@contextlib.contextmanager
-def _fsdp_unsharded(module):
-    module.unshard()
-    try:
-        yield
-    finally:
-        module.reshard()
 
 
 def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False):

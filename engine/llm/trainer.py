@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from ..advantages import group_advantages
+from ..distributed import all_gather, all_mean, all_sum, any_process, full_tensor
 from .config import LLMGRPOConfig
 from .data import PromptRecord, prompt_batch
 from .generation import Rollout, generate_completions
@@ -94,40 +95,6 @@ def oom_advice(cfg: LLMGRPOConfig, phase: str, rows: int) -> str:
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
     """The torch seed of training step `step` on process `rank`."""
     return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % 2**63
-
-
-def _all_sum(value: float, device) -> float:
-    import torch.distributed as dist
-
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t.item())
-
-
-def _all_gather(t: torch.Tensor, device) -> torch.Tensor:
-    """The 1-D tensors of every process (equal sizes), concatenated in rank order, on the CPU."""
-    import torch.distributed as dist
-
-    parts = [torch.empty_like(t, device=device) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.to(device))
-    return torch.cat(parts).cpu()
-
-
-def _all_mean(metrics: dict[str, float], keys: list[str], device) -> None:
-    """Average metrics[k] for k in keys over every process (in place)."""
-    import torch.distributed as dist
-
-    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    for k, v in zip(keys, (t / dist.get_world_size()).tolist()):
-        metrics[k] = v
-
-
-def _any(flag: bool, device, world: int) -> bool:
-    """True on every process when `flag` is True on any (the guards must skip on all processes together)."""
-    if world == 1:
-        return flag
-    return _all_sum(1.0 if flag else 0.0, device) > 0
 
 
 def plan_micro_batches(prompt_lens: Sequence[int], completion_lens: Sequence[int],
@@ -270,7 +237,7 @@ class LLMGRPOTrainer:
         n_tokens = float(mask[rows].sum().item())
         world = self.world_size
         if world > 1:  # the loss is the global mini-batch's: token counts over every process
-            n_tokens = _all_sum(n_tokens, self.device)
+            n_tokens = all_sum(n_tokens, self.device)
         if loss_type in ITEM_NORMALISED:
             opts["num_items"] = max(n_tokens, 1.0)
         self.optimizer.zero_grad(set_to_none=True)
@@ -311,10 +278,9 @@ class LLMGRPOTrainer:
                 sums[k] = sums.get(k, 0.0) + w * float(v)
         max_norm = self.cfg.optim.max_grad_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm is not None else math.inf)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = full_tensor(grad_norm)  # FSDP2: a replicated DTensor
         if world > 1:
-            total_loss = _all_sum(total_loss, self.device)
+            total_loss = all_sum(total_loss, self.device)
         out = {"loss": total_loss, "grad_norm": float(grad_norm), **{k: v / weight_sum for k, v in sums.items()}}
         if bad_loss is not None or not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
@@ -375,7 +341,7 @@ class LLMGRPOTrainer:
             self.consecutive_skips = 0
         if self.world_size > 1:  # per-process values -> the mean over processes (equal rows on each)
             global_keys = {"loss", "grad_norm", "lr", "skipped", "skipped_updates", "reward_std"}
-            _all_mean(metrics, sorted(k for k in metrics if k not in global_keys), self.device)
+            all_mean(metrics, sorted(k for k in metrics if k not in global_keys), self.device)
         first = [k for k in ("reward_mean", "loss", "kl", "completion_length") if k in metrics]  # the progress bar's
         return {**{k: metrics[k] for k in first}, **{k: v for k, v in metrics.items() if k not in first}}
 
@@ -385,7 +351,7 @@ class LLMGRPOTrainer:
         cfg, g = self.cfg, self.cfg.grpo
         device = self.device
         world = self.world_size
-        everyone = _all_gather(total, device) if world > 1 else total  # the rewards of every process, rank order
+        everyone = all_gather(total, device) if world > 1 else total  # the rewards of every process, rank order
         if not torch.isfinite(everyone).all():
             bad = [name for name, v in per.items() if not torch.isfinite(v).all()]
             where = ", ".join(bad) if bad else ("another process's rewards" if world > 1 else "the weighted sum")
@@ -403,12 +369,12 @@ class LLMGRPOTrainer:
         old_logp = rollout.old_logp.to(device)
         if cfg.sampling.old_logprobs == "recompute":
             old_logp = self.logprobs(batch)
-        if _any(not torch.isfinite(old_logp[mask.bool()]).all(), device, world):
+        if any_process(not torch.isfinite(old_logp[mask.bool()]).all(), device):
             return "non-finite sampling log-probs"
         ref_logp = None
         if g.beta != 0:
             ref_logp = self.logprobs(batch, reference=True)
-            if _any(not torch.isfinite(ref_logp[mask.bool()]).all(), device, world):
+            if any_process(not torch.isfinite(ref_logp[mask.bool()]).all(), device):
                 return "non-finite reference log-probs"
         self.policy.model.train()
         reasons = []

@@ -22,6 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(flow_sde_step); default: all")
     parser.add_argument("--sizes", choices=("default", "small"), default="default",
                         help="default: real model sizes; small: seconds on a CPU (CI)")
+    parser.add_argument("--shapes", default=None, metavar="LIST",
+                        help="comma-separated shapes to run, as the table prints them (e.g. 24x16x128x128); "
+                        "default: every shape of the selected sizes")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: the smallest shape of each op, mode and dtype, few reps (10 on CUDA, "
+                        "2 on a CPU, unless --reps), no torch.compile")
     parser.add_argument("--modes", default=None, metavar="LIST",
                         help="comma-separated modes to run (e.g. fwd,fwd+bwd); default: all")
     parser.add_argument("--providers", default=None, metavar="LIST",

@@ -28,6 +28,7 @@ from .timing import measure
 # reps keep `fusedrl bench` within minutes there; GPU calls take micro- to milliseconds. The first
 # GPU call compiles Triton kernels, hence several warm-up calls.
 DEFAULT_REPS = {"cuda": 100, "cpu": 5}
+QUICK_REPS = {"cuda": 10, "cpu": 2}  # --quick
 WARMUP = {"cuda": 5, "cpu": 1}
 # Without --reps, CPU calls continue past 5 reps (up to 100) until they add up to this much time.
 CPU_MIN_TIME_S = 0.25
@@ -172,6 +173,21 @@ def _run_provider(case: registry.Case, impl_for, provider: str, *, device: torch
     return result
 
 
+def smallest_shapes(cases: list[registry.Case]) -> list[registry.Case]:
+    """--quick: of the cases of each (op, mode, dtype), those of the smallest shape (fewest elements), in order."""
+    def size(case: registry.Case) -> int:
+        n = 1
+        for d in case.shape:
+            n *= d
+        return n
+
+    best: dict[tuple, int] = {}
+    for case in cases:
+        key = (case.module, case.op, case.mode, case.dtype)
+        best[key] = min(best.get(key, size(case)), size(case))
+    return [case for case in cases if size(case) == best[(case.module, case.op, case.mode, case.dtype)]]
+
+
 def _legend(device: torch.device) -> str:
     if device.type == "cuda":
         times = ("median/p20/p80: GPU time per call with the CPU running ahead (as inside a training step); "
@@ -218,6 +234,18 @@ def run_bench(args) -> int:
     except ValueError as exc:
         print(f"fusedrl bench: {exc}", file=sys.stderr)
         return 2
+    shapes = _split(getattr(args, "shapes", None))
+    if shapes is not None:
+        known_shapes = sorted({case.shape_str for case in cases})
+        unknown_shapes = sorted(set(shapes) - set(known_shapes))
+        if unknown_shapes:
+            print(f"fusedrl bench: --shapes: no case of the selected ops and sizes has shape {unknown_shapes}; "
+                  f"known: {', '.join(known_shapes)}", file=sys.stderr)
+            return 2
+        cases = [case for case in cases if case.shape_str in shapes]
+    quick = getattr(args, "quick", False)
+    if quick:
+        cases = smallest_shapes(cases)
     modes, providers = _split(args.modes), _split(args.providers)
     known_providers = {p for case in cases for p in case.providers}
     unknown = set(providers or ()) - known_providers
@@ -227,14 +255,15 @@ def run_bench(args) -> int:
         return 2
     cases = [case for case in cases if modes is None or case.mode in modes]
     plan = [(case, [p for p in case.providers if providers is None or p in providers]) for case in cases]
-    reps = args.reps or DEFAULT_REPS[device.type]
+    reps = args.reps or (QUICK_REPS if quick else DEFAULT_REPS)[device.type]
     warmup = WARMUP[device.type]
-    min_time_s = 0.0 if args.reps else CPU_MIN_TIME_S
+    min_time_s = 0.0 if args.reps or quick else CPU_MIN_TIME_S
     csv_path = Path(args.csv)
     meta = _meta(device)
     total = sum(len(p) for _, p in plan)
     print(f"fusedrl bench on {meta['device']}: {len(cases)} cases, {total} measurements, {reps} reps, "
-          f"sizes {args.sizes}; rows appended to {csv_path}", file=sys.stderr, flush=True)
+          f"sizes {args.sizes}{' (--quick)' if quick else ''}; rows appended to {csv_path}", file=sys.stderr,
+          flush=True)
 
     started = time.perf_counter()
     ceilings = measure_ceilings(device, reps, warmup)
@@ -263,7 +292,7 @@ def run_bench(args) -> int:
             print(f"{label} ...", end="", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
             result = _run_provider(case, impl_for, provider, device=device, reps=reps, warmup=warmup,
-                                   min_time_s=min_time_s, no_compile=args.no_compile)
+                                   min_time_s=min_time_s, no_compile=args.no_compile or quick)
             if result.timing is not None:
                 if provider == EAGER:
                     eager_ms = result.timing.median_ms

@@ -1,0 +1,166 @@
+"""Several processes (torchrun): the process group, the collectives the trainers share, and FSDP2 contexts.
+
+Every helper here works with one process too (no process group): the collectives then return their input.
+The trainers keep their processes in step by deciding every skip and stop through `any_process`, so that no
+process waits forever in a collective the others have left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+
+__all__ = ["all_gather", "all_mean", "all_sum", "any_process", "average_gradients", "env_world_size",
+           "fsdp_no_sync", "fsdp_unsharded", "full_tensor", "init_distributed", "local_device", "rank_and_world",
+           "shard_like"]
+
+
+def env_world_size() -> int:
+    """$WORLD_SIZE (torchrun sets it), 1 without it."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_device(name: str, *, field: str = "model.device") -> torch.device:
+    """The device a process trains on: "auto" -> cuda:$LOCAL_RANK when CUDA is there, else the CPU; "cuda"
+    under torchrun -> cuda:$LOCAL_RANK. A CUDA device asked for on a machine without one is a ValueError
+    naming `field`."""
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if name == "auto":
+        return torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"{field}: {name!r} asked for, but torch sees no CUDA device")
+    if name == "cuda" and env_world_size() > 1:
+        return torch.device(f"cuda:{local}")
+    return torch.device(name)
+
+
+def init_distributed(cuda: bool) -> tuple[int, int]:
+    """(rank, world size). Under torchrun (WORLD_SIZE > 1) starts the default process group if it is not
+    started yet: NCCL when `cuda` (and selects cuda:$LOCAL_RANK), gloo on the CPU."""
+    import torch.distributed as dist
+
+    if env_world_size() <= 1 and not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    if not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) when there is none."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _world() -> int:
+    return rank_and_world()[1]
+
+
+def all_sum(value: float, device: torch.device) -> float:
+    """The sum of `value` over every process."""
+    if _world() == 1:
+        return float(value)
+    import torch.distributed as dist
+
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def all_gather(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Every process's tensor (equal shapes), concatenated along dim 0 in rank order, on the CPU."""
+    if _world() == 1:
+        return t.detach().cpu()
+    import torch.distributed as dist
+
+    local = t.detach().to(device).contiguous()
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local)
+    return torch.cat(parts).cpu()
+
+
+def all_mean(metrics: dict[str, float], keys: Iterable[str], device: torch.device) -> None:
+    """metrics[k] <- its mean over every process, for k in keys (in place; every process passes the same keys)."""
+    keys = list(keys)
+    if _world() == 1 or not keys:
+        return
+    import torch.distributed as dist
+
+    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    for k, v in zip(keys, (t / dist.get_world_size()).tolist()):
+        metrics[k] = v
+
+
+def any_process(flag: bool, device: torch.device) -> bool:
+    """True on every process when `flag` is True on any: the guards skip a step on all processes together."""
+    if _world() == 1:
+        return bool(flag)
+    return all_sum(1.0 if flag else 0.0, device) > 0
+
+
+def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """p.grad <- its mean over every process (one flat all-reduce per dtype and device), for parameters that
+    no DDP / FSDP wrapper covers. A parameter without a gradient contributes zeros (every process must take
+    part in the same collectives)."""
+    world = _world()
+    if world == 1:
+        return
+    import torch.distributed as dist
+
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.nn.Parameter]] = {}
+    for p in params:
+        groups.setdefault((p.dtype, p.device), []).append(p)
+    for _key, ps in sorted(groups.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for p in ps:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).clone()
+            offset += n
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (DTensor; a collective: call it on every process), else `t`."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def shard_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`value` (a whole tensor) as `param` holds it: this process's shard when `param` is an FSDP2 DTensor."""
+    value = value.to(param.device, param.dtype)
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(value, param.device_mesh, param.placements)
+    return value
+
+
+@contextlib.contextmanager
+def fsdp_no_sync(module: Any) -> Iterator[None]:
+    """Inside: backward through the FSDP2 module accumulates gradients without reduce-scattering them."""
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
+
+
+@contextlib.contextmanager
+def fsdp_unsharded(module: Any) -> Iterator[None]:
+    """Inside: the FSDP2 module's own (root) parameters are gathered."""
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()

@@ -1,0 +1,155 @@
+"""Diffusion GRPO on several processes, on the CPU with gloo (2 processes via torch.multiprocessing.spawn): DDP for
+LoRA, FSDP2 (`fully_shard` of every transformer block and of the denoiser, reference copy too) for full
+fine-tuning.
+
+- Two processes, each sampling half of a step's images, take the same steps as one process with the whole batch:
+  the same samples (each image's noise is seeded by its place in the step, not by its process), the same gathered
+  rewards and group advantages, the same gradients at every optimizer step (averaged by DDP / FSDP2), the same
+  weights after; and both processes hold the same weights (gradients synchronized).
+- `fusedrl train diffusion-grpo` run by two processes writes one run folder (rank 0), builds the embedded default
+  once, and resumes; under FSDP2 the checkpoint and the saved denoiser hold whole tensors.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from .dist_helpers import free_port, setup_process
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+if not dist.is_available():  # pragma: no cover
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")]
+
+STEPS = 2
+
+
+def _config(model_dir: str, strategy: str, **over):
+    from fusedrl.engine.config import build_config
+    from fusedrl.engine.diffusion.grpo import DiffusionGRPOConfig
+
+    return build_config(DiffusionGRPOConfig, {
+        "model.model": model_dir, "lora.enabled": strategy == "ddp", "prompts.per_step": 2,
+        "sampling.group_size": 2, "sampling.steps": 3, "sampling.micro_batch": 2, "optim.lr": 1e-2,
+        "grpo.beta": 0.05, "grpo.clip_range": 1e-3, "run.seed": 5, "memory.gradient_checkpointing": "full", **over})
+
+
+def _train(model_dir: str, strategy: str) -> dict:
+    """STEPS steps of GRPOTrainer in this process (or this process's part); the gradients at each optimizer step
+    and the weights after, whole."""
+    from fusedrl.engine.diffusion.grpo import GRPOTrainer
+    from fusedrl.engine.distributed import full_tensor
+
+    trainer = GRPOTrainer(_config(model_dir, strategy), None)
+    grads, step = [], trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        grads.append({n: full_tensor(p.grad).clone() for n, p in trainer.params.items()})
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    metrics = [trainer.train_step(s) for s in range(1, STEPS + 1)]
+    params = {n: full_tensor(p.detach()).clone() for n, p in trainer.params.items()}
+    return {"metrics": metrics, "grads": grads, "params": params, "strategy": trainer.policy.strategy}
+
+
+def _worker(rank: int, world: int, port: int, model_dir: str, strategy: str, out: str) -> None:
+    setup_process(rank, world, port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.save(_train(model_dir, strategy), os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    from fusedrl.engine.diffusion import tiny_model_dir
+
+    return str(tiny_model_dir("sd3", tmp_path_factory.mktemp("tiny_dist")))
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process_with_the_same_batch(model_dir, tmp_path, strategy, monkeypatch):
+    monkeypatch.setenv("FUSEDRL_BACKEND", "torch")
+    torch.set_num_threads(1)
+    single = _train(model_dir, strategy)  # one process, the whole batch
+    mp.spawn(_worker, args=(2, free_port(), model_dir, strategy, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert single["strategy"] is None and all(r["strategy"] == strategy for r in ranks)
+    for r in ranks:
+        for i, (want, got) in enumerate(zip(single["metrics"], r["metrics"])):
+            assert got["skipped"] == 0 and want["skipped"] == 0
+            if i == 0:  # the same images (seeded per sample) from the same weights, rewards gathered
+                assert got["reward_mean"] == want["reward_mean"]
+            else:  # the weights after the first update differ in the last bits (gradient sums in another order)
+                assert got["reward_mean"] == pytest.approx(want["reward_mean"], rel=1e-5)
+            assert got["updates"] == want["updates"] == 1
+            for k in ("kl", "ratio_mean", "logp_mean"):
+                assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-9), k
+            for k in ("loss", "policy_loss"):  # on policy: -mean(A) + beta KL, zero up to the advantages' rounding
+                assert got[k] == pytest.approx(want[k], abs=1e-5), k
+        assert len(r["grads"]) == len(single["grads"]) == STEPS
+        for want, got in zip(single["grads"], r["grads"]):
+            assert max(g.abs().max() for g in want.values()) > 0
+            for n in want:
+                torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
+        # Adam's first steps move each weight by about lr * sign(grad) (lr 1e-2), so gradients equal to 1e-7 give
+        # weights equal to within 1% of one step where a gradient is near Adam's eps.
+        for n, want in single["params"].items():
+            torch.testing.assert_close(r["params"][n], want, rtol=1e-4, atol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+    a, b = (r["params"] for r in ranks)
+    assert all(torch.equal(a[n], b[n]) for n in a)  # the processes hold the same weights
+
+
+def _cli_worker(rank: int, world: int, port: int, argv: list[str], cache: str) -> None:
+    setup_process(rank, world, port)
+    os.environ["FUSEDRL_CACHE"] = cache  # the embedded default is built there once, by rank 0
+    from fusedrl.cli import main
+
+    try:
+        assert main(argv) == 0
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["ddp-lora", "fsdp-full"])
+def test_two_process_cli_run_and_resume(tmp_path, lora):
+    from fusedrl.engine.runs import read_checkpoint, read_metrics
+
+    out, cache = tmp_path / "run", str(tmp_path / "cache")
+    argv = ["train", "diffusion-grpo", "--out", str(out), "--prompts.per_step", "2", "--sampling.group_size", "2",
+            "--sampling.steps", "2", "--run.steps", "2", "--run.checkpoint_every", "1", "--run.eval_every", "2",
+            "--prompts.num_eval", "1", "--no-run.progress", "--no-run.tensorboard", "--grpo.beta", "0.05",
+            "--lora.enabled" if lora else "--no-lora.enabled"]
+    mp.spawn(_cli_worker, args=(2, free_port(), argv, cache), nprocs=2, join=True)
+    mp.spawn(_cli_worker, args=(2, free_port(), ["train", "diffusion-grpo", "--out", str(out), "--resume",
+                                                   "--run.steps", "3", "--no-run.progress"], cache),
+             nprocs=2, join=True)
+    rows = read_metrics(out / "metrics.csv")
+    assert [r["step"] for r in rows if r["step"] > 0] == [1, 2, 3] and all(r.get("skipped", 0) == 0 for r in rows)
+    log = (out / "train.log").read_text()
+    assert "resumed at step=2" in log and f"x 2 processes ({'ddp' if lora else 'fsdp'})" in log
+    ckpt = read_checkpoint(out / "checkpoints" / "step-00000003")
+    if lora:
+        assert all("lora_" in k for k in ckpt.tensors) and (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    else:  # whole tensors, not shards, in the checkpoint, the optimizer state and the saved denoiser
+        from diffusers import SD3Transformer2DModel
+
+        saved = dict(SD3Transformer2DModel.from_pretrained(out / "denoiser").named_parameters())
+        for k, v in ckpt.tensors.items():
+            name = k.removeprefix("param/denoiser.")
+            assert torch.equal(saved[name], v), k
+        assert len(ckpt.tensors) == len(saved)
+        state = ckpt.objects["optim"]["state"]
+        assert len(state) == len(ckpt.tensors)
+        for k, v in state.items():
+            assert not hasattr(v["exp_avg"], "placements") and v["exp_avg"].shape == saved[k].shape, k
