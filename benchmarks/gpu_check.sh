@@ -58,6 +58,8 @@ if [ "$LIST" = 1 ]; then
     done
     echo "          then torch.compile with what is left"
     echo "  NAME    one case module of fusedrl/bench/cases (e.g. token_logprobs): its tests, then its cases"
+    echo "  train_step  the end-to-end steps at real size (SD3.5-M-sized GRPO step, group 8, 512 px; SD1.5-sized"
+    echo "          DRaFT-50; Llama-1B-sized GRPO): fusedrl vs the plain loop, time and peak memory (not yet run on a GPU)"
     exit 0
 fi
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["all_gather", "all_mean", "all_sum", "any_process", "average_gradients", "env_world_size",
+__all__ = ["all_gather", "all_max", "all_mean", "all_sum", "any_process", "average_gradients", "env_world_size",
            "fsdp_no_sync", "fsdp_unsharded", "full_tensor", "init_distributed", "local_device", "rank_and_world",
            "shard_like"]
 
@@ -99,6 +99,17 @@ def all_mean(metrics: dict[str, float], keys: Iterable[str], device: torch.devic
     dist.all_reduce(t)
     for k, v in zip(keys, (t / dist.get_world_size()).tolist()):
         metrics[k] = v
+
+
+def all_max(value: float, device: torch.device) -> float:
+    """The largest `value` over every process."""
+    if _world() == 1:
+        return float(value)
+    import torch.distributed as dist
+
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
 
 
 def any_process(flag: bool, device: torch.device) -> bool:

@@ -142,6 +142,8 @@ def test_two_process_cli_run_and_resume(tmp_path, lora):
     argv = ["train", "llm-grpo", "--out", str(out), "--prompts.per_step", "4", "--sampling.group_size", "2",
             "--run.steps", "2", "--run.checkpoint_every", "1", "--no-run.progress", "--no-run.tensorboard",
             "--grpo.beta", "0.05", "--lora.enabled" if lora else "--no-lora.enabled"]
+    if not lora:  # FSDP2 with activation checkpointing of the (sharded) decoder layers
+        argv += ["--memory.gradient_checkpointing", "full"]
     mp.spawn(_cli_worker, args=(2, free_port(), argv), nprocs=2, join=True)
     mp.spawn(_cli_worker, args=(2, free_port(), ["train", "llm-grpo", "--out", str(out), "--resume",
                                                    "--run.steps", "3", "--no-run.progress"]), nprocs=2, join=True)

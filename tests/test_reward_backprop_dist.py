@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .dist_helpers import free_port, setup_process
+from .dist_helpers import assert_same_updates, cli_worker, free_port, setup_process
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -74,29 +74,7 @@ def test_two_processes_equal_one_process_with_twice_the_batch(model_dir, tmp_pat
             rel = 1e-6 if i == 0 else 1e-5  # after the first update the weights differ in the last bits
             for k in ("reward_mean", "loss", "reward_std"):
                 assert got[k] == pytest.approx(want[k], rel=rel, abs=1e-7), (i, k)
-        assert len(r["grads"]) == len(single["grads"]) == STEPS
-        for want, got in zip(single["grads"], r["grads"]):
-            assert max(g.abs().max() for g in want.values()) > 0
-            for n in want:
-                torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
-        # Adam's first steps move each weight by about lr * sign(grad) (lr 1e-2), so gradients equal to 1e-7 give
-        # weights equal to within 1% of one step where a gradient is near Adam's eps.
-        for n, want in single["params"].items():
-            torch.testing.assert_close(r["params"][n], want, rtol=1e-4, atol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
-    a, b = (r["params"] for r in ranks)
-    assert all(torch.equal(a[n], b[n]) for n in a)  # gradients averaged: the processes hold the same weights
-
-
-def _cli_worker(rank: int, world: int, port: int, argv: list[str], cache: str) -> None:
-    setup_process(rank, world, port)
-    os.environ["FUSEDRL_CACHE"] = cache
-    from fusedrl.cli import main
-
-    try:
-        assert main(argv) == 0
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    assert_same_updates(single, ranks, STEPS)
 
 
 def test_two_process_cli_run_and_resume(tmp_path):
@@ -106,8 +84,8 @@ def test_two_process_cli_run_and_resume(tmp_path):
     argv = ["train", "reward-backprop", "--out", str(out), "--sampling.batch_size", "1", "--sampling.num_steps", "3",
             "--run.steps", "2", "--run.checkpoint_every", "1", "--run.eval_every", "2", "--prompts.num_eval", "1",
             "--no-run.progress", "--no-run.tensorboard"]
-    mp.spawn(_cli_worker, args=(2, free_port(), argv, cache), nprocs=2, join=True)
-    mp.spawn(_cli_worker, args=(2, free_port(), ["train", "reward-backprop", "--out", str(out), "--resume",
+    mp.spawn(cli_worker, args=(2, free_port(), argv, cache), nprocs=2, join=True)
+    mp.spawn(cli_worker, args=(2, free_port(), ["train", "reward-backprop", "--out", str(out), "--resume",
                                                    "--run.steps", "3", "--no-run.progress"], cache),
              nprocs=2, join=True)
     rows = read_metrics(out / "metrics.csv")

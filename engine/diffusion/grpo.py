@@ -535,7 +535,7 @@ class GRPOTrainer:
 
         from fusedrl.kernels import grpo_loss
 
-        from ..distributed import all_mean, any_process
+        from ..distributed import all_max, all_mean, any_process
         from .sampling import recompute_logprobs
 
         cfg, g = self.cfg, self.cfg.grpo
@@ -598,7 +598,8 @@ class GRPOTrainer:
         metrics.update({"ratio_mean": sums["ratio"] / count, "onpolicy_ratio_err": on_policy_err,
                         "clip_frac": sums["clip_frac"] / count, "approx_kl": sums["approx_kl"] / count,
                         "logp_mean": sums["logp"] / count, "adv_abs_mean": adv.abs().mean().item()})
-        all_mean(metrics, sorted(metrics), self.device)  # per-process means -> means over every process
+        all_mean(metrics, sorted(k for k in metrics if k != "onpolicy_ratio_err"), self.device)  # over every process
+        metrics["onpolicy_ratio_err"] = all_max(on_policy_err, self.device)
         metrics.update({"grad_norm": sum(grad_norms) / len(grad_norms), "updates": float(updates),
                         "trained_timesteps": float(len(steps))})
         return metrics

@@ -1,0 +1,374 @@
+"""End-to-end training steps: fusedrl's path against the same step written plainly in PyTorch, as the research
+repositories and TRL write it. Models have random weights from configs (nothing is downloaded); the peak
+memory column is the point as much as the time.
+
+Ops (mode "train": the forward and backward of one optimizer step, without the optimizer update):
+- diffusion_grpo_step: Flow-GRPO's training pass over T trained timesteps of a micro-batch of B images on an
+  SD3-shaped transformer with LoRA (rank 8 on the attention projections), CFG as one batched call of 2B:
+  for each timestep the velocity, the SDE step's log-prob of the recorded next latents, the clipped GRPO loss,
+  backward. "eager" (the plain loop): diffusers' attention, Flow-GRPO's formula in eager ops
+  (`reference.flow_sde_step`), the clipped loss in torch ops. "fusedrl": `flow_sde_step` and `grpo_loss`;
+  "fusedrl_save_attention" / "fusedrl_full": with those checkpointing policies on the transformer blocks.
+  Shapes: default SD3.5-Medium-sized (24 layers, width 1536, dual attention in the first 13) at 512 px
+  (64 x 64 latents), B = 8 (one group), T = 2; small: a 2-layer width-32 model, 16 x 16 latents, B = 2, T = 2.
+- reward_backprop_step: DRaFT-K on an SD1.5-shaped UNet (LoRA) with DDIM (eta 1, CFG 7.5 as one call of 2B):
+  K denoising steps with gradient from noise, the loss the mean of the final latents' squares (the reward's
+  place), backward through all K. "eager": the plain loop, DDPO's formula in eager ops, no checkpointing
+  (memory grows with K; at real size it may not fit, and its row says so); "fusedrl": the `ddim_step` kernel,
+  every step checkpointed ("full"), as `engine.diffusion.differentiable` runs it. Shapes: default SD1.5-sized
+  (860M) at 512 px, B = 1, K = 50 (DRaFT through all 50 steps); small: a 2-level width-16 UNet, B = 1, K = 4.
+- llm_grpo_step: the GRPO loss of B completions of T tokens (prompt P tokens) on a Llama-shaped causal LM with
+  LoRA on the attention projections. "eager": the model's logits [B, T, V] in fp32, log_softmax + gather
+  (TRL's selective log-softmax), TRL's "dapo" loss in torch ops. "fusedrl": the hidden
+  states and `fused_linear_grpo_loss` (no [B, T, V] logits). Shapes: default Llama-3.2-1B-sized (16 layers,
+  width 2048, V = 128256), B = 8, P = 256, T = 1024; small: 2 layers, width 64, V = 4096, B = 4, P = 16,
+  T = 48.
+
+bytes: the weights read once; flops: 2 x the forward FLOPs of every model call, counted by torch's
+FlopCounterMode on the meta device (`counted`): the forward and the backward's activation gradients, the work
+any implementation must do (LoRA's weight gradients and checkpointing's recomputation are not counted). The
+fraction-of-ceiling column reads these steps against the bf16 matmul rate.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+
+from ..providers import EAGER, Impl, Skip
+from . import Case, CaseConfig
+
+# "eager" is the plain PyTorch loop (the baseline of the "vs eager" column)
+DIFFUSION_PROVIDERS = (EAGER, "fusedrl", "fusedrl_save_attention", "fusedrl_full")
+BACKPROP_PROVIDERS = (EAGER, "fusedrl")
+LLM_PROVIDERS = (EAGER, "fusedrl")
+NOISE_LEVEL = 0.7
+CLIP = 1e-4
+
+SD3_CONFIGS = {
+    "default": dict(sample_size=64, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                    attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                    caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                    dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
+    "small": dict(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
+                  num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
+                  pooled_projection_dim=32, pos_embed_max_size=16),
+}
+# (batch, latent side, text tokens, trained timesteps or K)
+DIFFUSION_SHAPES = {"default": (8, 64, 333, 2), "small": (2, 16, 8, 2)}
+BACKPROP_SHAPES = {"default": (1, 64, 77, 50), "small": (1, 16, 8, 4)}  # (batch, latent side, text tokens, K)
+UNET_CONFIGS = {
+    "default": dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+                    layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
+                    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+    "small": dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
+                  norm_num_groups=8),
+}
+LLAMA_CONFIGS = {
+    "default": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                    num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "small": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=True),
+}
+LLM_SHAPES = {"default": (8, 256, 1024), "small": (4, 16, 48)}  # (B, prompt P, completion T)
+
+
+def _need(module: str) -> None:
+    try:
+        __import__(module)
+    except ImportError as exc:
+        raise Skip(f"{module} is not installed") from exc
+
+
+def _params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------- diffusion
+
+
+def _denoiser(cls_name: str, config: dict, device: torch.device, dtype: torch.dtype):
+    """A diffusers denoiser (`cls_name`) with random weights in `dtype`, built where it runs (a 2B-parameter init
+    on the CPU takes most of a minute), with LoRA (fp32) on its attention projections."""
+    import diffusers
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = getattr(diffusers, cls_name)(**config).to(dtype)
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian",
+                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model
+
+
+def _velocity(model, x, t, emb, pooled, guidance: float = 4.5):
+    """CFG as one batched call of 2B (Flow-GRPO's transformer call), the guided velocity in fp32."""
+    dtype = next(model.parameters()).dtype
+    xx, tt = torch.cat([x, x]).to(dtype), torch.cat([t, t])
+    out = model(hidden_states=xx, timestep=tt, encoder_hidden_states=emb.to(dtype), pooled_projections=pooled.to(dtype),
+                return_dict=False)[0].float()
+    uncond, cond = out.chunk(2)
+    return uncond + guidance * (cond - uncond)
+
+
+def _plain_logp(x, v, sigma, sigma_next, prev):
+    from fusedrl.kernels.diffusion_step import reference
+
+    return reference.flow_sde_step(x, v, sigma, sigma_next, noise_level=NOISE_LEVEL, sde_type="sde",
+                                   sigma_max=float("nan"), noise=None, prev_sample=prev, ref_mean=None,
+                                   want_logp=True, out_dtype=torch.float32)[1]
+
+
+def _plain_clipped_loss(logp, old, adv):
+    ratio = torch.exp(logp - old)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - CLIP, 1.0 + CLIP)
+    return torch.maximum(unclipped, clipped).mean()
+
+
+def _diffusion_setup(size: str, dtype: torch.dtype, device: torch.device) -> Callable[[str], Impl]:
+    _need("diffusers")
+    _need("peft")
+    B, side, text, T = DIFFUSION_SHAPES[size]
+    cfg = SD3_CONFIGS[size]
+    model = _denoiser("SD3Transformer2DModel", SD3_CONFIGS[size], device, dtype)
+    g = torch.Generator().manual_seed(1)
+    C = cfg["in_channels"]
+    lat = torch.randn((B, T + 1, C, side, side), generator=g).to(device)  # recorded latents of T steps
+    emb = torch.randn((2 * B, text, cfg["joint_attention_dim"]), generator=g).to(device)
+    pooled = torch.randn((2 * B, cfg["pooled_projection_dim"]), generator=g).to(device)
+    sig = torch.linspace(0.9, 0.5, T + 1)
+    adv = torch.randn((B,), generator=g).to(device)
+    old = torch.zeros((B,), device=device)  # set below from the plain formula, so ratios are near 1
+
+    def step(provider: str):
+        from fusedrl.kernels import flow_sde_step, grpo_loss
+
+        for i in range(T):
+            x, prev = lat[:, i], lat[:, i + 1]
+            s0 = torch.full((B,), float(sig[i]), device=device)
+            s1 = torch.full((B,), float(sig[i + 1]), device=device)
+            v = _velocity(model, x, s0 * 1000, emb, pooled)
+            if provider == EAGER:
+                loss = _plain_clipped_loss(_plain_logp(x, v, s0, s1, prev), old, adv)
+            else:
+                logp = flow_sde_step(x, v, s0, s1, noise_level=NOISE_LEVEL, prev_sample=prev).logp
+                loss = grpo_loss(logp[:, None], old[:, None], adv, torch.ones_like(logp[:, None]), loss_type="grpo",
+                                 eps_low=CLIP, eps_high=CLIP)[0]
+            (loss / T).backward()
+        return [p.grad for p in model.parameters() if p.requires_grad]
+
+    with torch.no_grad():
+        s0 = torch.full((B,), float(sig[0]), device=device)
+        old.copy_(_plain_logp(lat[:, 0], _velocity(model, lat[:, 0], s0 * 1000, emb, pooled), s0,
+                              torch.full((B,), float(sig[1]), device=device), lat[:, 1]))
+    applied: dict[str, str] = {"policy": "none"}
+
+    def impl(provider: str) -> Impl:
+        policy = {"fusedrl_save_attention": "save_attention", "fusedrl_full": "full"}.get(provider, "none")
+        if policy != applied["policy"]:
+            from fusedrl.engine.checkpointing import apply_checkpointing, remove_checkpointing
+            from fusedrl.engine.diffusion.policy import block_names
+
+            remove_checkpointing(model)
+            if policy != "none":
+                blocks = set(block_names(model))
+                apply_checkpointing(model, policy, predicate=lambda name, _m: name in blocks)
+            applied["policy"] = policy
+
+        def fn():
+            model.zero_grad(set_to_none=True)
+            return step(provider)
+
+        # Without checkpointing a real-size group may not fit the card: then the row says so (a skip, not a bug).
+        return Impl(fn, inputs=(lat, emb, pooled), error_is_skip=policy == "none" and device.type == "cuda")
+
+    return impl
+
+
+def _backprop_setup(size: str, dtype: torch.dtype, device: torch.device) -> Callable[[str], Impl]:
+    _need("diffusers")
+    _need("peft")
+    from fusedrl.engine.checkpointing import checkpoint
+
+    B, side, text, K = BACKPROP_SHAPES[size]
+    cfg = UNET_CONFIGS[size]
+    model = _denoiser("UNet2DConditionModel", UNET_CONFIGS[size], device, dtype)
+    g = torch.Generator().manual_seed(2)
+    C = cfg["in_channels"]
+    x0 = torch.randn((B, C, side, side), generator=g).to(device)
+    noise = torch.randn((K, B, C, side, side), generator=g).to(device)
+    emb = torch.randn((2 * B, text, cfg["cross_attention_dim"]), generator=g).to(device)
+    # DDIM over K of SD1.5's 1000 training steps (scaled-linear betas, steps_offset 1, set_alpha_to_one False:
+    # the last step goes to alphas_cumprod[0], so every step has noise), t from high to low
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alphas = torch.cumprod(1 - betas, 0)
+    stride = 1000 // K
+    ts = torch.tensor([(K - 1 - i) * stride + 1 for i in range(K)])
+    a_t = [float(alphas[t]) for t in ts]
+    a_prev = [float(alphas[max(t - stride, 0)]) for t in ts.tolist()]
+
+    def transition(provider: str, x, i):
+        from fusedrl.kernels import ddim_step
+        from fusedrl.kernels.diffusion_step import reference
+
+        t = torch.full((2 * B,), int(ts[i]), device=device)
+        out = model(torch.cat([x, x]).to(dtype), t, encoder_hidden_states=emb.to(dtype), return_dict=False)[0].float()
+        uncond, cond = out.chunk(2)
+        eps = uncond + 7.5 * (cond - uncond)
+        at = torch.full((B,), a_t[i], device=device)
+        ap = torch.full((B,), a_prev[i], device=device)
+        if provider == EAGER:
+            return reference.ddim_step(eps, x, at, ap, eta=1.0, prediction_type="epsilon", clip_sample_range=None,
+                                       use_clipped_model_output=False, noise=noise[i], prev_sample=None,
+                                       ref_mean=None, want_logp=False, out_dtype=torch.float32)[0]
+        # as engine.diffusion.differentiable does: the kernel's mean and std, plus the given noise
+        st = ddim_step(eps, x, at, ap, eta=1.0, prev_sample=x)
+        return st.mean + st.std.view(-1, 1, 1, 1) * noise[i]
+
+    def impl(provider: str) -> Impl:
+        def fn():
+            model.zero_grad(set_to_none=True)
+            x = x0
+            for i in range(K):
+                if provider == EAGER:
+                    x = transition(provider, x, i)
+                else:  # every denoising step checkpointed, as the reward-backprop trainer runs it
+                    x = checkpoint(functools.partial(transition, provider), x, i, policy="full")
+            x.float().square().mean().backward()
+            return [p.grad for p in model.parameters() if p.requires_grad]
+
+        # The plain loop keeps every step's activations: at real sizes it may not fit (then the row says so).
+        return Impl(fn, inputs=(x0, noise, emb), error_is_skip=provider == EAGER and device.type == "cuda")
+
+    return impl
+
+
+# ----------------------------------------------------------------------------------------------- LLM
+
+
+def _llm_setup(size: str, dtype: torch.dtype, device: torch.device) -> Callable[[str], Impl]:
+    _need("transformers")
+    _need("peft")
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    B, P, T = LLM_SHAPES[size]
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**LLAMA_CONFIGS[size])
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(config).to(dtype)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                                  "o_proj"]))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    g = torch.Generator().manual_seed(3)
+    V = config.vocab_size
+    ids = torch.randint(0, V, (B, P + T), generator=g).to(device)
+    labels = ids[:, P:]
+    mask = torch.ones((B, T), device=device)
+    adv = torch.randn((B,), generator=g).to(device)
+    old = None  # on policy: TRL reuses the current log-probs (ratio 1), as the first inner iteration does
+    base = model.get_base_model()
+
+    def impl(provider: str) -> Impl:
+        from fusedrl.kernels import fused_linear_grpo_loss
+
+        def fn():
+            model.zero_grad(set_to_none=True)
+            if provider == EAGER:
+                logits = model(input_ids=ids).logits[:, P - 1:-1].float()
+                logp = torch.log_softmax(logits, dim=-1).gather(-1, labels[..., None]).squeeze(-1)
+                ratio = torch.exp(logp - logp.detach())  # TRL's dapo loss: token-level, over the batch's tokens
+                a = adv[:, None]
+                per_token = -torch.minimum(ratio * a, torch.clamp(ratio, 0.8, 1.2) * a)
+                loss = (per_token * mask).sum() / mask.sum()
+            else:
+                hidden = base.model(input_ids=ids).last_hidden_state[:, P - 1:-1]
+                loss = fused_linear_grpo_loss(hidden, base.lm_head.weight, labels, adv, mask, old_logp=old,
+                                              with_entropy=False, loss_type="dapo")[0]
+            loss.backward()
+            return [p.grad for p in model.parameters() if p.requires_grad]
+
+        return Impl(fn, inputs=(ids,))
+
+
+    return impl
+
+
+# ----------------------------------------------------------------------------------------------- cases
+
+
+@functools.cache
+def counted(op: str, size: str) -> tuple[int, int]:
+    """(parameters, forward FLOPs of one call) of the case's model at the case's shape, counted by torch's
+    FlopCounterMode on the meta device (nothing allocated, nothing run). One call: the CFG batch of 2B for
+    the diffusion models, B sequences of P + T tokens for the LM."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        if op == "llm_grpo_step":
+            import transformers
+
+            B, P, T = LLM_SHAPES[size]
+            model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_CONFIGS[size]))
+            args, kwargs = (), {"input_ids": torch.zeros((B, P + T), dtype=torch.long)}
+        elif op == "reward_backprop_step":
+            import diffusers
+
+            B, side, text, _ = BACKPROP_SHAPES[size]
+            cfg = UNET_CONFIGS[size]
+            model = diffusers.UNet2DConditionModel(**cfg)
+            args = (torch.randn(2 * B, cfg["in_channels"], side, side), torch.full((2 * B,), 500))
+            kwargs = {"encoder_hidden_states": torch.randn(2 * B, text, cfg["cross_attention_dim"])}
+        else:
+            import diffusers
+
+            B, side, text, _ = DIFFUSION_SHAPES[size]
+            cfg = SD3_CONFIGS[size]
+            model = diffusers.SD3Transformer2DModel(**cfg)
+            args, kwargs = (), {"hidden_states": torch.randn(2 * B, cfg["in_channels"], side, side),
+                                "timestep": torch.full((2 * B,), 500.0),
+                                "encoder_hidden_states": torch.randn(2 * B, text, cfg["joint_attention_dim"]),
+                                "pooled_projections": torch.randn(2 * B, cfg["pooled_projection_dim"])}
+        with FlopCounterMode(display=False) as counter:
+            model(*args, **kwargs)
+    return _params(model), int(counter.get_total_flops())
+
+
+def _case(op: str, size: str, shape: tuple[int, ...], calls: int, dtype: torch.dtype, providers, setup) -> Case:
+    """bytes: the weights read once; flops: 2 x the forward FLOPs of every model call (the forward and the
+    backward's activation gradients; LoRA's weight gradients and checkpointing's recompute are not counted)."""
+    try:
+        params, fwd = counted(op, size)
+    except ImportError:  # the case's setup reports the missing package as a skip
+        params, fwd = 0, 0
+    return Case(op, "train", shape, dtype, params * (2 if dtype == torch.bfloat16 else 4), providers, setup,
+                flops=2 * fwd * calls or None)
+
+
+def cases(config: CaseConfig) -> list[Case]:
+    size = "small" if config.sizes == "small" or config.device.type != "cuda" else "default"
+    device = config.device
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    B, side, text, T = DIFFUSION_SHAPES[size]
+    Bb, sideb, textb, K = BACKPROP_SHAPES[size]
+    Bl, P, Tl = LLM_SHAPES[size]
+    return [
+        _case("diffusion_grpo_step", size, (B, side, side, text, T), T, dtype, DIFFUSION_PROVIDERS,
+              functools.partial(_diffusion_setup, size, dtype, device)),
+        _case("reward_backprop_step", size, (Bb, sideb, sideb, textb, K), K, dtype, BACKPROP_PROVIDERS,
+              functools.partial(_backprop_setup, size, dtype, device)),
+        _case("llm_grpo_step", size, (Bl, P, Tl), 1, dtype, LLM_PROVIDERS,
+              functools.partial(_llm_setup, size, dtype, device)),
+    ]
