@@ -158,7 +158,11 @@ class SamplingSection:
     batch_size: int | None = field(None, "completions per generate call (none: all of a step's at once)",
                                    check=gt(0))
     backend: Literal["hf", "vllm"] = field("hf", "generation backend: transformers' generate, or vLLM "
-                                           "(experimental, needs the vllm package)")
+                                           "(EXPERIMENTAL, untested in fusedrl's CI: a colocated vllm.LLM per process, "
+                                           "weights synced after each update; needs the vllm package and "
+                                           "sampling.old_logprobs recompute)")
+    vllm_gpu_memory: float = field(0.3, "backend vllm: the fraction of GPU memory vLLM may take (weights and KV "
+                                   "cache)", check=Check(lambda v: 0 < v < 1, "must be in (0, 1)"))
     old_logprobs: Literal["sampling", "recompute"] = field(
         "sampling", "old log-probs of the ratio: recorded while sampling (no extra forward pass), or recomputed by a "
         "forward pass before training (TRL's way; use it when generation runs in another precision)")
@@ -169,6 +173,10 @@ class SamplingSection:
         if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:
             raise ValueError("backend: 'vllm' needs the vllm package, which is not installed (pip install vllm); "
                              "use the default 'hf' (transformers' generate)")
+        if self.backend == "vllm" and self.old_logprobs != "recompute":
+            raise ValueError("old_logprobs: with backend 'vllm' the old log-probs must be recomputed by the training "
+                             "model (vLLM's come from other kernels and precision): set sampling.old_logprobs "
+                             "recompute")
 
 
 @dataclass

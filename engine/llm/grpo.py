@@ -95,6 +95,7 @@ def _model_source(cfg: LLMGRPOConfig, out_dir: Path | None) -> tuple[str, bool]:
 def build(cfg: LLMGRPOConfig, out_dir: str | os.PathLike | None = None) -> Any:
     """Load everything a run needs, checking what can be checked before the weights load: returns the
     `LLMGRPOTrainer` (policy, rewards, prompts, optimizer). `out_dir` holds the embedded default's base_model/."""
+    import torch
     import transformers
 
     from ..checkpointing import apply_checkpointing
@@ -106,9 +107,6 @@ def build(cfg: LLMGRPOConfig, out_dir: str | os.PathLike | None = None) -> Any:
     from .trainer import LLMGRPOTrainer
 
     m = cfg.model
-    if cfg.sampling.backend == "vllm":
-        raise ConfigError([("sampling.backend", "generation with vLLM is not implemented in this version of fusedrl "
-                            "(it is planned as an experimental option); use 'hf'")])
     device = _device(m.device)
     source, embedded = _model_source(cfg, Path(out_dir) if out_dir is not None else None)
     # Prompts, rewards, tokenizer and model config first: every mistake found here costs no weight loading.
@@ -159,7 +157,15 @@ def build(cfg: LLMGRPOConfig, out_dir: str | os.PathLike | None = None) -> Any:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         # Before the optimizer exists: FSDP2 replaces the parameters by sharded ones.
         policy.parallelize("ddp" if cfg.lora.enabled else "fsdp", device)
-    return LLMGRPOTrainer(policy, terms, records, cfg)
+    generator = None
+    if cfg.sampling.backend == "vllm":  # experimental: see engine/llm/vllm_generation.py
+        from .vllm_generation import VLLMGenerator
+
+        names = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+        generator = VLLMGenerator(str(source), tokenizer, dtype=names[_dtype(m.dtype, device)],
+                                  gpu_memory=cfg.sampling.vllm_gpu_memory, max_model_len=context_length(model_config),
+                                  seed=cfg.run.seed)
+    return LLMGRPOTrainer(policy, terms, records, cfg, generator=generator)
 
 
 def init_distributed(cfg: LLMGRPOConfig) -> tuple[int, int]:

@@ -128,8 +128,10 @@ class LLMGRPOTrainer:
     grpo, optim, memory and prompts sections are read); optimizer: default AdamW over the trainable parameters."""
 
     def __init__(self, policy: Policy, terms: Sequence[RewardTerm], records: Sequence[PromptRecord],
-                 cfg: LLMGRPOConfig, *, optimizer: torch.optim.Optimizer | None = None):
+                 cfg: LLMGRPOConfig, *, optimizer: torch.optim.Optimizer | None = None, generator: Any = None):
         self.policy = policy
+        self.generator = generator  # an experimental vllm_generation.VLLMGenerator, or None (transformers' generate)
+        self.updates = 0  # optimizer steps taken by this trainer: the generator's weights are synced when it moves
         self.terms = list(terms)
         self.records = list(records)
         self.cfg = cfg
@@ -172,6 +174,13 @@ class LLMGRPOTrainer:
         """G completions of each record, with their sampled log-probs (model in eval mode, no gradient)."""
         s = self.cfg.sampling
         model = self.policy.model
+        if self.generator is not None:  # experimental vLLM: current weights in, G completions out
+            self.generator.sync_weights(model, self.updates)
+            return self.generator.generate(
+                [r.prompt for r in records], group_size=s.group_size, max_new_tokens=s.max_completion_length,
+                temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, stop=s.stop,
+                max_prompt_length=self.cfg.prompts.max_prompt_length, answers=[r.answer for r in records],
+                device=self.device)
         was_training = model.training
         model.eval()
         try:
@@ -287,6 +296,7 @@ class LLMGRPOTrainer:
             return out, bad_loss or f"the gradient norm is {float(grad_norm)}"
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.updates += 1
         return out, None
 
     # ------------------------------------------------------------------------------------------ a step
