@@ -35,6 +35,12 @@ BENCH_PLAN=(
     "logprobs|4|1|--reps 50"
 )
 
+# Parts run alone (--part NAME) with their own bench cap and options ("case module|cap %|reserve %|options");
+# a part not listed here gets "45|12|" (default reps) and the compile pass.
+PART_PLAN=(
+    "train_step|60|0|--reps 3"
+)
+
 PART=all
 BUDGET=420
 LIST=0
@@ -58,8 +64,9 @@ if [ "$LIST" = 1 ]; then
     done
     echo "          then torch.compile with what is left"
     echo "  NAME    one case module of fusedrl/bench/cases (e.g. token_logprobs): its tests, then its cases"
-    echo "  train_step  the end-to-end steps at real size (SD3.5-M-sized GRPO step, group 8, 512 px; SD1.5-sized"
-    echo "          DRaFT-50; Llama-1B-sized GRPO): fusedrl vs the plain loop, time and peak memory (not yet run on a GPU)"
+    echo "  train_step  whole training steps at real size (SD3.5-M-sized GRPO step, group 8, 512 px; SD1.5-sized"
+    echo "          DRaFT-50; Qwen2.5-1.5B- and Llama-8B-sized GRPO): fusedrl vs the plain loop and TRL's head, time"
+    echo "          and peak memory, bench capped at 60% of the budget, 3 reps (not yet run on a GPU)"
     exit 0
 fi
 
@@ -205,14 +212,23 @@ if [ "$PART" = all ]; then
             --csv "$OUT/bench.csv" || FAILED+=("bench_$op")
     done
 else
-    step bench_fused bench.log 45 12 "$PY" -m fusedrl bench "${OPS_ARGS[@]}" --no-compile \
+    cap=45 reserve=12 options="" compile_pass=1
+    for entry in "${PART_PLAN[@]}"; do
+        IFS='|' read -r op c r o <<<"$entry"
+        [ "$op" = "$PART" ] && cap=$c reserve=$r options=$o compile_pass=0
+    done
+    # shellcheck disable=SC2086  # options are words
+    step bench_fused bench.log "$cap" "$reserve" "$PY" -m fusedrl bench "${OPS_ARGS[@]}" --no-compile $options \
         --csv "$OUT/bench.csv" || FAILED+=("bench_fused")
 fi
 # The compile pass gets whatever time is left; running out of it is no failure (its rows so far are kept).
-step bench_compile bench.log 100 0 "$PY" -m fusedrl bench "${OPS_ARGS[@]}" --providers eager,compile \
-    --dtypes bf16 --reps 20 --csv "$OUT/bench.csv"
-rc=$?
-[ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && FAILED+=("bench_compile")
+# Parts of PART_PLAN have no torch.compile provider (whole training steps).
+if [ "$PART" = all ] || [ "${compile_pass:-1}" = 1 ]; then
+    step bench_compile bench.log 100 0 "$PY" -m fusedrl bench "${OPS_ARGS[@]}" --providers eager,compile \
+        --dtypes bf16 --reps 20 --csv "$OUT/bench.csv"
+    rc=$?
+    [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && FAILED+=("bench_compile")
+fi
 
 echo "gpu_check: $(( SECONDS - START )) s" | tee -a "$OUT/summary.txt"
 if [ "${#FAILED[@]}" -gt 0 ]; then

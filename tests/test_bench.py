@@ -12,6 +12,7 @@ import torch
 
 from fusedrl.bench import add_arguments, run
 from fusedrl.bench.cases import CaseConfig, collect
+from fusedrl.bench.providers import Skip
 from fusedrl.bench.report import COLUMNS, Result, append_csv
 from fusedrl.bench.timing import percentile
 
@@ -231,7 +232,12 @@ def test_train_step_cases_compute_the_same_gradients(op):
     config = CaseConfig(device=torch.device("cpu"), sizes="small", dtypes=(torch.float32,))
     case = next(c for c in train_step.cases(config) if c.op == op)
     impl_for = case.setup()
-    grads = {p: [g.clone() for g in impl_for(p).fn()] for p in case.providers}
+    grads = {}
+    for p in case.providers:
+        try:
+            grads[p] = [g.clone() for g in impl_for(p).fn()]
+        except Skip:  # a peer that is not installed
+            continue
     want = grads["eager"]
     assert want and max(float(g.abs().max()) for g in want) > 0
     for provider, got in grads.items():

@@ -17,12 +17,14 @@ Ops (mode "train": the forward and backward of one optimizer step, without the o
   (memory grows with K; at real size it may not fit, and its row says so); "fusedrl": the `ddim_step` kernel,
   every step checkpointed ("full"), as `engine.diffusion.differentiable` runs it. Shapes: default SD1.5-sized
   (860M) at 512 px, B = 1, K = 50 (DRaFT through all 50 steps); small: a 2-level width-16 UNet, B = 1, K = 4.
-- llm_grpo_step: the GRPO loss of B completions of T tokens (prompt P tokens) on a Llama-shaped causal LM with
-  LoRA on the attention projections. "eager": the model's logits [B, T, V] in fp32, log_softmax + gather
-  (TRL's selective log-softmax), TRL's "dapo" loss in torch ops. "fusedrl": the hidden
-  states and `fused_linear_grpo_loss` (no [B, T, V] logits). Shapes: default Llama-3.2-1B-sized (16 layers,
-  width 2048, V = 128256), B = 8, P = 256, T = 1024; small: 2 layers, width 64, V = 4096, B = 4, P = 16,
-  T = 48.
+- llm_grpo_step: the GRPO ("dapo") loss of B completions of T tokens after a P-token prompt, on a causal LM with
+  LoRA on the attention projections (and, on a GPU, activation checkpointing of every layer: TRL's default),
+  on policy. "eager": the model's logits [B, T, V] in fp32, log_softmax + gather, the loss in torch ops;
+  "trl": TRL 1.16's training path (`add_fused_lm_head`: the backbone's hidden states at the scored positions
+  through its chunked `ChunkedLogProbFunction`, log-probs and entropy), the same loss; "fusedrl": the hidden
+  states through `fused_linear_grpo_loss` (log-probs, entropy and loss; no [B, T, V] logits). Shapes
+  (B x P x T x hidden size): default Qwen2.5-1.5B-shaped at 8 x 256 x 1024 and Llama-3.1-8B-shaped at
+  8 x 256 x 4096 (issue 7's 40 GB target); small: a 2-layer width-64 Llama, 4 x 16 x 48.
 
 bytes: the weights read once; flops: 2 x the forward FLOPs of every model call, counted by torch's
 FlopCounterMode on the meta device (`counted`): the forward and the backward's activation gradients, the work
@@ -43,7 +45,7 @@ from . import Case, CaseConfig
 # "eager" is the plain PyTorch loop (the baseline of the "vs eager" column)
 DIFFUSION_PROVIDERS = (EAGER, "fusedrl", "fusedrl_save_attention", "fusedrl_full")
 BACKPROP_PROVIDERS = (EAGER, "fusedrl")
-LLM_PROVIDERS = (EAGER, "fusedrl")
+LLM_PROVIDERS = (EAGER, "trl", "fusedrl")
 NOISE_LEVEL = 0.7
 CLIP = 1e-4
 
@@ -69,13 +71,21 @@ UNET_CONFIGS = {
                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
                   norm_num_groups=8),
 }
-LLAMA_CONFIGS = {
-    "default": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                    num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
-    "small": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=True),
+# LLM cases: (model, B completions, prompt tokens P, completion tokens T); models: (transformers class, config)
+LLM_MODELS = {
+    "tiny-llama": ("LlamaForCausalLM", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=4096,
+                                            tie_word_embeddings=True)),
+    "qwen2.5-1.5b": ("Qwen2ForCausalLM", dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                              num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                                              tie_word_embeddings=True)),
+    "llama-3.1-8b": ("LlamaForCausalLM", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                              num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                              tie_word_embeddings=False)),
 }
-LLM_SHAPES = {"default": (8, 256, 1024), "small": (4, 16, 48)}  # (B, prompt P, completion T)
+LLM_CASES = {"default": [("qwen2.5-1.5b", 8, 256, 1024), ("llama-3.1-8b", 8, 256, 4096)],
+             "small": [("tiny-llama", 4, 16, 48)]}
+TRL_CHUNK = 4096  # TRL 1.16's _CHUNKED_LOGPROB_CHUNK_SIZE (trl.trainer.utils; not importable without datasets)
 
 
 def _need(module: str) -> None:
@@ -256,52 +266,76 @@ def _backprop_setup(size: str, dtype: torch.dtype, device: torch.device) -> Call
 # ----------------------------------------------------------------------------------------------- LLM
 
 
-def _llm_setup(size: str, dtype: torch.dtype, device: torch.device) -> Callable[[str], Impl]:
+def _llm(name: str, device: torch.device | str, dtype: torch.dtype | None = None):
+    import transformers
+
+    cls, cfg = LLM_MODELS[name]
+    config = getattr(transformers, cls.replace("ForCausalLM", "Config"))(**cfg)
+    with torch.device(device):
+        model = getattr(transformers, cls)(config)
+    return model.to(dtype) if dtype is not None else model
+
+
+def _dapo(logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """TRL's "dapo" loss on policy (old = current log-probs, ratio 1), in torch ops: token-level, over the tokens."""
+    ratio = torch.exp(logp - logp.detach())
+    a = adv[:, None]
+    per_token = -torch.minimum(ratio * a, torch.clamp(ratio, 0.8, 1.2) * a)
+    return (per_token * mask).sum() / mask.sum()
+
+
+def _llm_setup(name: str, B: int, P: int, T: int, dtype: torch.dtype, device: torch.device) -> Callable[[str], Impl]:
     _need("transformers")
     _need("peft")
-    import transformers
     from peft import LoraConfig, get_peft_model
 
-    B, P, T = LLM_SHAPES[size]
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(**LLAMA_CONFIGS[size])
-    with torch.device(device):
-        model = transformers.LlamaForCausalLM(config).to(dtype)
+    model = _llm(name, device, dtype)
+    if device.type == "cuda":  # TRL's GRPOConfig default, the same for every provider
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj",
                                                                                   "o_proj"]))
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
     g = torch.Generator().manual_seed(3)
-    V = config.vocab_size
+    V = model.config.vocab_size
     ids = torch.randint(0, V, (B, P + T), generator=g).to(device)
     labels = ids[:, P:]
     mask = torch.ones((B, T), device=device)
     adv = torch.randn((B,), generator=g).to(device)
-    old = None  # on policy: TRL reuses the current log-probs (ratio 1), as the first inner iteration does
     base = model.get_base_model()
 
     def impl(provider: str) -> Impl:
         from fusedrl.kernels import fused_linear_grpo_loss
 
+        if provider == "trl":
+            try:
+                from trl.kernels import ChunkedLogProbFunction
+            except ImportError as exc:
+                raise Skip("trl is not installed") from exc
+
         def fn():
             model.zero_grad(set_to_none=True)
-            if provider == EAGER:
+            if provider == EAGER:  # the logits [B, T, V] in fp32, log_softmax and gather
                 logits = model(input_ids=ids).logits[:, P - 1:-1].float()
-                logp = torch.log_softmax(logits, dim=-1).gather(-1, labels[..., None]).squeeze(-1)
-                ratio = torch.exp(logp - logp.detach())  # TRL's dapo loss: token-level, over the batch's tokens
-                a = adv[:, None]
-                per_token = -torch.minimum(ratio * a, torch.clamp(ratio, 0.8, 1.2) * a)
-                loss = (per_token * mask).sum() / mask.sum()
+                loss = _dapo(torch.log_softmax(logits, dim=-1).gather(-1, labels[..., None]).squeeze(-1), adv, mask)
+            elif provider == "trl":  # TRL 1.16's fused LM head (add_fused_lm_head): its chunked kernel on the
+                hidden = base.model(input_ids=ids).last_hidden_state[:, P - 1:-1]  # scored positions, + entropy
+                keep = mask.bool()
+                out = ChunkedLogProbFunction.apply(hidden[keep], base.lm_head.weight, None, labels[keep], 1.0,
+                                                   TRL_CHUNK, None, 1.0, ("log_probs", "entropy"))
+                logp = torch.zeros(mask.shape, dtype=out[0].dtype, device=device).masked_scatter(keep, out[0])
+                loss = _dapo(logp.float(), adv, mask)
             else:
                 hidden = base.model(input_ids=ids).last_hidden_state[:, P - 1:-1]
-                loss = fused_linear_grpo_loss(hidden, base.lm_head.weight, labels, adv, mask, old_logp=old,
-                                              with_entropy=False, loss_type="dapo")[0]
+                loss = fused_linear_grpo_loss(hidden, base.lm_head.weight, labels, adv, mask, with_entropy=True,
+                                              loss_type="dapo")[0]
             loss.backward()
             return [p.grad for p in model.parameters() if p.requires_grad]
 
-        return Impl(fn, inputs=(ids,))
-
+        # Without a fused head the [B, T, V] logits of a real-size case may not fit: then the row says so.
+        return Impl(fn, inputs=(ids,), error_is_skip=provider == EAGER and device.type == "cuda")
 
     return impl
 
@@ -313,15 +347,13 @@ def _llm_setup(size: str, dtype: torch.dtype, device: torch.device) -> Callable[
 def counted(op: str, size: str) -> tuple[int, int]:
     """(parameters, forward FLOPs of one call) of the case's model at the case's shape, counted by torch's
     FlopCounterMode on the meta device (nothing allocated, nothing run). One call: the CFG batch of 2B for
-    the diffusion models, B sequences of P + T tokens for the LM."""
+    the diffusion models, B sequences of P + T tokens for the LM (`op`: the LM's name in LLM_MODELS)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
-        if op == "llm_grpo_step":
-            import transformers
-
-            B, P, T = LLM_SHAPES[size]
-            model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_CONFIGS[size]))
+        if op in LLM_MODELS:
+            model = _llm(op, "meta")
+            B, P, T = next((b, p, t) for name, b, p, t in LLM_CASES[size] if name == op)
             args, kwargs = (), {"input_ids": torch.zeros((B, P + T), dtype=torch.long)}
         elif op == "reward_backprop_step":
             import diffusers
@@ -346,11 +378,12 @@ def counted(op: str, size: str) -> tuple[int, int]:
     return _params(model), int(counter.get_total_flops())
 
 
-def _case(op: str, size: str, shape: tuple[int, ...], calls: int, dtype: torch.dtype, providers, setup) -> Case:
+def _case(op: str, size: str, shape: tuple[int, ...], calls: int, dtype: torch.dtype, providers, setup,
+          model: str | None = None) -> Case:
     """bytes: the weights read once; flops: 2 x the forward FLOPs of every model call (the forward and the
     backward's activation gradients; LoRA's weight gradients and checkpointing's recompute are not counted)."""
     try:
-        params, fwd = counted(op, size)
+        params, fwd = counted(model or op, size)
     except ImportError:  # the case's setup reports the missing package as a skip
         params, fwd = 0, 0
     return Case(op, "train", shape, dtype, params * (2 if dtype == torch.bfloat16 else 4), providers, setup,
@@ -363,12 +396,14 @@ def cases(config: CaseConfig) -> list[Case]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     B, side, text, T = DIFFUSION_SHAPES[size]
     Bb, sideb, textb, K = BACKPROP_SHAPES[size]
-    Bl, P, Tl = LLM_SHAPES[size]
-    return [
+    out = [
         _case("diffusion_grpo_step", size, (B, side, side, text, T), T, dtype, DIFFUSION_PROVIDERS,
               functools.partial(_diffusion_setup, size, dtype, device)),
         _case("reward_backprop_step", size, (Bb, sideb, sideb, textb, K), K, dtype, BACKPROP_PROVIDERS,
               functools.partial(_backprop_setup, size, dtype, device)),
-        _case("llm_grpo_step", size, (Bl, P, Tl), 1, dtype, LLM_PROVIDERS,
-              functools.partial(_llm_setup, size, dtype, device)),
     ]
+    for name, Bl, P, Tl in LLM_CASES[size]:  # shape: B x P x T x hidden size (which model)
+        hidden = LLM_MODELS[name][1]["hidden_size"]
+        out.append(_case("llm_grpo_step", size, (Bl, P, Tl, hidden), 1, dtype, LLM_PROVIDERS,
+                         functools.partial(_llm_setup, name, Bl, P, Tl, dtype, device), model=name))
+    return out
