@@ -49,8 +49,10 @@ def test_empty_missing_and_unsupported(tmp_path):
             load_prompts(tmp_path / name)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_prompts(tmp_path / "missing.txt")
-    with pytest.raises(ValueError, match="unsupported extension"):
-        load_prompts(tmp_path / "p.json")
+    with pytest.raises(ValueError, match="unsupported extension '.tsv'"):
+        load_prompts(tmp_path / "p.tsv")
+    (tmp_path / "l.json").write_text('["a cat", {"prompt": "a dog"}]')  # .json and .parquet read too
+    assert load_prompts(tmp_path / "l.json") == ["a cat", "a dog"]
     with pytest.raises(TypeError, match="source"):
         load_prompts(3)
     with pytest.raises(ValueError, match="no prompts"):

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from ..checkpointing import POLICIES
 from ..config import Check, between, field, ge, gt, section
+from ..prompt_data import FILE_TYPES
 from ..runs import RunConfig
 
 __all__ = [
@@ -25,7 +26,6 @@ __all__ = [
 # Attention projections of diffusers' denoisers (UNet, SD3 and Flux transformers), as peft module names.
 DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 DEFAULT_TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-_PROMPT_FILE_TYPES = (".txt", ".jsonl", ".csv")
 
 
 def _looks_like_local_path(value: str) -> bool:
@@ -123,7 +123,7 @@ class PromptsSection:
     def __post_init__(self) -> None:
         for name in ("train", "eval"):
             value = getattr(self, name)
-            if value is not None and Path(value).suffix.lower() in _PROMPT_FILE_TYPES and not Path(value).is_file():
+            if value is not None and Path(value).suffix.lower() in FILE_TYPES and not Path(value).is_file():
                 raise ValueError(f"{name}: the prompt file {value!r} does not exist")
 
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from ..checkpointing import POLICIES
 from ..config import Check, between, field, ge, gt, section
+from ..prompt_data import FILE_TYPES
 from ..runs import RunConfig
 from .policy import DEFAULT_LORA_TARGETS
 
@@ -68,7 +69,7 @@ class PromptsConfig:
     def __post_init__(self) -> None:
         for name in ("train", "eval"):
             value = getattr(self, name)
-            if value and Path(value).suffix.lower() in (".txt", ".jsonl", ".csv") and not Path(value).is_file():
+            if value and Path(value).suffix.lower() in FILE_TYPES and not Path(value).is_file():
                 raise ValueError(f"{name}: prompt file {value!r} does not exist")
 
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from ..checkpointing import POLICIES
 from ..config import Check, field, ge, gt, section
+from ..prompt_data import FILE_TYPES
 from ..runs.run import RunConfig
 
 __all__ = [
@@ -25,7 +26,6 @@ __all__ = [
 ]
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
-PROMPT_FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
 
 # The embedded default's optimizer settings (a tiny model learning a toy task in a few CPU minutes).
 EMBEDDED_LR = 3e-4
@@ -137,7 +137,7 @@ class PromptsSection:
     def __post_init__(self) -> None:
         if self.train is not None:
             path = Path(self.train).expanduser()
-            if path.suffix.lower() in PROMPT_FILE_TYPES and not path.is_file():
+            if path.suffix.lower() in FILE_TYPES and not path.is_file():
                 raise ValueError(f"train: the prompt file {self.train!r} does not exist")
 
 

@@ -3,25 +3,24 @@
     records = load_prompt_records("train.jsonl", prompt_field="question", answer_field="answer", seed=0)
     batch = prompt_batch(records, step=12, per_step=8, seed=0)            # the records of training step 12
 
-Sources: a .jsonl / .json file (an object per line, or a JSON list of objects), a .csv file (a header row), a
-.parquet file (needs pandas or pyarrow), a `datasets` dataset name or a folder saved with `save_to_disk`, or a
-Python list of strings / dicts / (prompt, answer) pairs.
+Sources (read by `engine.prompt_data.read_rows`, shared with the diffusion engine): a .jsonl / .json file (an
+object per line, or a JSON list of objects), .txt (a prompt per line), a .csv file (a header row), a .parquet
+file (needs pandas or pyarrow), a `datasets` dataset name or a folder saved with `save_to_disk`, or a Python
+list of strings / dicts / (prompt, answer) pairs.
 
-`prompt_batch` is a pure function of (step, seed): a run resumed at step k draws exactly the prompts the killed
-run would have drawn, with no iterator state to save. Each epoch (a pass over the records) has its own
-permutation, seeded by (seed, epoch).
+`prompt_batch` is a pure function of (step, seed) (`engine.prompt_data.epoch_batch`): a run resumed at step k
+draws exactly the prompts the killed run would have drawn.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from ..prompt_data import epoch_batch, read_rows
 
 __all__ = ["PromptRecord", "load_prompt_records", "prompt_batch"]
 
@@ -32,67 +31,6 @@ class PromptRecord:
 
     prompt: str
     answer: Any = None
-
-
-def _rows_jsonl(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
-        return [r if isinstance(r, dict) else {"prompt": r} for r in rows]
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-        if isinstance(row, str):
-            row = {"prompt": row}
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{n}: each line must be a JSON object (or a string)")
-        rows.append({"_line": n, **row})
-    return rows
-
-
-def _rows_csv(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8", newline="") as f:
-        return [{"_line": n, **row} for n, row in enumerate(csv.DictReader(f), 2)]
-
-
-def _rows_parquet(path: Path) -> list[dict]:
-    try:
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    except ModuleNotFoundError:
-        pass
-    try:
-        import pandas as pd
-    except ModuleNotFoundError as exc:
-        raise ImportError(f"{path}: reading .parquet files needs pyarrow or pandas (pip install pyarrow)") from exc
-    return pd.read_parquet(path).to_dict("records")
-
-
-def _rows_dataset(name: str, split: str) -> list[dict]:
-    try:
-        import datasets
-    except ModuleNotFoundError as exc:
-        raise ImportError(f"{name!r} is not a .jsonl/.json/.csv/.parquet file; loading it as a dataset needs the "
-                          "`datasets` package (pip install datasets)") from exc
-    path = Path(name).expanduser()
-    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise ValueError(f"{name}: no split {split!r} (splits: {list(ds)}); set prompts.split")
-            ds = ds[split]
-    else:
-        ds = datasets.load_dataset(name, split=split)
-    return list(ds)
 
 
 def _records(rows: list[dict], prompt_field: str, answer_field: str | None, source: str) -> list[PromptRecord]:
@@ -152,15 +90,8 @@ def load_prompt_records(
                 raise TypeError(f"prompts: each item must be a str, a dict or a (prompt, answer) pair; got {item!r}")
         records = _records(rows, prompt_field, answer_field, "prompts")
     elif isinstance(source, (str, os.PathLike)):
-        path = Path(source).expanduser()
-        ext = path.suffix.lower()
-        if ext in (".jsonl", ".json", ".csv", ".parquet"):
-            if not path.is_file():
-                raise FileNotFoundError(f"prompt file {str(source)!r} does not exist")
-            reader = {".jsonl": _rows_jsonl, ".json": _rows_jsonl, ".csv": _rows_csv, ".parquet": _rows_parquet}[ext]
-            records = _records(reader(path), prompt_field, answer_field, str(path))
-        else:
-            records = _records(_rows_dataset(str(source), split), prompt_field, answer_field, str(source))
+        records = _records(read_rows(source, field=prompt_field, split=split), prompt_field, answer_field,
+                           str(source))
     else:
         raise TypeError(f"prompts source must be a path, a dataset name or a list; got {type(source).__name__}")
     if seed is not None:
@@ -171,18 +102,6 @@ def load_prompt_records(
 
 
 def prompt_batch(records: Sequence[PromptRecord], step: int, per_step: int, seed: int) -> list[PromptRecord]:
-    """The `per_step` records of training step `step` (>= 1): consecutive slices of per-epoch permutations
-    seeded by (seed, epoch), so the batch of any step is known without replaying the earlier ones."""
-    n = len(records)
-    if n == 0:
-        raise ValueError("no prompt records")
-    out = []
-    perms: dict[int, list[int]] = {}
-    for i in range((step - 1) * per_step, step * per_step):
-        epoch, j = divmod(i, n)
-        if epoch not in perms:
-            perm = list(range(n))
-            random.Random(seed * 1_000_003 + epoch).shuffle(perm)
-            perms[epoch] = perm
-        out.append(records[perms[epoch][j]])
-    return out
+    """The `per_step` records of training step `step` (>= 1): `engine.prompt_data.epoch_batch` of batch
+    step - 1, so the batch of any step is known without replaying the earlier ones."""
+    return epoch_batch(records, step - 1, per_step, seed=seed)
