@@ -1,8 +1,9 @@
 """Reward backpropagation on several processes, on the CPU with gloo (2 processes via torch.multiprocessing.spawn):
-each process differentiates its half of every micro-batch and the gradients are averaged, so two processes with
-sampling.batch_size b take the same steps as one process with 2b (same prompts, same noise per sample, same
-gradient, same weights after), for LoRA and for full fine-tuning; `fusedrl train reward-backprop` under two
-processes writes one run folder and resumes."""
+each process differentiates its half of every micro-batch and the gradients are averaged (LoRA) or
+reduce-scattered by FSDP2 (full fine-tuning), so two processes with sampling.batch_size b take the same steps as
+one process with 2b (same prompts, same noise per sample, same gradient, same weights after);
+`fusedrl train reward-backprop` under two processes writes one run folder and resumes (FSDP2: whole tensors in
+the checkpoint, the optimizer state and the saved denoiser)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ STEPS = 2
 def _train(model_dir: str, lora: bool, batch: int) -> dict:
     from fusedrl.engine.config import build_config
     from fusedrl.engine.diffusion.reward_backprop import RewardBackprop, RewardBackpropConfig
+    from fusedrl.engine.distributed import full_tensor
 
     cfg = build_config(RewardBackpropConfig, {
         "model": model_dir, "lora.enabled": lora, "sampling.num_steps": 3, "sampling.batch_size": batch,
@@ -37,12 +39,13 @@ def _train(model_dir: str, lora: bool, batch: int) -> dict:
     grads, step = [], trainer.optimizer.step
 
     def recording_step(*args, **kwargs):
-        grads.append({n: p.grad.clone() for n, p in trainer.named_params})
+        grads.append({n: full_tensor(p.grad).clone() for n, p in trainer.named_params})
         return step(*args, **kwargs)
 
     trainer.optimizer.step = recording_step
     metrics = [trainer.train_step(s) for s in range(1, STEPS + 1)]
-    return {"metrics": metrics, "grads": grads, "params": {n: p.detach().clone() for n, p in trainer.named_params}}
+    params = {n: full_tensor(p.detach()).clone() for n, p in trainer.named_params}
+    return {"metrics": metrics, "grads": grads, "params": params, "strategy": trainer.policy.strategy}
 
 
 def _worker(rank: int, world: int, port: int, model_dir: str, lora: bool, out: str) -> None:
@@ -68,6 +71,7 @@ def test_two_processes_equal_one_process_with_twice_the_batch(model_dir, tmp_pat
     single = _train(model_dir, lora, 2)
     mp.spawn(_worker, args=(2, free_port(), model_dir, lora, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert single["strategy"] is None and all(r["strategy"] == (None if lora else "fsdp") for r in ranks)
     for r in ranks:
         for i, (want, got) in enumerate(zip(single["metrics"], r["metrics"])):
             assert got["skipped"] == want["skipped"] == 0 and got["k"] == want["k"]
@@ -77,13 +81,14 @@ def test_two_processes_equal_one_process_with_twice_the_batch(model_dir, tmp_pat
     assert_same_updates(single, ranks, STEPS)
 
 
-def test_two_process_cli_run_and_resume(tmp_path):
-    from fusedrl.engine.runs import read_metrics
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "fsdp-full"])
+def test_two_process_cli_run_and_resume(tmp_path, lora):
+    from fusedrl.engine.runs import read_checkpoint, read_metrics
 
     out, cache = tmp_path / "run", str(tmp_path / "cache")
     argv = ["train", "reward-backprop", "--out", str(out), "--sampling.batch_size", "1", "--sampling.num_steps", "3",
             "--run.steps", "2", "--run.checkpoint_every", "1", "--run.eval_every", "2", "--prompts.num_eval", "1",
-            "--no-run.progress", "--no-run.tensorboard"]
+            "--no-run.progress", "--no-run.tensorboard", "--lora.enabled" if lora else "--no-lora.enabled"]
     mp.spawn(cli_worker, args=(2, free_port(), argv, cache), nprocs=2, join=True)
     mp.spawn(cli_worker, args=(2, free_port(), ["train", "reward-backprop", "--out", str(out), "--resume",
                                                    "--run.steps", "3", "--no-run.progress"], cache),
@@ -92,5 +97,16 @@ def test_two_process_cli_run_and_resume(tmp_path):
     assert [r["step"] for r in rows if r["step"] > 0] == [1, 2, 3] and all(r.get("skipped", 0) == 0 for r in rows)
     assert [r["step"] for r in rows if "eval/reward_mean" in r] == [0, 2, 3]  # every 2 steps and the last
     log = (out / "train.log").read_text()
-    assert "resumed at step=2" in log and "x 2 processes (gradients averaged)" in log
-    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert "resumed at step=2" in log and f"x 2 processes ({'gradients averaged' if lora else 'FSDP2'})" in log
+    if lora:
+        assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+        return
+    from diffusers import SD3Transformer2DModel  # whole tensors in the checkpoint, optimizer state, saved model
+
+    ckpt = read_checkpoint(out / "checkpoints" / "step-00000003")
+    saved = dict(SD3Transformer2DModel.from_pretrained(out / "lora").named_parameters())
+    assert len(ckpt.tensors) == len(saved)
+    for k, v in ckpt.tensors.items():
+        assert torch.equal(saved[k.removeprefix("denoiser.")], v), k
+    for k, v in ckpt.objects["optim"]["state"].items():
+        assert not hasattr(v["exp_avg"], "placements") and v["exp_avg"].shape == saved[k].shape, k

@@ -672,15 +672,6 @@ class GRPOTrainer:
             tensors.update({f"ema/{n}": full_tensor(t).cpu() for n, t in self.ema.shadow.items()})
         return tensors
 
-    def optimizer_state(self) -> dict[str, Any]:
-        """The optimizer's state dict, whole (under FSDP2 gathered to the CPU by name: a collective)."""
-        if self.policy.strategy != "fsdp":
-            return self.optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(self.policy.denoiser, self.optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
     def load_state(self, ckpt: Any) -> None:
         import torch
 
@@ -697,51 +688,22 @@ class GRPOTrainer:
                 for n, t in self.ema.shadow.items():
                     key = f"ema/{n}"
                     t.copy_(shard_like(ckpt.tensors[key], t) if key in ckpt.tensors else self.params[n])
-        optim = ckpt.objects["optim"]
-        if self.policy.strategy == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            set_optimizer_state_dict(self.policy.denoiser, self.optimizer, optim_state_dict=optim,
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            self.optimizer.load_state_dict(optim)
+        self.policy.load_optimizer_state(self.optimizer, ckpt.objects["optim"])
         if self.scaler is not None and "scaler" in ckpt.objects:
             self.scaler.load_state_dict(ckpt.objects["scaler"])
         self.consecutive_skips = int(ckpt.state.get("consecutive_skips", 0))
         self.skipped_total = int(ckpt.state.get("skipped_total", 0))
 
-    def _plain_denoiser(self) -> Any:
-        """The denoiser without checkpointing wrappers or FSDP2 shards, for `save_pretrained` (under FSDP2 a
-        collective; on ranks other than 0 it returns None)."""
-        from ..checkpointing import iter_wrappers, remove_checkpointing
-        from ..distributed import full_tensor
-
-        den = self.policy.denoiser
-        if self.policy.strategy == "fsdp":
-            state = {n.replace(_WRAPPED, ""): full_tensor(t).cpu() for n, t in den.state_dict().items()}
-            if self.rank != 0:
-                return None
-            plain = type(den).from_config(den.config)
-            plain.load_state_dict(state)
-            return plain
-        if any(True for _ in iter_wrappers(den)):
-            import copy
-
-            plain = copy.deepcopy(den)
-            remove_checkpointing(plain)
-            return plain
-        return den
-
     def save_weights(self, folder: Path, denoiser: Any = None) -> None:
         """The trained weights in diffusers' formats under `folder`: lora/ (+ lora_ema/), or denoiser/
-        (`denoiser`: a plain copy from `_plain_denoiser`, else made here)."""
+        (`denoiser`: `policy.plain_denoiser()`, taken by the caller on every process; else taken here)."""
         if self.policy.has_lora:
             self.policy.save_lora(folder / "lora")
             if self.ema is not None:
                 with self.ema.swapped():
                     self.policy.save_lora(folder / "lora_ema")
         else:
-            (denoiser if denoiser is not None else self._plain_denoiser()).save_pretrained(
+            (denoiser if denoiser is not None else self.policy.plain_denoiser()).save_pretrained(
                 folder / "denoiser", safe_serialization=True)
 
     def save(self, step: int) -> Path | None:
@@ -749,8 +711,8 @@ class GRPOTrainer:
         the tensors are gathered); rank 0 writes."""
         if self.run is None:
             return None
-        tensors, optim = self.state_tensors(), self.optimizer_state()
-        plain = self._plain_denoiser() if self.policy.strategy == "fsdp" else None
+        tensors, optim = self.state_tensors(), self.policy.optimizer_state(self.optimizer)
+        plain = self.policy.plain_denoiser() if self.policy.strategy == "fsdp" else None
         objects = {"optim": optim}
         if self.scaler is not None:
             objects["scaler"] = self.scaler.state_dict()

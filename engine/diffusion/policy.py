@@ -436,6 +436,48 @@ class DiffusionPolicy:
             for module in [self.denoiser] + ([self._reference_model] if self._reference_model is not None else []):
                 module.reshard()
 
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The optimizer's state dict, whole: under FSDP2 gathered to the CPU and keyed by parameter name (a
+        collective: every process calls it)."""
+        if self.strategy != "fsdp":
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.denoiser, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Restore what `optimizer_state` returned (under FSDP2 each process takes its shards)."""
+        if self.strategy != "fsdp":
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.denoiser, optimizer, optim_state_dict=state,
+                                 options=StateDictOptions(full_state_dict=True))
+
+    def plain_denoiser(self) -> nn.Module | None:
+        """The denoiser without activation-checkpointing wrappers or FSDP2 shards, for `save_pretrained`: itself
+        when it is plain, else a copy. Under FSDP2 a collective (every process calls it) whose copy only rank 0
+        gets (others: None)."""
+        from ..checkpointing import iter_wrappers, remove_checkpointing
+        from ..distributed import full_tensor, rank_and_world
+
+        den = self.denoiser
+        if self.strategy == "fsdp":
+            wrapped = "_checkpoint_wrapped_module."
+            state = {n.replace(wrapped, ""): full_tensor(t).cpu() for n, t in den.state_dict().items()}
+            if rank_and_world()[0] != 0:
+                return None
+            plain = type(den).from_config(den.config)
+            plain.load_state_dict(state)
+            return plain
+        if any(True for _ in iter_wrappers(den)):
+            plain = copy.deepcopy(den)
+            remove_checkpointing(plain)
+            return plain
+        return den
+
     def unsynced_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters whose gradients no wrapper averages (text-encoder LoRA under DDP)."""
         if self.strategy != "ddp":

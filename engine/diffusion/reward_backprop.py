@@ -27,11 +27,13 @@ and gradient-scaler state restored from the checkpoint) repeats the uninterrupte
 
 Several processes (torchrun; the same command): sampling.batch_size is per process; micro-batch m of a step is
 the world x batch_size prompts `prompt_batch(prompts, index, world * batch_size)`, process r taking the r-th
-slice, with the noise its samples would have in one process; every process holds the whole trainable weights
-(LoRA or the full denoiser), and after the backward of the step's micro-batches the gradients are averaged
-over the processes (`engine.distributed.average_gradients`; data parallel, no sharding: the many denoiser
-calls before one backward do not fit DDP's hooks), so one process with the same global batch takes the same
-step. Skips are decided on all processes together; rank 0 evaluates and writes the run folder.
+slice, with the noise its samples would have in one process. LoRA: every process holds the adapter, and after
+the backward of the step's micro-batches the gradients are averaged over the processes
+(`engine.distributed.average_gradients`: the many denoiser calls before one backward do not fit DDP's hooks).
+Full fine-tuning: FSDP2 (`fully_shard` of every block and of the denoiser), which reduce-scatters the
+gradients in the backward. Either way one process with the same global batch takes the same step. Skips are
+decided on all processes together; every process evaluates (FSDP2 needs them in step), rank 0 writes the run
+folder; checkpoints hold whole tensors.
 
 Robustness: a non-finite reward, loss or gradient norm skips the step (no optimizer update; logged as
 skipped=1 with the reason in train.log); an out-of-memory error stops the run with a message naming the
@@ -56,7 +58,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
-from ..distributed import all_sum, any_process, average_gradients
+from ..distributed import all_sum, any_process, average_gradients, full_tensor, shard_like
 from ..runs import Run, Trainer, seed_everything
 from ..runs.atomic import fsync_dir, fsync_file
 from .reward_backprop_config import Resolved, RewardBackpropConfig, resolve
@@ -112,6 +114,8 @@ class RewardBackprop:
         self.rank, self.world = rank_and_world()
         self.resolved = resolved or resolve(cfg)
         self.policy = policy
+        if self.world > 1 and not policy.has_lora and policy.strategy is None:
+            policy.parallelize("fsdp")  # before the optimizer: FSDP2 replaces the parameters by shards
         self.reward = reward
         self.train_prompts = list(train_prompts or DEFAULT_PROMPTS)
         self.eval_prompts = list(eval_prompts or DEFAULT_EVAL_PROMPTS)[: cfg.prompts.num_eval]
@@ -260,23 +264,25 @@ class RewardBackprop:
             losses.append(out.loss.detach())
             if not bool(torch.isfinite(out.rewards).all()):
                 reason = out.problem or "non-finite reward"
-                break
-            if not bool(torch.isfinite(out.loss)):
+            elif not bool(torch.isfinite(out.loss)):
                 reason = "non-finite loss"
+            # decided on every process together: under FSDP2 the backward is a collective
+            if any_process(reason is not None, self.policy.device):
+                reason = reason or "a non-finite reward or loss on another process"
                 break
             loss = out.loss / accum
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             del out, loss
+        self.policy.reshard()  # FSDP2: a skipped micro-batch's forwards (no backward) left the root gathered
         grad_norm = float("nan")
-        if any_process(reason is not None, self.policy.device):
-            reason = reason or "a non-finite reward or loss on another process"
         if reason is None:
             params = [p for _, p in self.named_params]
-            average_gradients(params)  # several processes: the mean gradient of the whole micro-batches
+            if self.policy.strategy != "fsdp":  # FSDP2 has reduce-scattered them already
+                average_gradients(params)  # several processes: the mean gradient of the whole micro-batches
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))
             if not math.isfinite(grad_norm):
                 reason = "non-finite gradient"
         if reason is None:
@@ -329,6 +335,7 @@ class RewardBackprop:
             scores = self.reward.score_all(images, prompts)
         finally:
             policy.train(True)
+            policy.reshard()  # FSDP2: the no-grad forwards left the root gathered
         r = scores.total.float()
         metrics = {"eval/reward_mean": _nan_mean(r), "eval/reward_std": _nan_std(r)}
         if len(scores.raw) > 1:
@@ -340,11 +347,13 @@ class RewardBackprop:
     # ------------------------------------------------------------------------------------------ state
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """The trainable parameters by name (what a checkpoint's tensors.safetensors holds)."""
-        return {n: p.detach() for n, p in self.named_params}
+        """The trainable parameters by name (what a checkpoint's tensors.safetensors holds), whole: under FSDP2
+        gathered one at a time (a collective: every process calls it)."""
+        return {n: full_tensor(p.detach()).cpu() for n, p in self.named_params}
 
     def state_objects(self) -> dict[str, Any]:
-        objects: dict[str, Any] = {"optim": self.optimizer.state_dict()}
+        """The optimizer (whole; a collective under FSDP2) and gradient-scaler states."""
+        objects: dict[str, Any] = {"optim": self.policy.optimizer_state(self.optimizer)}
         if self.scaler is not None:
             objects["scaler"] = self.scaler.state_dict()
         return objects
@@ -358,16 +367,17 @@ class RewardBackprop:
                              f"(e.g. {missing[0]}); was it saved with other LoRA settings?")
         with torch.no_grad():
             for n, p in own.items():
-                p.copy_(tensors[n].to(p.device, p.dtype))
-        self.optimizer.load_state_dict(objects["optim"])
+                p.copy_(shard_like(tensors[n], p))
+        self.policy.load_optimizer_state(self.optimizer, objects["optim"])
         if self.scaler is not None and "scaler" in objects:
             self.scaler.load_state_dict(objects["scaler"])
         self.skipped_total = int(state.get("skipped_total", 0))
 
-    def save_weights(self, directory: str | os.PathLike) -> Path:
+    def save_weights(self, directory: str | os.PathLike, denoiser: Any = None) -> Path:
         """LoRA (diffusers' format, loadable with `pipe.load_lora_weights(directory)`) or, for full fine-tuning,
-        the denoiser (`save_pretrained`) into `directory`, written next to it and moved into place file by
-        file (each file appears whole)."""
+        the denoiser (`save_pretrained`; `denoiser`: `policy.plain_denoiser()`, taken by the caller on every
+        process under FSDP2) into `directory`, written next to it and moved into place file by file (each file
+        appears whole)."""
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
@@ -375,7 +385,8 @@ class RewardBackprop:
             if self.policy.has_lora:
                 self.policy.save_lora(tmp)
             else:
-                self.policy.denoiser.save_pretrained(tmp, safe_serialization=True)
+                (denoiser if denoiser is not None else self.policy.plain_denoiser()).save_pretrained(
+                    tmp, safe_serialization=True)
             files = sorted(p for p in tmp.rglob("*") if p.is_file())
             for f in files:
                 fsync_file(f)
@@ -537,7 +548,10 @@ def _train(cfg: RewardBackpropConfig, run: Run) -> int:
     except ConfigError as exc:
         _fail(run, exc)
         return 2
-    procs = f" x {trainer.world} processes (gradients averaged)" if trainer.world > 1 else ""
+    procs = ""
+    if trainer.world > 1:
+        how = "FSDP2" if trainer.policy.strategy == "fsdp" else "gradients averaged"
+        procs = f" x {trainer.world} processes ({how})"
     run.info(f"reward-backprop: method={cfg.method} model={cfg.model or 'embedded tiny SD3'} lr={resolved.lr} "
              f"lora_targets={list(resolved.lora_targets) if cfg.lora.enabled else 'full fine-tuning'} "
              f"rewards={cfg.reward.names} device={device}{procs}")
@@ -545,27 +559,29 @@ def _train(cfg: RewardBackpropConfig, run: Run) -> int:
     if ckpt is not None:
         trainer.load_state(ckpt.tensors, ckpt.objects, ckpt.state)
     rc = cfg.run
-    if run.start_step == 0 and rc.eval_every > 0 and run.is_main:
-        run.log(0, _evaluate(trainer, run, 0))  # the reward before training (rank 0 evaluates and logs)
+    if run.start_step == 0 and rc.eval_every > 0:
+        run.log(0, _evaluate(trainer, run, 0))  # the reward before training (every process samples; rank 0 logs)
     for step in run.steps():
         try:
             metrics = trainer.train_step(step)
         except OutOfMemory as exc:
             _fail(run, exc)
             return 3
-        evaluated = run.every(step, rc.eval_every) and run.is_main
+        evaluated = run.every(step, rc.eval_every)
         if evaluated:
             metrics.update(_evaluate(trainer, run, step))
         if run.every(step, rc.log_every) or metrics["skipped"] or evaluated:
             run.log(step, metrics)
         if run.every(step, rc.checkpoint_every) or run.is_last(step):
+            # gathered on every process (collectives under FSDP2), written by rank 0
+            plain = trainer.policy.plain_denoiser() if not trainer.policy.has_lora else None
+            tensors, objects = trainer.state_tensors(), trainer.state_objects()
             if run.is_main:
-                trainer.save_weights(run.out_dir / LORA_DIR)
+                trainer.save_weights(run.out_dir / LORA_DIR, plain)
             # LoRA checkpoints also hold the diffusers-format LoRA (small); full fine-tuning's tensors are the
             # denoiser's weights already
             extra = (lambda folder: trainer.save_weights(folder / LORA_DIR)) if trainer.policy.has_lora else None
-            run.save_checkpoint(step, trainer.state_tensors(), {"skipped_total": trainer.skipped_total},
-                                trainer.state_objects(), write_extra=extra)
+            run.save_checkpoint(step, tensors, {"skipped_total": trainer.skipped_total}, objects, write_extra=extra)
     run.info(f"done: weights in {run.out_dir / LORA_DIR}"
              + (" (load with pipe.load_lora_weights(...))" if trainer.policy.has_lora else ""))
     return 0
