@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 __all__ = ["all_gather", "all_max", "all_mean", "all_sum", "any_process", "average_gradients", "env_world_size",
-           "fsdp_no_sync", "fsdp_unsharded", "full_tensor", "init_distributed", "local_device", "rank_and_world",
+           "fsdp_no_sync", "fsdp_unsharded", "full_tensor", "init_distributed", "load_optimizer_state", "local_device",
+           "optimizer_state", "rank_and_world",
            "shard_like"]
 
 
@@ -155,6 +156,29 @@ def shard_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
         return distribute_tensor(value, param.device_mesh, param.placements)
     return value
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, sharded_model: torch.nn.Module | None = None) -> dict:
+    """The optimizer's state dict, whole. With `sharded_model` (the FSDP2 module its parameters belong to): gathered
+    to the CPU and keyed by parameter name (a collective: every process calls it)."""
+    if sharded_model is None:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(sharded_model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict,
+                         sharded_model: torch.nn.Module | None = None) -> None:
+    """Restore what `optimizer_state` returned (with `sharded_model`, each process takes its shards)."""
+    if sharded_model is None:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(sharded_model, optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))
 
 
 @contextlib.contextmanager

@@ -437,24 +437,16 @@ class DiffusionPolicy:
                 module.reshard()
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """The optimizer's state dict, whole: under FSDP2 gathered to the CPU and keyed by parameter name (a
-        collective: every process calls it)."""
-        if self.strategy != "fsdp":
-            return optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        """The optimizer's state dict, whole (under FSDP2 gathered by name: a collective)."""
+        from ..distributed import optimizer_state
 
-        return get_optimizer_state_dict(self.denoiser, optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return optimizer_state(optimizer, self.denoiser if self.strategy == "fsdp" else None)
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         """Restore what `optimizer_state` returned (under FSDP2 each process takes its shards)."""
-        if self.strategy != "fsdp":
-            optimizer.load_state_dict(state)
-            return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from ..distributed import load_optimizer_state
 
-        set_optimizer_state_dict(self.denoiser, optimizer, optim_state_dict=state,
-                                 options=StateDictOptions(full_state_dict=True))
+        load_optimizer_state(optimizer, state, self.denoiser if self.strategy == "fsdp" else None)
 
     def plain_denoiser(self) -> nn.Module | None:
         """The denoiser without activation-checkpointing wrappers or FSDP2 shards, for `save_pretrained`: itself

@@ -27,7 +27,14 @@ from torch import nn
 
 from fusedrl.kernels import fused_linear_grpo_loss, token_logprobs
 
-from ..distributed import fsdp_no_sync, fsdp_unsharded, full_tensor, shard_like
+from ..distributed import (
+    fsdp_no_sync,
+    fsdp_unsharded,
+    full_tensor,
+    load_optimizer_state,
+    optimizer_state,
+    shard_like,
+)
 
 log = logging.getLogger("fusedrl")
 
@@ -306,21 +313,10 @@ class Policy:
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """The optimizer's state dict, whole (a collective under FSDP2: call it on every process)."""
-        if self.strategy != "fsdp":
-            return optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(self.model, optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return optimizer_state(optimizer, self.model if self.strategy == "fsdp" else None)
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        if self.strategy != "fsdp":
-            optimizer.load_state_dict(state)
-            return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state,
-                                 options=StateDictOptions(full_state_dict=True))
+        load_optimizer_state(optimizer, state, self.model if self.strategy == "fsdp" else None)
 
     # ------------------------------------------------------------------------------------------ saving
 
