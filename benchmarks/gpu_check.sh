@@ -63,6 +63,7 @@ if [ "$LIST" = 1 ]; then
         printf '            %-15s <= %3d s  (%s)\n' "$op" $(( cap * BUDGET / 100 )) "$options"
     done
     echo "          then torch.compile with what is left"
+    echo "  engine  the three trainers' embedded defaults on the GPU (60 / 40 / 150 steps), run folders in \$OUT/runs"
     echo "  NAME    one case module of fusedrl/bench/cases (e.g. token_logprobs): its tests, then its cases"
     echo "  train_step  whole training steps at real size (SD3.5-M-sized GRPO step, group 8, 512 px; SD1.5-sized"
     echo "          DRaFT-50; Qwen2.5-1.5B- and Llama-8B-sized GRPO): fusedrl vs the plain loop and TRL's head, time"
@@ -142,7 +143,10 @@ remove_shim() {
 }
 trap remove_shim EXIT
 
-if [ "$PART" = all ] || [ "$PART" = tests ]; then
+if [ "$PART" = engine ]; then
+    OPS_ARGS=()
+    TESTS=()  # the engine's tests run on CPUs in CI; this part runs the trainers themselves on the GPU
+elif [ "$PART" = all ] || [ "$PART" = tests ]; then
     OPS_ARGS=()
     # the kernels' tests (the engine's and the integrations' run on CPUs in CI)
     TESTS=(tests/test_diffusion_step*.py tests/test_logprobs.py tests/test_token_logprobs.py tests/test_grpo_loss.py
@@ -192,8 +196,30 @@ TEST_CAP=25 TEST_RESERVE=55  # % of the budget: the tests' cap, and what they le
 TEST_ARGS=(-v --maxfail=50 -rfE -p no:cacheprovider)
 "$PY" -c "import xdist" 2>/dev/null && TEST_ARGS+=(-n "${TEST_WORKERS:-12}")
 "$PY" -c "import pytest_timeout" 2>/dev/null && TEST_ARGS+=(--timeout 240)
-step tests tests.log "$TEST_CAP" "$TEST_RESERVE" env TRITON_INTERPRET=0 "$PY" -m pytest "${TESTS[@]}" "${TEST_ARGS[@]}" \
-    || FAILED+=("tests")
+if [ "${#TESTS[@]}" -gt 0 ]; then
+    step tests tests.log "$TEST_CAP" "$TEST_RESERVE" env TRITON_INTERPRET=0 "$PY" -m pytest "${TESTS[@]}" \
+        "${TEST_ARGS[@]}" || FAILED+=("tests")
+fi
+
+# --part engine: the three trainers' embedded defaults on the GPU (the fused kernels under real training),
+# short runs; run folders (config, metrics.csv, train.log with the reward summary and the peak GPU memory,
+# metrics.png, sample grids) under $OUT/runs.
+if [ "$PART" = engine ]; then
+    RUN_ARGS=(--no-run.progress --no-run.tensorboard)
+    step engine_diffusion_grpo engine.log 35 45 "$PY" -m fusedrl train diffusion-grpo --out "$OUT/runs/diffusion-grpo" \
+        --run.steps 60 --run.checkpoint_every 0 "${RUN_ARGS[@]}" || FAILED+=("engine_diffusion_grpo")
+    step engine_reward_backprop engine.log 30 20 "$PY" -m fusedrl train reward-backprop \
+        --out "$OUT/runs/reward-backprop" --run.steps 40 --run.checkpoint_every 0 "${RUN_ARGS[@]}" \
+        || FAILED+=("engine_reward_backprop")
+    step engine_llm_grpo engine.log 30 0 "$PY" -m fusedrl train llm-grpo --out "$OUT/runs/llm-grpo" --run.steps 150 \
+        --run.checkpoint_every 0 "${RUN_ARGS[@]}" || FAILED+=("engine_llm_grpo")
+    grep -h -E "reward_mean: first|peak GPU memory|stopped|Error" "$OUT"/runs/*/train.log 2>/dev/null \
+        | tee -a "$OUT/summary.txt"
+    echo "gpu_check: $(( SECONDS - START )) s" | tee -a "$OUT/summary.txt"
+    [ "${#FAILED[@]}" -gt 0 ] && { printf 'FAILED: %s\n' "${FAILED[@]}" | tee -a "$OUT/summary.txt"; exit 1; }
+    echo "all steps passed" | tee -a "$OUT/summary.txt"
+    exit 0
+fi
 
 
 if [ "$PART" = tests ]; then

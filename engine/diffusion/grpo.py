@@ -730,7 +730,6 @@ class GRPOTrainer:
 
     def fit(self) -> None:
         """Run (or resume) the training loop to run.steps, with logging, evaluation and checkpoints."""
-        import torch
 
         run, cfg = self.run, self.cfg
         if run is None:
@@ -761,8 +760,7 @@ class GRPOTrainer:
         summary = reward_summary(run.out_dir / "metrics.csv") if run.is_main else None
         if summary:
             run.info(summary)
-        if self.device.type == "cuda":
-            run.info(f"peak GPU memory {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB")
+        run.info_peak_memory(self.device)
 
 
 def reward_summary(metrics_csv: Path, key: str = "reward_mean") -> str | None:

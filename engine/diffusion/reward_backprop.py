@@ -582,6 +582,7 @@ def _train(cfg: RewardBackpropConfig, run: Run) -> int:
             # denoiser's weights already
             extra = (lambda folder: trainer.save_weights(folder / LORA_DIR)) if trainer.policy.has_lora else None
             run.save_checkpoint(step, tensors, {"skipped_total": trainer.skipped_total}, objects, write_extra=extra)
+    run.info_peak_memory(trainer.policy.device)
     run.info(f"done: weights in {run.out_dir / LORA_DIR}"
              + (" (load with pipe.load_lora_weights(...))" if trainer.policy.has_lora else ""))
     return 0

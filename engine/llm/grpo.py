@@ -242,6 +242,7 @@ def _run(cfg: LLMGRPOConfig, run) -> int | None:
                     policy.save_pretrained(folder / "model", state_dict=tensors)
 
             run.save_checkpoint(step, tensors, trainer.state_dict(), {"optim": optim}, write_extra=extra)
+    run.info_peak_memory(trainer.device)
     state = policy.full_state() if policy.strategy == "fsdp" else None
     if run.is_main:
         final = _write_final(trainer, run.out_dir, state)

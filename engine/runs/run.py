@@ -261,6 +261,12 @@ class Run:
             keys = self.progress_keys if self.progress_keys is not None else list(values)[:4]
             self._bar.set_postfix({k: f"{values[k]:.4g}" for k in keys if k in values}, refresh=False)
 
+    def info_peak_memory(self, device: Any) -> None:
+        """On a CUDA device: write its peak allocated memory (`torch.cuda.max_memory_allocated`) to train.log."""
+        device = torch.device(device)
+        if device.type == "cuda":
+            self.info(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+
     def info(self, message: str) -> None:
         """Write a message line to train.log and to the console (above the progress bar)."""
         if not self.is_main:
