@@ -104,6 +104,44 @@ def test_two_processes_equal_one_process_with_the_same_batch(model_dir, tmp_path
     assert_same_updates(single, ranks, STEPS)
 
 
+def _nan_worker(rank: int, world: int, port: int, model_dir: str, strategy: str, out: str) -> None:
+    """Process 1 sees NaN rewards at step 1 and NaN sampled log-probs at step 2; process 0 sees none."""
+    setup_process(rank, world, port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from fusedrl.engine.diffusion.grpo import GRPOTrainer
+
+        trainer = GRPOTrainer(_config(model_dir, strategy), None)
+        sample_and_score = trainer.sample_and_score
+
+        def poisoned(step):
+            traj, raw, micro, bad = sample_and_score(step)
+            if rank == 1 and step == 1:
+                raw = {n: r * float("nan") for n, r in raw.items()}
+            if rank == 1 and step == 2:
+                traj.log_probs[0, 0] = float("nan")
+            return traj, raw, micro, bad
+
+        trainer.sample_and_score = poisoned
+        before = {n: p.detach().clone() for n, p in trainer.params.items()}
+        skipped = [trainer.train_step(s)["skipped"] for s in (1, 2)]
+        unchanged = all(torch.equal(before[n], p.detach()) for n, p in trainer.params.items())
+        last = trainer.train_step(3)["skipped"]
+        torch.save({"skipped": skipped + [last], "unchanged": unchanged}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_nan_on_one_process_skips_the_step_on_all(model_dir, tmp_path, strategy):
+    """The guards decide on every process together: a NaN reward or log-prob on one process skips the step on
+    both (nothing applied anywhere, nobody left waiting in a collective), and the next step trains."""
+    mp.spawn(_nan_worker, args=(2, free_port(), model_dir, strategy, str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        assert got == {"skipped": [1.0, 1.0, 0.0], "unchanged": True}, (r, got)
+
+
 @pytest.mark.parametrize("lora", [True, False], ids=["ddp-lora", "fsdp-full"])
 def test_two_process_cli_run_and_resume(tmp_path, lora):
     from fusedrl.engine.runs import read_checkpoint, read_metrics

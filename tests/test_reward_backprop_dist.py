@@ -81,6 +81,48 @@ def test_two_processes_equal_one_process_with_twice_the_batch(model_dir, tmp_pat
     assert_same_updates(single, ranks, STEPS)
 
 
+def _nan_worker(rank: int, world: int, port: int, model_dir: str, lora: bool, out: str) -> None:
+    """Process 1's first micro-batch of step 1 has a NaN reward; process 0's are all finite."""
+    setup_process(rank, world, port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from fusedrl.engine.config import build_config
+        from fusedrl.engine.diffusion.reward_backprop import RewardBackprop, RewardBackpropConfig
+
+        cfg = build_config(RewardBackpropConfig, {
+            "model": model_dir, "lora.enabled": lora, "sampling.num_steps": 3, "sampling.batch_size": 1,
+            "optim.grad_accum": 2, "backprop.truncation_k": 2, "run.seed": 3})
+        trainer = RewardBackprop.build(cfg)
+        forward, calls = trainer.forward, []
+
+        def poisoned(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            calls.append(1)
+            if rank == 1 and len(calls) == 1:
+                out.rewards = out.rewards * float("nan")
+            return out
+
+        trainer.forward = poisoned
+        before = {n: p.detach().clone() for n, p in trainer.named_params}
+        first = trainer.train_step(1)["skipped"]
+        unchanged = all(torch.equal(before[n], p.detach()) for n, p in trainer.named_params)
+        second = trainer.train_step(2)["skipped"]
+        torch.save({"skipped": [first, second], "unchanged": unchanged, "calls": len(calls)},
+                   os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "fsdp-full"])
+def test_a_nan_on_one_process_skips_the_step_on_all(model_dir, tmp_path, lora):
+    """A NaN reward on one process stops the step's micro-batches on both at the same point (one forward each,
+    not two), applies nothing, and the next step trains (2 micro-batches)."""
+    mp.spawn(_nan_worker, args=(2, free_port(), model_dir, lora, str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        assert got == {"skipped": [1.0, 0.0], "unchanged": True, "calls": 3}, (r, got)
+
+
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "fsdp-full"])
 def test_two_process_cli_run_and_resume(tmp_path, lora):
     from fusedrl.engine.runs import read_checkpoint, read_metrics
