@@ -352,7 +352,7 @@ def test_help_documents_every_option(capsys):
 @pytest.mark.parametrize(("args", "message"), [
     (["--sampling.group_size", "1"], "sampling.group_size: must be >= 2 (a group of one has no advantage); got 1"),
     (["--config", "{yaml}"], "grpo.lossy: unknown key; did you mean 'grpo.loss_type'?\n  grpo.loss_type: must be "
-     "one of 'grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo', 'sapo', 'luspo'; got 'dapoo' (did you mean 'dapo'?)"),
+     "one of 'grpo', 'bnpo', 'dr_grpo', 'dapo', 'luspo', 'cispo', 'sapo'; got 'dapoo' (did you mean 'dapo'?)"),
     (["--prompts.train", "missing.jsonl", "--reward.names", "exact_match"],
      "prompts: train: the prompt file 'missing.jsonl' does not exist"),
     (["--prompts.train", "{jsonl}"], "LLMGRPOConfig: reward.names / reward.function: give a reward for your prompts"),

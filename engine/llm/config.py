@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from fusedrl.kernels.grpo_loss.reference import LOSS_TYPES
+
 from ..checkpointing import POLICIES
 from ..config import Check, field, ge, gt, section
 from ..prompt_data import FILE_TYPES
@@ -25,7 +27,6 @@ __all__ = [
     "ModelSection", "OptimSection", "PromptsSection", "RewardSection", "SamplingSection", "LOSS_TYPES",
 ]
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
 
 # The embedded default's optimizer settings (a tiny model learning a toy task in a few CPU minutes).
 EMBEDDED_LR = 3e-4
@@ -217,7 +218,7 @@ class RewardSection:
 class GRPOSection:
     """The GRPO objective (TRL 1.16's loss family, on fusedrl's fused linear loss)."""
 
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"] = field(
+    loss_type: Literal[LOSS_TYPES] = field(  # fusedrl.kernels.grpo_loss's loss types
         "dapo", "loss normalisation: grpo (mean of sequence means), bnpo, dr_grpo, dapo (TRL's default), cispo, "
         "sapo, luspo")
     beta: float = field(0.0, "KL coefficient (TRL's default 0: no reference forward pass); the reference is the "

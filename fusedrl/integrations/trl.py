@@ -45,6 +45,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from fusedrl.kernels.grpo_loss.reference import LOSS_TYPES
+
 SUPPORTED_TRL = ">=1.16,<1.17"
 
 log = logging.getLogger("fusedrl")
@@ -61,7 +63,7 @@ _ORIGINALS: dict[tuple[object, str], object] = {}
 _FUSED_OUTPUTS = frozenset(("log_probs", "entropy"))
 
 # GRPO loss types that fusedrl.kernels.grpo_loss computes ("vespo" needs vLLM's importance ratios).
-_FUSED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo")
+_FUSED_LOSS_TYPES = LOSS_TYPES
 
 # Inputs that GRPOTrainer._compute_loss forwards from the batch to the model (vision-language models).
 _MODEL_INPUT_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
