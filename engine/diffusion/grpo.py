@@ -871,4 +871,6 @@ TRAINER = Trainer(
     "- to raise a built-in reward, in a few minutes on a CPU. Point --model.model at a diffusers folder or hub "
     "id (SD1.5 family, SD3, Flux) and choose --reward.names for real runs. Each step samples "
     "prompts.per_step x sampling.group_size images with log-probs, scores them, and takes Flow-GRPO's clipped "
-    "policy-gradient step on group-normalized advantages.")
+    "policy-gradient step on group-normalized advantages. Under torchrun (torchrun --nproc-per-node N -m fusedrl "
+    "train diffusion-grpo ...) the step's images are split over the processes: DDP for LoRA, FSDP2 for full "
+    "fine-tuning.")

@@ -604,5 +604,7 @@ TRAINER = Trainer(
         "Methods: alignprop (random K), draft (fixed K; 0 = all steps), draft-lv (K=1 plus re-noised "
         "re-denoisings of the last step), refl (predict the clean image at a random late step).\n"
         "With no --model it runs the embedded default: a tiny SD3-shaped model built from configs (LoRA on its "
-        "attention and output projections), learning the brightness reward in under a minute on a 2-core CPU."),
+        "attention and output projections), learning the brightness reward in under a minute on a 2-core CPU.\n"
+        "Under torchrun each process takes sampling.batch_size prompts of every micro-batch: LoRA gradients are "
+        "averaged, full fine-tuning runs under FSDP2."),
 )

@@ -271,4 +271,5 @@ TRAINER = Trainer(
     description="Samples sampling.group_size completions per prompt with model.generate, scores them with the "
     "reward layer (or a Python function), and trains on the fused linear GRPO loss (no [N, V] logits), LoRA or "
     "full fine-tuning. With no options it trains the embedded default: a tiny model learning to add small numbers "
-    "on the CPU in a few minutes, the reward rising in metrics.png.")
+    "on the CPU in a few minutes, the reward rising in metrics.png. Under torchrun the prompts are split over the "
+    "processes: DDP for LoRA, FSDP2 for full fine-tuning.")
