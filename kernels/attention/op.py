@@ -15,10 +15,9 @@ Nq, D] in q's dtype, lse [B, Hq, Nq] fp32; dq / dk / dv contiguous in the inputs
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
+from ..tiles import device_limits
 from . import triton_kernels as tk
 
 LOG2E = tk.LOG2E
@@ -33,18 +32,13 @@ def _head_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
-@functools.cache
-def _device_info(index: int) -> tuple[tuple[int, int], int | None]:
-    props = torch.cuda.get_device_properties(index)
-    return (props.major, props.minor), getattr(props, "shared_memory_per_block_optin", None)
-
-
 def config_for(q: torch.Tensor) -> tk.AttnConfig:
-    """The tiles for q's device and dtype, decided at call time (never at import)."""
+    """The tiles for q's device and dtype, decided at call time (never at import) from the device's properties
+    (`kernels.tiles.device_limits`)."""
     if q.device.type != "cuda":  # the CPU interpreter
         return tk.tile_config(q.shape[-1], q.element_size(), None)
-    capability, smem = _device_info(q.device.index if q.device.index is not None else torch.cuda.current_device())
-    return tk.tile_config(q.shape[-1], q.element_size(), capability, smem)
+    limits = device_limits(q.device)
+    return tk.tile_config(q.shape[-1], q.element_size(), limits.capability, limits.shared_memory)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
