@@ -34,8 +34,9 @@ fraction-of-ceiling column reads these steps against the bf16 matmul rate.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -102,6 +103,20 @@ def _params(model: torch.nn.Module) -> int:
 # ----------------------------------------------------------------------------------------------- diffusion
 
 
+@contextlib.contextmanager
+def _built_as(device: torch.device | str, dtype: torch.dtype | None) -> Iterator[None]:
+    """Modules built inside are allocated on `device` in `dtype` from the start: an 8B model built in fp32 and
+    cast would need 1.5x its bf16 size at once, and a CPU init of billions of weights takes minutes."""
+    previous = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def _denoiser(cls_name: str, config: dict, device: torch.device, dtype: torch.dtype):
     """A diffusers denoiser (`cls_name`) with random weights in `dtype`, built where it runs (a 2B-parameter init
     on the CPU takes most of a minute), with LoRA (fp32) on its attention projections."""
@@ -109,8 +124,8 @@ def _denoiser(cls_name: str, config: dict, device: torch.device, dtype: torch.dt
     from peft import LoraConfig
 
     torch.manual_seed(0)
-    with torch.device(device):
-        model = getattr(diffusers, cls_name)(**config).to(dtype)
+    with _built_as(device, dtype):
+        model = getattr(diffusers, cls_name)(**config)
     model.requires_grad_(False)
     model.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian",
                                  target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
@@ -271,9 +286,8 @@ def _llm(name: str, device: torch.device | str, dtype: torch.dtype | None = None
 
     cls, cfg = LLM_MODELS[name]
     config = getattr(transformers, cls.replace("ForCausalLM", "Config"))(**cfg)
-    with torch.device(device):
-        model = getattr(transformers, cls)(config)
-    return model.to(dtype) if dtype is not None else model
+    with _built_as(device, dtype):
+        return getattr(transformers, cls)(config)
 
 
 def _dapo(logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
