@@ -98,6 +98,16 @@ def test_shapes_and_quick_select_cases(tmp_path, capsys):
     assert "(--quick)" in capsys.readouterr().err
 
 
+def test_sizes_default_to_small_on_a_cpu(tmp_path, capsys):
+    out = tmp_path / "auto.csv"
+    assert run(_args("--device", "cpu", "--quick", "--ops", "grpo_loss", "--providers", "eager", "--csv",
+                     str(out))) == 0
+    rows = [r for r in _read(out)[1] if r["op"] != "ceiling"]
+    small = {c.shape_str for c in collect(CaseConfig(torch.device("cpu"), "small", (torch.float32,)), ["grpo_loss"])}
+    assert rows and {r["shape"] for r in rows} == small
+    assert "sizes small (--quick)" in capsys.readouterr().err
+
+
 def test_dtypes_selects_the_cases_dtypes(tmp_path):
     out = tmp_path / "results.csv"
     rc = run(_args("--device", "cpu", "--sizes", "small", "--reps", "1", "--ops", "logprobs", "--dtypes", "fp64",

@@ -20,8 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ops", default=None, metavar="LIST",
                         help="comma-separated ops: case modules (diffusion_step) or op names "
                         "(flow_sde_step); default: all")
-    parser.add_argument("--sizes", choices=("default", "small"), default="default",
-                        help="default: real model sizes; small: seconds on a CPU (CI)")
+    parser.add_argument("--sizes", choices=("auto", "default", "small"), default="auto",
+                        help="default: real model sizes; small: seconds on a CPU (CI); auto: default on a GPU, small "
+                        "on a CPU")
     parser.add_argument("--shapes", default=None, metavar="LIST",
                         help="comma-separated shapes to run, as the table prints them (e.g. 24x16x128x128); "
                         "default: every shape of the selected sizes")

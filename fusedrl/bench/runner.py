@@ -228,7 +228,8 @@ def run_bench(args) -> int:
         return _plot(Path(args.from_csv), args.plot)
     try:
         device = _device(args.device)
-        config = registry.CaseConfig(device=device, sizes=args.sizes,
+        sizes = args.sizes if args.sizes != "auto" else ("default" if device.type == "cuda" else "small")
+        config = registry.CaseConfig(device=device, sizes=sizes,
                                      dtypes=_dtypes(getattr(args, "dtypes", None), device))
         cases = registry.collect(config, _split(args.ops))
     except ValueError as exc:
@@ -262,7 +263,7 @@ def run_bench(args) -> int:
     meta = _meta(device)
     total = sum(len(p) for _, p in plan)
     print(f"fusedrl bench on {meta['device']}: {len(cases)} cases, {total} measurements, {reps} reps, "
-          f"sizes {args.sizes}{' (--quick)' if quick else ''}; rows appended to {csv_path}", file=sys.stderr,
+          f"sizes {config.sizes}{' (--quick)' if quick else ''}; rows appended to {csv_path}", file=sys.stderr,
           flush=True)
 
     started = time.perf_counter()
