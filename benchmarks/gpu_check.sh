@@ -35,10 +35,13 @@ BENCH_PLAN=(
     "logprobs|4|1|--reps 50"
 )
 
-# Parts run alone (--part NAME) with their own bench cap and options ("case module|cap %|reserve %|options");
-# a part not listed here gets "45|12|" (default reps) and the compile pass.
+# Parts with their own bench cap and options ("part|cap %|reserve %|fusedrl bench options", the options naming
+# the ops); any other NAME is a case module run with "45|12|" (default reps) and the compile pass. The
+# train_step parts (whole training steps at real size) have no torch.compile provider.
 PART_PLAN=(
-    "train_step|60|0|--reps 3"
+    "train_step|60|0|--ops train_step --reps 3"
+    "diffusion_memory|60|0|--ops diffusion_grpo_step,reward_backprop_step --reps 3"
+    "llm_vs_trl|60|0|--ops llm_grpo_step --reps 3"
 )
 
 PART=all
@@ -65,9 +68,10 @@ if [ "$LIST" = 1 ]; then
     echo "          then torch.compile with what is left"
     echo "  engine  the three trainers' embedded defaults on the GPU (60 / 40 / 150 steps), run folders in \$OUT/runs"
     echo "  NAME    one case module of fusedrl/bench/cases (e.g. token_logprobs): its tests, then its cases"
-    echo "  train_step  whole training steps at real size (SD3.5-M-sized GRPO step, group 8, 512 px; SD1.5-sized"
-    echo "          DRaFT-50; Qwen2.5-1.5B- and Llama-8B-sized GRPO): fusedrl vs the plain loop and TRL's head, time"
-    echo "          and peak memory, bench capped at 60% of the budget, 3 reps (not yet run on a GPU)"
+    echo "  train_step        whole training steps at real size, fusedrl vs the plain loop (and TRL's head), time and"
+    echo "                    peak memory, 3 reps, bench <= 60% of the budget (not yet run on a GPU); its halves:"
+    echo "  diffusion_memory  SD3.5-M-sized GRPO step (group 8, 512 px) and SD1.5-sized DRaFT-50 (issue 6 item 9)"
+    echo "  llm_vs_trl        GRPO step on Qwen2.5-1.5B-sized (8 x 1024) and Llama-8B-sized (8 x 4096) models (issue 7)"
     exit 0
 fi
 
@@ -155,6 +159,9 @@ elif [ "$PART" = all ] || [ "$PART" = tests ]; then
            tests/test_triton_compile.py tests/test_tiles.py tests/test_peers.py)
 else
     OPS_ARGS=(--ops "$PART")
+    for entry in "${PART_PLAN[@]}"; do  # these parts name their ops in their options
+        [ "${entry%%|*}" = "$PART" ] && OPS_ARGS=()
+    done
     shopt -s nullglob
     # the part's own tests, the CUDA extension's (its kernels vs Triton's on the GPU), the runner's
     TESTS=(tests/test_"$PART"*.py tests/test_cuda_build.py tests/test_bench.py)
