@@ -14,13 +14,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["all_gather", "all_max", "all_mean", "all_sum", "any_process", "average_gradients", "env_world_size",
-           "fsdp_no_sync", "fsdp_unsharded", "full_tensor", "init_distributed", "load_optimizer_state", "local_device",
-           "optimizer_state", "rank_and_world",
-           "shard_like"]
+__all__ = ["all_gather", "all_max", "all_mean", "all_sum", "all_sums", "any_process", "average_gradients",
+           "fsdp_no_sync", "fsdp_unsharded", "full_tensor", "init_distributed",
+           "load_optimizer_state", "local_device", "optimizer_state", "rank_and_world", "shard_like"]
 
 
-def env_world_size() -> int:
+def _env_world_size() -> int:
     """$WORLD_SIZE (torchrun sets it), 1 without it."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -34,7 +33,7 @@ def local_device(name: str, *, field: str = "model.device") -> torch.device:
         return torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"{field}: {name!r} asked for, but torch sees no CUDA device")
-    if name == "cuda" and env_world_size() > 1:
+    if name == "cuda" and _env_world_size() > 1:
         return torch.device(f"cuda:{local}")
     return torch.device(name)
 
@@ -44,7 +43,7 @@ def init_distributed(cuda: bool) -> tuple[int, int]:
     started yet: NCCL when `cuda` (and selects cuda:$LOCAL_RANK), gloo on the CPU."""
     import torch.distributed as dist
 
-    if env_world_size() <= 1 and not (dist.is_available() and dist.is_initialized()):
+    if _env_world_size() <= 1 and not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     if not dist.is_initialized():
         if cuda:
@@ -66,15 +65,21 @@ def _world() -> int:
     return rank_and_world()[1]
 
 
-def all_sum(value: float, device: torch.device) -> float:
-    """The sum of `value` over every process."""
+def all_sums(values: Iterable[float], device: torch.device) -> list[float]:
+    """Each value summed over every process, in one all-reduce."""
+    values = [float(v) for v in values]
     if _world() == 1:
-        return float(value)
+        return values
     import torch.distributed as dist
 
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return float(t.item())
+    return t.tolist()
+
+
+def all_sum(value: float, device: torch.device) -> float:
+    """The sum of `value` over every process."""
+    return all_sums([value], device)[0]
 
 
 def all_gather(t: torch.Tensor, device: torch.device) -> torch.Tensor:

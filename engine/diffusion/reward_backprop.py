@@ -58,7 +58,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
-from ..distributed import all_sum, any_process, average_gradients, full_tensor, shard_like
+from ..distributed import all_sums, any_process, average_gradients, full_tensor, shard_like
 from ..runs import Run, Trainer, seed_everything
 from ..runs.atomic import fsync_dir, fsync_file
 from .reward_backprop_config import Resolved, RewardBackpropConfig, resolve
@@ -301,14 +301,15 @@ class RewardBackprop:
         device = self.policy.device
         r = torch.cat(rewards).float()
         refl = cfg.method == "refl"
-        metrics = {"reward_mean": _mean(r, device), "loss": _mean(torch.stack(losses), device),
-                   "k": 1.0 if refl else sum(ks) / len(ks), "grad_norm": grad_norm, "reward_std": _std(r, device),
+        reward_mean, reward_std = _mean_std(r, device)
+        metrics = {"reward_mean": reward_mean, "loss": _count_mean(torch.stack(losses), device)[1],
+                   "k": 1.0 if refl else sum(ks) / len(ks), "grad_norm": grad_norm, "reward_std": reward_std,
                    "skipped": float(reason is not None), "lr": lr}
         if refl:
             metrics["refl_step"] = sum(ks) / len(ks)
         if len(raws) > 1:
             for n, vs in raws.items():
-                metrics[f"reward/{n}"] = _mean(torch.cat(vs), device)
+                metrics[f"reward/{n}"] = _count_mean(torch.cat(vs), device)[1]
         metrics["step_time"] = time.perf_counter() - t0
         self.last_skip_reason = reason
         return metrics
@@ -337,10 +338,11 @@ class RewardBackprop:
             policy.train(True)
             policy.reshard()  # FSDP2: the no-grad forwards left the root gathered
         r = scores.total.float()
-        metrics = {"eval/reward_mean": _nan_mean(r), "eval/reward_std": _nan_std(r)}
+        mean, std = _mean_std(r)  # this process's: every process evaluates the same prompts
+        metrics = {"eval/reward_mean": mean, "eval/reward_std": std}
         if len(scores.raw) > 1:
             for n, v in scores.raw.items():
-                metrics[f"eval/reward/{n}"] = _nan_mean(v)
+                metrics[f"eval/reward/{n}"] = _count_mean(v)[1]
         captions = [f"{p} | r={v:.4g}" for p, v in zip(prompts, r.tolist())]
         return metrics, images, captions
 
@@ -405,27 +407,25 @@ class RewardBackprop:
         return directory
 
 
-def _mean(t: torch.Tensor, device: torch.device) -> float:
-    """The mean over every process's values (NaN when any is NaN, or when there are none)."""
-    n = all_sum(t.numel(), device)
-    return all_sum(float(t.float().sum()), device) / n if n else float("nan")
+def _sums(values: Sequence[Any], device: torch.device | None) -> list[float]:
+    """The values summed over every process when `device` is given (one all-reduce), else as they are."""
+    return all_sums(values, device) if device is not None else [float(v) for v in values]
 
 
-def _std(t: torch.Tensor, device: torch.device) -> float:
-    """The (unbiased) std over every process's values."""
-    n = all_sum(t.numel(), device)
+def _count_mean(t: torch.Tensor, device: torch.device | None = None) -> tuple[float, float]:
+    """(number of values, their mean) over every process (`device` given) or this one's; NaN values give NaN, no
+    values a NaN mean."""
+    n, total = _sums([t.numel(), t.float().sum()], device)
+    return n, (total / n if n else float("nan"))
+
+
+def _mean_std(t: torch.Tensor, device: torch.device | None = None) -> tuple[float, float]:
+    """(mean, population std) as `_count_mean` takes them; std 0.0 for fewer than two values."""
+    n, mean = _count_mean(t, device)
     if n < 2:
-        return 0.0
-    mean = all_sum(float(t.float().sum()), device) / n
-    return math.sqrt(max(all_sum(float((t.float() - mean).square().sum()), device) / (n - 1), 0.0))
-
-
-def _nan_mean(t: torch.Tensor) -> float:
-    return float(t.float().mean()) if t.numel() else float("nan")
-
-
-def _nan_std(t: torch.Tensor) -> float:
-    return float(t.float().std(unbiased=False)) if t.numel() > 1 else 0.0
+        return mean, 0.0
+    (squares,) = _sums([(t.float() - mean).square().sum()], device)
+    return mean, math.sqrt(squares / n)
 
 
 # ---------------------------------------------------------------------------------------------- building parts
