@@ -375,6 +375,12 @@ _WRAPPED = "_checkpoint_wrapped_module"  # torch's checkpoint_wrapper uses the s
 _PREFIX = _WRAPPED + "."                 # accelerate know to strip it)
 
 
+def unwrapped_name(name: str) -> str:
+    """A parameter / module name as it reads without checkpoint wrappers ("blocks.0._checkpoint_wrapped_module.fc"
+    -> "blocks.0.fc"), so names do not depend on the checkpointing policy."""
+    return name.replace(_PREFIX, "")
+
+
 def _strip_prefix_hook(module, state_dict, prefix, local_metadata):
     for key in [k for k in state_dict if k.startswith(prefix + _PREFIX)]:
         state_dict[prefix + key[len(prefix + _PREFIX):]] = state_dict.pop(key)

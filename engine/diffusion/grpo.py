@@ -74,7 +74,6 @@ TINY_LORA_TARGETS = [
 ]
 DEFAULT_LR = 3e-4  # Flow-GRPO's
 TINY_LR = 2e-2  # the tiny model's LoRA needs large steps to move in a few hundred updates
-_WRAPPED = "_checkpoint_wrapped_module."
 
 
 class DiffusionGRPOOutOfMemory(RuntimeError):
@@ -258,7 +257,10 @@ class GRPOTrainer:
         self.checkpointed = self._apply_checkpointing()
         if self.world > 1:  # after checkpointing (DDP / FSDP2 wrap the checkpointed blocks), before the optimizer
             self.policy.parallelize("ddp" if self.policy.has_lora else "fsdp")
-        self.params = {self._name(n): p for n, p in self._named_trainable()}
+        from ..checkpointing import unwrapped_name
+
+        # checkpoint names do not depend on memory.gradient_checkpointing
+        self.params = {unwrapped_name(n): p for n, p in self._named_trainable()}
         if not self.params:
             raise ValueError("the policy has no trainable parameters")
         o = cfg.optim
@@ -336,9 +338,6 @@ class GRPOTrainer:
                 if p.requires_grad:
                     yield f"{prefix}.{n}", p
 
-    @staticmethod
-    def _name(name: str) -> str:
-        return name.replace(_WRAPPED, "")  # checkpoint names do not depend on memory.gradient_checkpointing
 
     def _info(self, message: str) -> None:
         if self.run is not None:
@@ -712,7 +711,7 @@ class GRPOTrainer:
         if self.run is None:
             return None
         tensors, optim = self.state_tensors(), self.policy.optimizer_state(self.optimizer)
-        plain = self.policy.plain_denoiser() if self.policy.strategy == "fsdp" else None
+        plain = None if self.policy.has_lora else self.policy.plain_denoiser()  # a collective under FSDP2
         objects = {"optim": optim}
         if self.scaler is not None:
             objects["scaler"] = self.scaler.state_dict()

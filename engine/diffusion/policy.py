@@ -409,13 +409,17 @@ class DiffusionPolicy:
                 raise ValueError("parallelize('fsdp') is for full fine-tuning; LoRA uses 'ddp'")
             from torch.distributed.fsdp import fully_shard
 
-            for module in [self.denoiser] + ([self._reference_model] if self._reference_model is not None else []):
+            for module in self._denoisers():
                 for name in block_names(module):
                     fully_shard(module.get_submodule(name))
                 fully_shard(module)
         else:
             raise ValueError(f"strategy must be 'ddp' or 'fsdp'; got {strategy!r}")
         self.strategy = strategy
+
+    def _denoisers(self) -> list[nn.Module]:
+        """The denoiser and, for full fine-tuning with a KL, its frozen reference copy (sharded alike)."""
+        return [self.denoiser] + ([self._reference_model] if self._reference_model is not None else [])
 
     def no_sync(self) -> Any:
         """A context (around forward and backward) in which gradients accumulate on each process without being
@@ -433,7 +437,7 @@ class DiffusionPolicy:
         reference) leaves behind; until then `named_parameters()` lists the gathered tensors, not the shards
         the optimizer holds. Nothing without FSDP2."""
         if self.strategy == "fsdp":
-            for module in [self.denoiser] + ([self._reference_model] if self._reference_model is not None else []):
+            for module in self._denoisers():
                 module.reshard()
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -452,13 +456,12 @@ class DiffusionPolicy:
         """The denoiser without activation-checkpointing wrappers or FSDP2 shards, for `save_pretrained`: itself
         when it is plain, else a copy. Under FSDP2 a collective (every process calls it) whose copy only rank 0
         gets (others: None)."""
-        from ..checkpointing import iter_wrappers, remove_checkpointing
+        from ..checkpointing import iter_wrappers, remove_checkpointing, unwrapped_name
         from ..distributed import full_tensor, rank_and_world
 
         den = self.denoiser
         if self.strategy == "fsdp":
-            wrapped = "_checkpoint_wrapped_module."
-            state = {n.replace(wrapped, ""): full_tensor(t).cpu() for n, t in den.state_dict().items()}
+            state = {unwrapped_name(n): full_tensor(t).cpu() for n, t in den.state_dict().items()}
             if rank_and_world()[0] != 0:
                 return None
             plain = type(den).from_config(den.config)

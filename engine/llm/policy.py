@@ -27,6 +27,7 @@ from torch import nn
 
 from fusedrl.kernels import fused_linear_grpo_loss, token_logprobs
 
+from ..checkpointing import unwrapped_name
 from ..distributed import (
     fsdp_no_sync,
     fsdp_unsharded,
@@ -74,10 +75,6 @@ class SeqBatch:
     def select(self, rows) -> SeqBatch:
         return SeqBatch(self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows],
                         self.completion_mask[rows])
-
-
-def _plain_name(name: str) -> str:
-    return name.replace("_checkpoint_wrapped_module.", "")
 
 
 def disable_dropout(model: nn.Module) -> int:
@@ -219,10 +216,10 @@ class Policy:
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """name -> tensor of every trainable parameter (LoRA weights, or the whole model); names as in the model
         without activation-checkpointing wrappers, so a checkpoint loads with or without them."""
-        return {_plain_name(n): p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+        return {unwrapped_name(n): p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
 
     def load_trainable_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        params = {_plain_name(n): p for n, p in self.model.named_parameters() if p.requires_grad}
+        params = {unwrapped_name(n): p for n, p in self.model.named_parameters() if p.requires_grad}
         missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
         if missing or unexpected:
             raise ValueError(f"the checkpoint's tensors do not fit the model: missing {missing[:5]}, unexpected "

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from ..advantages import group_advantages
-from ..distributed import all_gather, all_mean, all_sum, any_process, full_tensor
+from ..distributed import all_gather, all_max, all_mean, all_sum, any_process, full_tensor, rank_and_world
 from .config import LLMGRPOConfig
 from .data import PromptRecord, prompt_batch
 from .generation import Rollout, generate_completions
@@ -144,11 +144,7 @@ class LLMGRPOTrainer:
                                                         weight_decay=o.weight_decay)
         self.consecutive_skips = 0
         self.skipped_total = 0
-        import torch.distributed as dist
-
-        distributed = dist.is_available() and dist.is_initialized()
-        self.rank = dist.get_rank() if distributed else 0
-        self.world_size = dist.get_world_size() if distributed else 1
+        self.rank, self.world_size = rank_and_world()
         if cfg.prompts.per_step % self.world_size:
             raise ValueError(f"prompts.per_step = {cfg.prompts.per_step} must be a multiple of the number of "
                              f"processes ({self.world_size}): each process samples the same number of prompts")
@@ -202,11 +198,7 @@ class LLMGRPOTrainer:
         c_lens = batch.completion_mask[rows].sum(1).tolist()
         plan = [[rows[i] for i in mb] for mb in plan_micro_batches(p_lens, c_lens, self.cfg.memory.token_budget)]
         if self.policy.strategy == "fsdp" and self.world_size > 1:
-            import torch.distributed as dist
-
-            n = torch.tensor([len(plan)], device=self.device)
-            dist.all_reduce(n, op=dist.ReduceOp.MAX)
-            plan += [[] for _ in range(int(n.item()) - len(plan))]
+            plan += [[] for _ in range(int(all_max(len(plan), self.device)) - len(plan))]
         return plan
 
     @staticmethod

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .generation import Rollout, tokenize_prompts
+from .generation import Rollout, _left_pad, tokenize_prompts
 
 __all__ = ["VLLMGenerator", "merged_state_dict"]
 
@@ -36,6 +36,7 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     each LoRA layer's delta (scale B A, peft's `get_delta_weight`) added out of place - the policy's own weights
     are not touched, so repeated syncs cannot drift them by rounding as an in-place merge / unmerge would -
     and FSDP2 shards gathered."""
+    from ..checkpointing import unwrapped_name
     from ..distributed import full_tensor
 
     deltas: dict[str, torch.Tensor] = {}
@@ -54,7 +55,7 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             t = full_tensor(t).detach()
             t = t + deltas[name].to(t.dtype) if name in deltas else t.clone()
             name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-            out[name.replace("_checkpoint_wrapped_module.", "")] = t
+            out[unwrapped_name(name)] = t
     return out
 
 
@@ -129,15 +130,13 @@ class VLLMGenerator:
                 completions.append(list(c.token_ids))
                 truncated.append(c.finish_reason == "length")
                 texts.append(c.text)
-        P = max(len(r) for r in rows)
+        prompt_ids, prompt_mask = _left_pad(rows, pad_id, device)
         C = max(1, max(len(c) for c in completions))
-        prompt_ids = torch.tensor([[pad_id] * (P - len(r)) + r for r in rows], dtype=torch.long)
-        prompt_mask = torch.tensor([[0] * (P - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
         comp_ids = torch.tensor([c + [pad_id] * (C - len(c)) for c in completions], dtype=torch.long)
         comp_mask = torch.tensor([[1] * len(c) + [0] * (C - len(c)) for c in completions], dtype=torch.long)
         row_prompts = [p for p in prompts for _ in range(group_size)]
         row_answers = [a for a in (answers if answers is not None else [None] * len(prompts))
                        for _ in range(group_size)]
-        return Rollout(prompt_ids.to(device), prompt_mask.to(device), comp_ids.to(device), comp_mask.to(device),
+        return Rollout(prompt_ids, prompt_mask, comp_ids.to(device), comp_mask.to(device),
                        torch.zeros(comp_ids.shape, dtype=torch.float32, device=device),
                        torch.tensor(truncated, dtype=torch.bool, device=device), texts, row_prompts, row_answers)

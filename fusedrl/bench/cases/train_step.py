@@ -120,6 +120,8 @@ def _built_as(device: torch.device | str, dtype: torch.dtype | None) -> Iterator
 def _denoiser(cls_name: str, config: dict, device: torch.device, dtype: torch.dtype):
     """A diffusers denoiser (`cls_name`) with random weights in `dtype`, built where it runs (a 2B-parameter init
     on the CPU takes most of a minute), with LoRA (fp32) on its attention projections."""
+    _need("diffusers")
+    _need("peft")
     import diffusers
     from peft import LoraConfig
 
@@ -161,8 +163,6 @@ def _plain_clipped_loss(logp, old, adv):
 
 
 def _diffusion_setup(size: str, dtype: torch.dtype, device: torch.device) -> Callable[[str], Impl]:
-    _need("diffusers")
-    _need("peft")
     B, side, text, T = DIFFUSION_SHAPES[size]
     cfg = SD3_CONFIGS[size]
     model = _denoiser("SD3Transformer2DModel", SD3_CONFIGS[size], device, dtype)
@@ -221,8 +221,6 @@ def _diffusion_setup(size: str, dtype: torch.dtype, device: torch.device) -> Cal
 
 
 def _backprop_setup(size: str, dtype: torch.dtype, device: torch.device) -> Callable[[str], Impl]:
-    _need("diffusers")
-    _need("peft")
     from fusedrl.engine.checkpointing import checkpoint
 
     B, side, text, K = BACKPROP_SHAPES[size]
