@@ -1,9 +1,11 @@
 """`fused_linear_grpo_loss`: the GRPO loss straight from the policy's hidden states and LM head.
 
-Composes `token_logprobs` (log-probs and entropy from hidden states in Triton tiles, never the
-[N, V] logits) with `grpo_loss` (one kernel per sequence): no [N, V] tensor and no Python loop over
-chunks on a GPU; the backward recomputes the logits tiles once. Positions outside the completion
-mask are scored as ignored labels, so they cost nothing and get no gradient.
+Composes `token_logprobs` (log-probs and entropy from hidden states, never the [N, V] logits) with
+`grpo_loss` (one kernel per sequence): no [N, V] tensor. The forward is one Triton launch (plus a
+combine) with the default strategy; the backward recomputes the logits once, one vocabulary chunk
+at a time (a Python loop over chunks whose buffers stay under 1% of the fp32 logits, each a Triton
+launch and two or three matmuls; see `kernels/logprobs/hidden_op.py`). Positions outside the
+completion mask are scored as ignored labels, so they get no gradient.
 """
 
 from __future__ import annotations

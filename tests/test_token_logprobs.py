@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -49,18 +50,57 @@ def test_matches_float64(case, dtype, backend, use_backend):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=["127x96-V1025-bias", "3x6x40-V50257-strided-T0.7",
+                                             "2x9x64-V333-softcap-frozen"])
+def test_chunked_strategy_matches_float64(case, dtype, use_backend, monkeypatch):
+    """The "chunked" strategy: torch.mm writes each vocabulary chunk's fp32 logits, Triton reduces them."""
+    monkeypatch.setenv("FUSEDRL_TOKEN_LOGPROBS", "chunked")
+    _check_against_float64(case, dtype, "triton", use_backend)
+
+
+@pytest.mark.parametrize("strategy", ["fused", "chunked"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=["127x96-V1025-bias", "2x9x64-V333-softcap-frozen"])
-def test_triton_backward_in_vocabulary_chunks(case, dtype, use_backend, monkeypatch):
-    """The Triton backward with many vocabulary chunks (a partial last one, the fp32 dh accumulator
-    for fp16/bf16), as on a GPU at real sizes; the other tests fit in one chunk."""
+def test_triton_in_vocabulary_chunks(case, dtype, strategy, use_backend, monkeypatch):
+    """Many vocabulary chunks (a partial last one, the fp32 dh accumulator for fp16/bf16; the chunked forward
+    carrying its online state from chunk to chunk), as on a GPU at real sizes; the other tests fit in one."""
     from fusedrl.kernels.logprobs import hidden_op
 
-    monkeypatch.setattr(hidden_op, "DZ_MIN_ELEMENTS", 1)
-    N = 1
-    for n in case[0][:-1]:
-        N *= n
-    assert hidden_op.chunk_columns(N, case[1]) < case[1]
+    monkeypatch.setattr(hidden_op, "CHUNK_MIN_BYTES", 1)
+    monkeypatch.setattr(hidden_op, "ROW_ALIGN", 8)
+    monkeypatch.setenv("FUSEDRL_TOKEN_LOGPROBS", strategy)
+    shape, V, *_, frozen = case
+    N, H = math.prod(shape[:-1]), shape[-1]
+    assert hidden_op.chunk_columns(N, V, 4) < V
+    R, _ = hidden_op.backward_blocks(N, H, V, dtype.itemsize, strategy == "chunked", not frozen)
+    assert R < N if frozen and dtype != torch.float32 else R == N  # a frozen head's rows in blocks
     _check_against_float64(case, dtype, "triton", use_backend)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["fused", "chunked"])
+@pytest.mark.parametrize("frozen", [False, True], ids=["trained", "frozen"])
+def test_backward_buffers_stay_under_one_percent_of_the_logits(frozen, chunked):
+    """Issue 3's memory bound at its size (N = 8192, H = 4096, V = 131072, bf16): the backward's chunk
+    buffers (dz, and the fp32 logits chunk when chunked) and, with a frozen head, the fp32 dh accumulator
+    of a row block, within 1% of the [N, V] fp32 logits. A trained head's dh accumulator is [N, H] fp32."""
+    from fusedrl.kernels.logprobs import hidden_op
+
+    N, H, V = 8192, 4096, 131072
+    R, C = hidden_op.backward_blocks(N, H, V, 2, chunked, not frozen)
+    assert C % 128 == 0 and R % 128 == 0
+    held = R * C * (2 + 4 * chunked) + (R * H * (4 + 2) if frozen else 0)  # + dh's fp32 sum and bf16 product
+    assert held <= 0.01 * 4 * N * V, held / 2**20
+    assert (R < N) == frozen
+    assert N * hidden_op.chunk_columns(N, V, 4) * 4 <= 0.01 * 4 * N * V  # the chunked forward's logits chunk
+    assert hidden_op.chunk_columns(8, 1000, 2) == 1024  # small problems: one chunk (V rounded up to 128)
+
+
+def test_unknown_strategy_is_named(monkeypatch):
+    from fusedrl.kernels.logprobs import hidden_op
+
+    monkeypatch.setenv("FUSEDRL_TOKEN_LOGPROBS", "tiled")
+    with pytest.raises(ValueError, match="FUSEDRL_TOKEN_LOGPROBS='tiled'.*fused.*chunked"):
+        hidden_op.strategy()
 
 
 @pytest.mark.parametrize("splits", [2, 3, 64])
@@ -153,3 +193,29 @@ def test_bad_input_is_named(kwargs, error, match):
     extra = {k: args.pop(k) for k in ("bias", "softcap") if k in args}
     with pytest.raises(error, match=match):
         token_logprobs(args["hidden"], args["weight"], args["labels"], **extra)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the CUDA allocator's peak needs a GPU")
+@pytest.mark.parametrize("strategy", ["fused", "chunked"])
+@pytest.mark.parametrize("frozen", [False, True], ids=["trained", "frozen"])
+def test_peak_extra_memory_on_gpu(frozen, strategy, monkeypatch):
+    """Forward + backward hold, beyond the inputs and the returned gradients, at most 1% of the [N, V] fp32
+    logits (a trained head: plus its fp32 dh accumulator [N, H] and, where torch's addmm cannot add a bf16
+    product into it unrounded, that product), measured by the CUDA allocator."""
+    monkeypatch.setenv("FUSEDRL_BACKEND", "triton")
+    monkeypatch.setenv("FUSEDRL_TOKEN_LOGPROBS", strategy)
+    N, H, V = 8192, 1024, 65536
+    hidden = torch.randn(N, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(V, H, device="cuda", dtype=torch.bfloat16) / H**0.5).requires_grad_(not frozen)
+    labels = torch.randint(0, V, (N,), device="cuda")
+    inputs = [t for t in (hidden, weight) if t.requires_grad]
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    logp, entropy = token_logprobs(hidden, weight, labels, return_entropy=True)
+    grads = torch.autograd.grad(logp.sum() + entropy.sum(), inputs)
+    torch.cuda.synchronize()
+    returned = sum(g.numel() * g.element_size() for g in grads) + 2 * N * 4 * 2  # + logp, entropy and their grads
+    extra = torch.cuda.max_memory_allocated() - base - returned
+    bound = 0.01 * 4 * N * V + (0 if frozen else N * H * (4 + 2))
+    assert extra <= bound, f"{extra / 2**20:.1f} MiB > {bound / 2**20:.1f} MiB"

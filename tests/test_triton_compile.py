@@ -132,7 +132,25 @@ def _hidden_jobs() -> list[dict]:
     for flag in (True, False):
         jobs.append(dict(kernel="_hidden_fwd_combine_kernel", types=combine,
                          constexprs=dict(WANT_ENTROPY=flag, BLOCK=256)))
-    return [dict(job, module=module, arch=90) for job in jobs]
+    jobs = [dict(job, module=module, arch=90) for job in jobs]
+    # the "chunked" strategy's row kernels read fp32 logits chunks; the bias and dz are in the input dtype
+    from fusedrl.kernels.logprobs.hidden_chunked_triton import GPU_ROW_TILES
+
+    rows = dict(BLOCK_N=GPU_ROW_TILES.block_n, BLOCK_V=GPU_ROW_TILES.block_v)
+    chunk = dict(N="i32", v0="i32", C="i32", stride_z="i32", inv_temp="fp32", softcap="fp32", ignore_index="i32")
+    chunk_jobs = []
+    for data in ("bf16", "fp32"):
+        fold = dict(z_ptr="*fp32", b_ptr=f"*{data}", labels_ptr="*i64", state_ptr="*fp32", logp_ptr="*fp32",
+                    entropy_ptr="*fp32", lse_ptr="*fp32", V="i32", **chunk)
+        dz = dict(z_ptr="*fp32", b_ptr=f"*{data}", labels_ptr="*i64", lse_ptr="*fp32", entropy_ptr="*fp32",
+                  g_logp_ptr="*fp32", g_entropy_ptr="*fp32", dz_ptr=f"*{data}", stride_dz="i32", **chunk)
+        for flag in (True, False):
+            chunk_jobs.append(dict(kernel="_chunk_fold_kernel", types=fold, constexprs=dict(
+                HAS_BIAS=flag, HAS_SOFTCAP=not flag, WANT_ENTROPY=flag, FIRST=flag, LAST=not flag, **rows)))
+            chunk_jobs.append(dict(kernel="_chunk_dz_kernel", types=dz, constexprs=dict(
+                HAS_BIAS=flag, HAS_SOFTCAP=not flag, HAS_G_LOGP=True, HAS_G_ENTROPY=flag, **rows)))
+    chunked = "fusedrl.kernels.logprobs.hidden_chunked_triton"
+    return jobs + [dict(job, module=chunked, arch=90) for job in chunk_jobs]
 
 
 @pytest.mark.slow

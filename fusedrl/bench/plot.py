@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-FUSEDRL_PROVIDERS = ("torch", "triton", "cuda")
+FUSEDRL_PROVIDERS = ("torch", "triton", "triton_chunked", "cuda")  # triton_chunked: token_logprobs' other strategy
 BASELINES = ("eager", "compile")
 
 
@@ -121,7 +121,7 @@ def summary_markdown(csv_path: str | Path, device: str | None = None) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for op, mode, shape, dtype in sorted({(r.op, r.mode, r.shape, r.dtype) for r in rows}):
         group = {r.provider: r for r in rows if (r.op, r.mode, r.shape, r.dtype) == (op, mode, shape, dtype)}
-        kernels = [group[p] for p in ("triton", "cuda") if p in group]
+        kernels = [group[p] for p in FUSEDRL_PROVIDERS if p != "torch" and p in group]
         if not kernels:
             continue
         best = min(kernels, key=lambda r: r.median_ms)

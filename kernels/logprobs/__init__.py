@@ -5,6 +5,8 @@
 - `triton_kernels.py`: one-pass online log-sum-exp forward, recompute backward
 - `op.py`: custom ops and their autograd pairing
 - `hidden_reference.py`, `hidden_triton.py`, `hidden_op.py`: the same three for `token_logprobs`
+  ("fused" strategy: logits tiles by `tl.dot` inside the kernels); `hidden_chunked_triton.py`: the
+  kernels of its "chunked" strategy (each vocabulary chunk's logits by cuBLAS, reduced in Triton)
 """
 
 from .api import logprobs_from_logits, token_logprobs

@@ -7,7 +7,7 @@ import math
 import torch
 
 from .. import dispatch
-from . import hidden_reference, reference
+from . import hidden_op, hidden_reference, reference
 from .hidden_op import HiddenLogprobs
 from .op import LogprobsFromLogits
 
@@ -177,6 +177,7 @@ def token_logprobs(
         if h2.stride(-1) != 1:
             h2 = h2.contiguous()
         logp, entropy = HiddenLogprobs.apply(h2, weight.contiguous(), bias, flat_labels.contiguous(), temperature,
-                                             softcap or 0.0, ignore_index, return_entropy, "triton")
+                                             softcap or 0.0, ignore_index, return_entropy, "triton",
+                                             hidden_op.strategy())
     logp = logp.reshape(labels.shape)
     return (logp, entropy.reshape(labels.shape)) if return_entropy else logp

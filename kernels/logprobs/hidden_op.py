@@ -2,25 +2,40 @@
 `HiddenLogprobs`. Layout: hidden [N, H] (rows may be strided, H contiguous), weight [V, H]
 contiguous, bias [V] or None, labels [N] int.
 
-The backward goes one vocabulary chunk of C columns at a time: the Triton kernel writes the chunk's
-dz [N, C] (input dtype), then dW[chunk] = dz^T h and dh += dz W[chunk] are plain matmuls. C is
-chosen so that dz holds at most max(4M, N V / 64) elements (in bf16, under 1% of the [N, V] fp32
-logits). Besides the outputs, the backward holds dz and, when there are several chunks and the
-input is fp16/bf16, an fp32 dh accumulator [N, H] (so that dh is rounded once, as a single matmul
-would round it).
+Two strategies compute the logits (`strategy`; `FUSEDRL_TOKEN_LOGPROBS=fused|chunked` forces one):
+- "fused" (the default): the Triton kernels compute logits tiles with `tl.dot` and reduce them in
+  registers (`hidden_triton.py`); nothing [N, V] or [N, C] holds logits.
+- "chunked": `torch.mm` (cuBLAS on a GPU) writes one vocabulary chunk's logits [N, C] in fp32 and
+  the Triton kernels of `hidden_chunked_triton.py` reduce it: the matmul at the library's rate, for
+  one extra write and read of the chunk.
+
+The backward goes one vocabulary chunk of C columns at a time: the chunk's dz (input dtype) is
+written by a Triton kernel (from recomputed logits tiles, or from the chunk's logits), then
+dW[chunk] = dz^T h and dh += dz W[chunk] are plain matmuls (a Python loop over the chunks: one
+Triton launch and two or three matmuls each). fp16/bf16 dh is summed over the chunks in fp32 and
+rounded once (each chunk's product enters the sum unrounded where torch's CUDA addmm accepts an fp32
+accumulator, else rounded to the input dtype: `add_matmul`). The buffers stay within max(8 MiB, N V / 32 bytes), under 1% of the [N, V] fp32
+logits (`backward_blocks`): with a frozen head the rows also go in blocks, so that the fp32 dh sum
+of a block fits that budget too; a trained head's dW[chunk] needs every row at once, and its fp32
+dh sum [N, H] comes on top.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
 
 from ..tiles import device_limits
+from . import hidden_chunked_triton as ck
 from . import hidden_triton as hk
 
-DZ_MIN_ELEMENTS = 1 << 22
+STRATEGIES = ("fused", "chunked")
+ENV_STRATEGY = "FUSEDRL_TOKEN_LOGPROBS"
+CHUNK_MIN_BYTES = 8 << 20
+ROW_ALIGN = 128  # a frozen head's row blocks: whole dz-kernel row tiles
 COMBINE_ROWS = 256  # rows per program of the forward's split combine
 
 
@@ -31,12 +46,61 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def chunk_columns(N: int, V: int) -> int:
-    """Vocabulary columns per backward chunk: a multiple of BLOCK_V, at most V rounded up."""
-    budget = max(DZ_MIN_ELEMENTS, N * V // 64)
-    cols = max(1, budget // max(N, 1))
+def strategy() -> str:
+    """The strategy `FUSEDRL_TOKEN_LOGPROBS` asks for (read at each call), else "fused"."""
+    value = os.environ.get(ENV_STRATEGY, "").strip().lower() or "fused"
+    if value not in STRATEGIES:
+        raise ValueError(f"{ENV_STRATEGY}={value!r} is not a token_logprobs strategy; choose one of {STRATEGIES} "
+                         "or leave it unset")
+    return value
+
+
+def chunk_budget(N: int, V: int) -> int:
+    """Bytes the chunk buffers (and a frozen head's dh accumulator) may hold: max(8 MiB, N V / 32), i.e.
+    under 1% of the [N, V] fp32 logits once those are over 800 MiB."""
+    return max(CHUNK_MIN_BYTES, N * V // 32)
+
+
+def chunk_columns(N: int, V: int, bytes_per_entry: int, budget: int | None = None) -> int:
+    """Vocabulary columns per chunk when each of the chunk's [N, C] entries holds `bytes_per_entry` bytes of
+    buffers within `budget` bytes (default `chunk_budget`): a multiple of COLUMN_ALIGN (every tile's BLOCK_V
+    divides it), at most V rounded up."""
+    budget = chunk_budget(N, V) if budget is None else budget
+    cols = max(1, budget // (max(N, 1) * bytes_per_entry))
     cols = triton.cdiv(cols, hk.COLUMN_ALIGN) * hk.COLUMN_ALIGN
     return min(cols, triton.cdiv(V, hk.COLUMN_ALIGN) * hk.COLUMN_ALIGN)
+
+
+def backward_blocks(N: int, H: int, V: int, itemsize: int, chunked: bool, need_dw: bool) -> tuple[int, int]:
+    """(R rows per block, C vocabulary columns per chunk) of the backward's loops.
+
+    A trained head takes every row at once (R = N): dW[chunk] = dz^T h is then one matmul, written once,
+    while fp16/bf16 dh sums the chunks in an fp32 [N, H] accumulator. A frozen head has no dW: the rows go
+    in blocks whose fp32 dh accumulator [R, H] (and the [R, H] product `add_matmul` may round first) take
+    half the budget and the chunk buffers the other half, so that the backward's extra memory stays within
+    `chunk_budget`."""
+    per_entry = itemsize + (4 if chunked else 0)  # dz (+ the fp32 logits chunk)
+    C = chunk_columns(N, V, per_entry)
+    if need_dw or itemsize == 4 or C >= V:  # fp32 dh accumulates in the output itself
+        return N, C
+    half = chunk_budget(N, V) // 2
+    R = min(N, max(ROW_ALIGN, half // (H * (4 + itemsize)) // ROW_ALIGN * ROW_ALIGN))
+    return R, chunk_columns(R, V, per_entry, half)
+
+
+def logits_chunk(hidden: torch.Tensor, w_chunk: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [N, C] fp32 = hidden [N, H] @ w_chunk [C, H]^T with fp32 accumulation and no rounding to the input
+    dtype (on CUDA, fp16/bf16 inputs: torch.mm's out_dtype; fp32 follows torch's TF32 setting)."""
+    if hidden.dtype == torch.float32:
+        return torch.mm(hidden, w_chunk.T, out=out)
+    if hidden.is_cuda:
+        return torch.mm(hidden, w_chunk.T, out_dtype=torch.float32, out=out)
+    return torch.mm(hidden.float(), w_chunk.float().T, out=out)  # CPU tensors (interpreter tests)
+
+
+def _chunk_buffer(N: int, C: int, V: int, **options) -> torch.Tensor:
+    """Flat storage for [N, width] chunks (width <= C), each viewed contiguous."""
+    return torch.empty(N * min(C, V), **options)
 
 
 def vocab_splits(N: int, V: int, tiles: hk.Tiles, limits) -> int:
@@ -64,46 +128,72 @@ def tiles_for(t: torch.Tensor) -> hk.Tiles:
     return hk.pick_tiles(t.element_size(), device_limits(t.device))
 
 
-def _check_backend(backend: str) -> None:
+def _check(backend: str, strategy: str) -> None:
     if backend != "triton":
         raise RuntimeError(f"token_logprobs has no {backend!r} kernels (only triton); dispatch should not pick it")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"token_logprobs has no strategy {strategy!r}; choose one of {STRATEGIES}")
 
 
 @torch.library.custom_op("fusedrl::hidden_logprobs_fwd", mutates_args=())
 def hidden_logprobs_fwd(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-    temperature: float, softcap: float, ignore_index: int, want_entropy: bool, backend: str,
+    temperature: float, softcap: float, ignore_index: int, want_entropy: bool, backend: str, strategy: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (logp [N], entropy [N] or empty, lse [N]), fp32. softcap <= 0 means none."""
-    _check_backend(backend)
-    N, H = hidden.shape
-    V = weight.shape[0]
+    _check(backend, strategy)
+    N = hidden.shape[0]
     f32 = dict(device=hidden.device, dtype=torch.float32)
     logp, lse = torch.empty(N, **f32), torch.empty(N, **f32)
     entropy = torch.empty(N if want_entropy else 0, **f32)
     if N:
-        tiles = tiles_for(hidden)
-        splits = vocab_splits(N, V, tiles, device_limits(hidden.device))
-        split_cols = triton.cdiv(triton.cdiv(V, splits), tiles.block_v) * tiles.block_v
-        splits = triton.cdiv(V, split_cols)
-        part = torch.empty((4, splits, N) if splits > 1 else 0, **f32)
-        hk._hidden_fwd_kernel[(triton.cdiv(N, tiles.block_n), splits)](
-            hidden, weight, bias if bias is not None else weight, labels, logp, entropy if want_entropy else logp, lse,
-            part, N, V, H, hidden.stride(0), weight.stride(0), 1.0 / temperature, softcap, ignore_index, split_cols,
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, WANT_ENTROPY=want_entropy, SPLIT=splits > 1,
-            BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_H=tiles.block_h,
-            DOT_PRECISION=dot_precision(hidden.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-        )
-        if splits > 1:
-            hk._hidden_fwd_combine_kernel[(triton.cdiv(N, COMBINE_ROWS),)](
-                part, labels, logp, entropy if want_entropy else logp, lse, N, V, splits, ignore_index,
-                WANT_ENTROPY=want_entropy, BLOCK=COMBINE_ROWS,
-            )
+        run = _fused_fwd if strategy == "fused" else _chunked_fwd
+        run(hidden, weight, bias, labels, 1.0 / temperature, softcap, ignore_index, want_entropy, logp, entropy, lse)
     return logp, entropy, lse
 
 
+def _fused_fwd(hidden, weight, bias, labels, inv_temp, softcap, ignore_index, want_entropy, logp, entropy, lse):
+    N, H = hidden.shape
+    V = weight.shape[0]
+    tiles = tiles_for(hidden)
+    splits = vocab_splits(N, V, tiles, device_limits(hidden.device))
+    split_cols = triton.cdiv(triton.cdiv(V, splits), tiles.block_v) * tiles.block_v
+    splits = triton.cdiv(V, split_cols)
+    part = torch.empty((4, splits, N) if splits > 1 else 0, device=hidden.device, dtype=torch.float32)
+    hk._hidden_fwd_kernel[(triton.cdiv(N, tiles.block_n), splits)](
+        hidden, weight, bias if bias is not None else weight, labels, logp, entropy if want_entropy else logp, lse,
+        part, N, V, H, hidden.stride(0), weight.stride(0), inv_temp, softcap, ignore_index, split_cols,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, WANT_ENTROPY=want_entropy, SPLIT=splits > 1,
+        BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_H=tiles.block_h,
+        DOT_PRECISION=dot_precision(hidden.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+    if splits > 1:
+        hk._hidden_fwd_combine_kernel[(triton.cdiv(N, COMBINE_ROWS),)](
+            part, labels, logp, entropy if want_entropy else logp, lse, N, V, splits, ignore_index,
+            WANT_ENTROPY=want_entropy, BLOCK=COMBINE_ROWS,
+        )
+
+
+def _chunked_fwd(hidden, weight, bias, labels, inv_temp, softcap, ignore_index, want_entropy, logp, entropy, lse):
+    N = hidden.shape[0]
+    V = weight.shape[0]
+    C = chunk_columns(N, V, 4)
+    z_flat = _chunk_buffer(N, C, V, device=hidden.device, dtype=torch.float32)
+    state = torch.empty((4, N) if C < V else 0, device=hidden.device, dtype=torch.float32)
+    tiles = ck.row_tiles(device_limits(hidden.device))
+    for v0 in range(0, V, C):
+        width = min(C, V - v0)
+        z = logits_chunk(hidden, weight[v0:v0 + width], z_flat[:N * width].view(N, width))
+        ck._chunk_fold_kernel[(triton.cdiv(N, tiles.block_n),)](
+            z, bias if bias is not None else z, labels, state, logp, entropy if want_entropy else logp, lse,
+            N, V, v0, width, z.stride(0), inv_temp, softcap, ignore_index,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, WANT_ENTROPY=want_entropy, FIRST=v0 == 0,
+            LAST=v0 + width >= V, BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, num_warps=tiles.num_warps,
+        )
+
+
 @hidden_logprobs_fwd.register_fake
-def _(hidden, weight, bias, labels, temperature, softcap, ignore_index, want_entropy, backend):
+def _(hidden, weight, bias, labels, temperature, softcap, ignore_index, want_entropy, backend, strategy):
     N = hidden.shape[0]
     f32 = dict(dtype=torch.float32)
     return hidden.new_empty(N, **f32), hidden.new_empty(N if want_entropy else 0, **f32), hidden.new_empty(N, **f32)
@@ -114,75 +204,116 @@ def hidden_logprobs_bwd(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
     lse: torch.Tensor, entropy: torch.Tensor, g_logp: torch.Tensor | None, g_entropy: torch.Tensor | None,
     temperature: float, softcap: float, ignore_index: int, need_dh: bool, need_dw: bool, need_db: bool,
-    backend: str,
+    backend: str, strategy: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dhidden [N, H] like hidden or empty, dweight [V, H] like weight or empty, dbias [V] or empty)."""
-    _check_backend(backend)
+    _check(backend, strategy)
     N, H = hidden.shape
     V = weight.shape[0]
-    C = chunk_columns(N, V)
+    chunked = strategy == "chunked"
+    R, C = backward_blocks(N, H, V, hidden.element_size(), chunked, need_dw)
     several = C < V
-    # dh: fp32 accumulator across chunks for fp16/bf16 (one rounding at the end); fp32 accumulates in place.
-    dh = None
-    if need_dh:
-        dh = torch.zeros((N, H), device=hidden.device, dtype=torch.float32 if several else hidden.dtype)
+    dh = hidden.new_empty((N, H)) if need_dh else None
     dw = torch.empty_like(weight) if need_dw else None
-    db = torch.empty(V, device=hidden.device, dtype=torch.float32) if need_db else None
+    db = torch.zeros(V, device=hidden.device, dtype=torch.float32) if need_db else None
     if N and (need_dh or need_dw or need_db):
-        dz = torch.empty((N, C), device=hidden.device, dtype=hidden.dtype)
-        tiles = tiles_for(hidden)
-        for v0 in range(0, V, C):
-            width = min(C, V - v0)
-            block = dz[:, :width]
-            hk._hidden_dz_kernel[(triton.cdiv(N, tiles.block_n), triton.cdiv(width, tiles.block_v))](
-                hidden, weight, bias if bias is not None else weight, labels, lse,
-                entropy if g_entropy is not None else lse, g_logp if g_logp is not None else lse,
-                g_entropy if g_entropy is not None else lse, dz,
-                N, V, H, v0, width, hidden.stride(0), weight.stride(0), dz.stride(0), 1.0 / temperature, softcap,
-                ignore_index,
-                HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, HAS_G_LOGP=g_logp is not None,
-                HAS_G_ENTROPY=g_entropy is not None, BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v,
-                BLOCK_H=tiles.block_h, DOT_PRECISION=dot_precision(hidden.dtype), num_warps=tiles.num_warps,
-                num_stages=tiles.num_stages,
-            )
-            w_chunk = weight[v0:v0 + width]
-            if need_dw:
-                torch.mm(block.T, hidden, out=dw[v0:v0 + width])
-            if need_db:
-                db[v0:v0 + width] = block.sum(0, dtype=torch.float32)
+        R_max = min(R, N)
+        dz_flat = _chunk_buffer(R_max, C, V, device=hidden.device, dtype=hidden.dtype)
+        z_flat = _chunk_buffer(R_max, C, V, device=hidden.device, dtype=torch.float32) if chunked else None
+        # fp16/bf16 dh over several chunks: summed in fp32, rounded once; fp32 (or one chunk) sums in place.
+        acc = None
+        if need_dh and several and hidden.dtype != torch.float32:
+            acc = torch.empty((R_max, H), device=hidden.device, dtype=torch.float32)
+        flags = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, HAS_G_LOGP=g_logp is not None,
+                     HAS_G_ENTROPY=g_entropy is not None)
+        for r0 in range(0, N, R):
+            rows = min(R, N - r0)
+            h = hidden[r0:r0 + rows]
+            grads = [t[r0:r0 + rows] for t in (labels, lse, entropy if g_entropy is not None else lse,
+                                               g_logp if g_logp is not None else lse,
+                                               g_entropy if g_entropy is not None else lse)]
+            dh_rows = None
             if need_dh:
-                if dh.dtype == block.dtype:
-                    dh.addmm_(block, w_chunk)
+                dh_rows = acc[:rows].zero_() if acc is not None else dh[r0:r0 + rows].zero_()
+            for v0 in range(0, V, C):
+                width = min(C, V - v0)
+                w_chunk = weight[v0:v0 + width]
+                dz = dz_flat[:rows * width].view(rows, width)
+                if chunked:
+                    z = logits_chunk(h, w_chunk, z_flat[:rows * width].view(rows, width))
+                    tiles = ck.row_tiles(device_limits(hidden.device))
+                    ck._chunk_dz_kernel[(triton.cdiv(rows, tiles.block_n), triton.cdiv(width, tiles.block_v))](
+                        z, bias if bias is not None else z, *grads, dz, rows, v0, width, z.stride(0), dz.stride(0),
+                        1.0 / temperature, softcap, ignore_index, **flags, BLOCK_N=tiles.block_n,
+                        BLOCK_V=tiles.block_v, num_warps=tiles.num_warps,
+                    )
                 else:
-                    dh += block @ w_chunk
+                    tiles = tiles_for(hidden)
+                    hk._hidden_dz_kernel[(triton.cdiv(rows, tiles.block_n), triton.cdiv(width, tiles.block_v))](
+                        h, weight, bias if bias is not None else weight, *grads, dz,
+                        rows, V, H, v0, width, h.stride(0), weight.stride(0), dz.stride(0), 1.0 / temperature,
+                        softcap, ignore_index, **flags, BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v,
+                        BLOCK_H=tiles.block_h, DOT_PRECISION=dot_precision(hidden.dtype), num_warps=tiles.num_warps,
+                        num_stages=tiles.num_stages,
+                    )
+                if need_dw:  # R == N: the chunk's whole weight gradient
+                    torch.mm(dz.T, h, out=dw[v0:v0 + width])
+                if need_db:
+                    db[v0:v0 + width] += dz.sum(0, dtype=torch.float32)
+                if need_dh:
+                    add_matmul(dh_rows, dz, w_chunk)
+            if acc is not None:
+                dh[r0:r0 + rows].copy_(dh_rows)
     elif need_dw:
         dw.zero_()
-    if need_db and not N:
-        db.zero_()
     # Outputs must not alias each other: a fresh empty tensor for each one not computed.
-    return (dh.to(hidden.dtype) if need_dh else weight.new_empty(0), dw if need_dw else weight.new_empty(0),
+    return (dh if need_dh else weight.new_empty(0), dw if need_dw else weight.new_empty(0),
             db.to(bias.dtype) if need_db else weight.new_empty(0))
 
 
 @hidden_logprobs_bwd.register_fake
 def _(hidden, weight, bias, labels, lse, entropy, g_logp, g_entropy, temperature, softcap, ignore_index, need_dh,
-      need_dw, need_db, backend):
-    return (torch.empty_like(hidden) if need_dh else weight.new_empty(0),
+      need_dw, need_db, backend, strategy):
+    return (hidden.new_empty(hidden.shape) if need_dh else weight.new_empty(0),
             torch.empty_like(weight) if need_dw else weight.new_empty(0),
             torch.empty_like(bias) if need_db else weight.new_empty(0))
+
+
+_MIXED_ADDMM: dict[str, bool] = {}
+
+
+def add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b. An fp32 `acc` with fp16/bf16 `a`, `b` takes the product unrounded where torch's CUDA addmm
+    accepts an fp32 accumulator (`out_dtype`; tried once per device type, as older torch refuses it); else the
+    product is rounded to the inputs' dtype and added (one extra [N, H] temporary)."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+        return
+    kind = acc.device.type
+    if kind == "cuda" and _MIXED_ADDMM.get(kind, True):
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            _MIXED_ADDMM[kind] = True
+            return
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError:  # refused by the argument checks, before anything runs
+            _MIXED_ADDMM[kind] = False
+    acc += a @ b
 
 
 class HiddenLogprobs(torch.autograd.Function):
     """(hidden [N, H], weight [V, H], bias, labels [N]) -> (logp [N], entropy [N] or empty)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, softcap, ignore_index, want_entropy, backend):
+    def forward(ctx, hidden, weight, bias, labels, temperature, softcap, ignore_index, want_entropy, backend,
+                strategy):
         logp, entropy, lse = hidden_logprobs_fwd(hidden, weight, bias, labels, temperature, softcap, ignore_index,
-                                                 want_entropy, backend)
+                                                 want_entropy, backend, strategy)
         ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
         ctx.args = (temperature, softcap, ignore_index)
         ctx.want_entropy = want_entropy
-        ctx.backend = backend
+        ctx.kernels = (backend, strategy)
         return logp, entropy
 
     @staticmethod
@@ -194,6 +325,6 @@ class HiddenLogprobs(torch.autograd.Function):
         g_entropy = g_entropy.contiguous() if ctx.want_entropy and g_entropy is not None else None
         g_logp = None if g_logp is None else g_logp.contiguous()
         dh, dw, db = hidden_logprobs_bwd(hidden, weight, bias, labels, lse, entropy, g_logp, g_entropy, temperature,
-                                         softcap, ignore_index, need_dh, need_dw, need_db, ctx.backend)
+                                         softcap, ignore_index, need_dh, need_dw, need_db, *ctx.kernels)
         return (dh if need_dh else None, dw if need_dw else None, db if need_db else None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)

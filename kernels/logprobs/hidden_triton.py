@@ -82,6 +82,18 @@ def _tanh(x):
 
 
 @triton.jit
+def _cap(acc, b_ptr, cols, col_ok, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """(cap(acc + b) fp32, tanh of the capped argument or 0) for a [rows, columns] tile of h W^T."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    t = tl.zeros(acc.shape, tl.float32)
+    if HAS_SOFTCAP:
+        t = _tanh(acc / softcap)
+        acc = softcap * t
+    return acc, t
+
+
+@triton.jit
 def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w, softcap,
                  HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                  BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -95,13 +107,57 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_h, s
         w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_w + ks[None, :], mask=col_ok[:, None] & k_ok[None, :],
                     other=0.0)
         acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    t = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    return _cap(acc, b_ptr, cols, col_ok, softcap, HAS_BIAS, HAS_SOFTCAP)
+
+
+@triton.jit
+def _fold(m, s, u, x_label, z, cols, col_ok, labels, inv_temp, WANT_ENTROPY: tl.constexpr):
+    """Fold a [rows, columns] tile of capped logits z into the rows' online state: running max m,
+    s = sum exp(x - m), u = sum exp(x - m) (x - m) and the label's x, where x = z / T; columns outside
+    col_ok do not count."""
+    z = tl.where(col_ok[None, :], z * inv_temp, float("-inf"))
+    x_label += tl.sum(tl.where((cols[None, :] == labels[:, None]) & col_ok[None, :], z, 0.0), axis=1)
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    alpha = tl.exp(m - m_new)
+    e = tl.exp(z - m_new[:, None])
+    if WANT_ENTROPY:
+        u = alpha * (u + (m - m_new) * s) + tl.sum(e * tl.where(e > 0.0, z - m_new[:, None], 0.0), axis=1)
+    s = alpha * s + tl.sum(e, axis=1)
+    return m_new, s, u, x_label
+
+
+@triton.jit
+def _row_grad_inputs(rows, row_ok, labels_ptr, lse_ptr, entropy_ptr, g_logp_ptr, g_entropy_ptr, ignore_index,
+                     HAS_G_LOGP: tl.constexpr, HAS_G_ENTROPY: tl.constexpr):
+    """(labels, valid, lse, g_logp, g_entropy, entropy) of the rows; the incoming gradients are 0 at ignored rows."""
+    labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
+    valid = row_ok & (labels != ignore_index)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    g_logp = tl.zeros(rows.shape, tl.float32)
+    g_ent = tl.zeros(rows.shape, tl.float32)
+    entropy = tl.zeros(rows.shape, tl.float32)
+    if HAS_G_LOGP:
+        g_logp = tl.where(valid, tl.load(g_logp_ptr + rows, mask=row_ok, other=0.0), 0.0)
+    if HAS_G_ENTROPY:
+        g_ent = tl.where(valid, tl.load(g_entropy_ptr + rows, mask=row_ok, other=0.0), 0.0)
+        entropy = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
+    return labels, valid, lse, g_logp, g_ent, entropy
+
+
+@triton.jit
+def _dz(z, t, cols, col_ok, labels, valid, lse, g_logp, g_ent, entropy, inv_temp,
+        HAS_G_ENTROPY: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """d(loss)/d(raw logits) for a [rows, columns] tile of capped logits z (t: the tanh of soft-capping);
+    0 at ignored rows and outside col_ok."""
+    log_p = z * inv_temp - lse[:, None]
+    p = tl.where(col_ok[None, :], tl.exp(log_p), 0.0)
+    dz = tl.where(cols[None, :] == labels[:, None], g_logp[:, None], 0.0) - g_logp[:, None] * p
+    if HAS_G_ENTROPY:
+        dz -= g_ent[:, None] * p * tl.where(p > 0.0, log_p + entropy[:, None], 0.0)
+    dz = dz * inv_temp
     if HAS_SOFTCAP:
-        t = _tanh(acc / softcap)
-        acc = softcap * t
-    return acc, t
+        dz = dz * (1.0 - t * t)
+    return tl.where(valid[:, None] & col_ok[None, :], dz, 0.0)
 
 
 @triton.jit
@@ -141,15 +197,7 @@ def _hidden_fwd_kernel(
         col_ok = cols < v_end
         z, _ = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w, softcap,
                             HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
-        z = tl.where(col_ok[None, :], z * inv_temp, float("-inf"))
-        x_label += tl.sum(tl.where((cols[None, :] == labels[:, None]) & col_ok[None, :], z, 0.0), axis=1)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(z - m_new[:, None])
-        if WANT_ENTROPY:
-            u = alpha * (u + (m - m_new) * s) + tl.sum(e * tl.where(e > 0.0, z - m_new[:, None], 0.0), axis=1)
-        s = alpha * s + tl.sum(e, axis=1)
-        m = m_new
+        m, s, u, x_label = _fold(m, s, u, x_label, z, cols, col_ok, labels, inv_temp, WANT_ENTROPY)
     if SPLIT:
         # partials [4, S, N]: max, sum of exp(z - max), entropy sum, label logit (0 outside this split)
         plane = tl.num_programs(1) * N
@@ -207,27 +255,11 @@ def _hidden_dz_kernel(
     cols = v0 + local
     row_ok = rows < N
     col_ok = (local < C) & (cols < V)
-    labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
-    valid = row_ok & (labels != ignore_index)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    g_logp = tl.zeros([BLOCK_N], tl.float32)
-    g_ent = tl.zeros([BLOCK_N], tl.float32)
-    entropy = tl.zeros([BLOCK_N], tl.float32)
-    if HAS_G_LOGP:
-        g_logp = tl.where(valid, tl.load(g_logp_ptr + rows, mask=row_ok, other=0.0), 0.0)
-    if HAS_G_ENTROPY:
-        g_ent = tl.where(valid, tl.load(g_entropy_ptr + rows, mask=row_ok, other=0.0), 0.0)
-        entropy = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
+    labels, valid, lse, g_logp, g_ent, entropy = _row_grad_inputs(
+        rows, row_ok, labels_ptr, lse_ptr, entropy_ptr, g_logp_ptr, g_entropy_ptr, ignore_index, HAS_G_LOGP,
+        HAS_G_ENTROPY)
     z, t = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w, softcap,
                         HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
-    log_p = z * inv_temp - lse[:, None]
-    p = tl.where(col_ok[None, :], tl.exp(log_p), 0.0)
-    dz = tl.where(cols[None, :] == labels[:, None], g_logp[:, None], 0.0) - g_logp[:, None] * p
-    if HAS_G_ENTROPY:
-        dz -= g_ent[:, None] * p * tl.where(p > 0.0, log_p + entropy[:, None], 0.0)
-    dz = dz * inv_temp
-    if HAS_SOFTCAP:
-        dz = dz * (1.0 - t * t)
-    dz = tl.where(valid[:, None] & col_ok[None, :], dz, 0.0)
+    dz = _dz(z, t, cols, col_ok, labels, valid, lse, g_logp, g_ent, entropy, inv_temp, HAS_G_ENTROPY, HAS_SOFTCAP)
     tl.store(dz_ptr + rows[:, None].to(tl.int64) * stride_dz + local[None, :], dz.to(dz_ptr.dtype.element_ty),
              mask=row_ok[:, None] & (local < C)[None, :])

@@ -9,7 +9,9 @@ Compute-bound: counted in FLOPs, read against the bf16 matmul ceiling. A fused i
 the N x H x V matmul once forward; forward + backward does it 4 times with a trained head (forward,
 recomputed tiles, dh, dW) and 3 times with a frozen one: 2 N H V flops each.
 Providers: "eager" = logits = h W^T, log_softmax, gather, entropy (the naive formula);
-"compile" = torch.compile of it; "torch" / "triton" = fusedrl's function; "trl" = TRL 1.16's
+"compile" = torch.compile of it; "torch" / "triton" = fusedrl's function ("triton": its default
+strategy, logits tiles by `tl.dot` inside the kernels; "triton_chunked": the chunked strategy, each
+vocabulary chunk's logits by cuBLAS, reduced by Triton); "trl" = TRL 1.16's
 `ChunkedLogProbFunction` (its fused LM head), when trl is installed; "liger" = Liger-Kernel's
 fused linear cross-entropy and "cce" = Cut Cross-Entropy's `linear_cross_entropy` (its default
 implementation: the Triton "cce" kernels on a GPU, "torch_compile" on a CPU), per token
@@ -26,6 +28,7 @@ import torch
 from fusedrl.kernels import token_logprobs
 from fusedrl.kernels.logprobs import hidden_reference
 from fusedrl.kernels.logprobs.api import HIDDEN_SPEC
+from fusedrl.kernels.logprobs.hidden_op import ENV_STRATEGY
 
 from ..providers import COMPILE, STANDARD, Impl, Skip, pick
 from . import Case, CaseConfig
@@ -34,6 +37,7 @@ SHAPES = {"default": [(8192, 4096, 131072), (8192, 4096, 151936)], "small": [(51
 MATMULS = {"fwd": 1, "fwd+bwd": 4, "fwd+bwd_frozen": 3}
 LOGP_ONLY = "_logp"
 TRL, LIGER, CCE = "trl", "liger", "cce"
+CHUNKED = "triton_chunked"
 TRL_CHUNK = 4096
 PEERS = (TRL, LIGER, CCE)
 
@@ -99,8 +103,11 @@ def _setup(mode, shape, dtype, device):
     def impl(provider: str) -> Impl:
         eager = _naive if entropy else lambda h, w, y: (_naive(h, w, y)[0], None)
         peers = {TRL: lambda: _trl(entropy), LIGER: _liger, CCE: _cce}
-        fn, env = pick(provider, eager=eager, public=_public if entropy else _public_logp, spec=HIDDEN_SPEC,
-                       tensors=(hidden, weight), peers=peers)
+        fn, env = pick("triton" if provider == CHUNKED else provider, eager=eager,
+                       public=_public if entropy else _public_logp, spec=HIDDEN_SPEC, tensors=(hidden, weight),
+                       peers=peers)
+        if provider == CHUNKED:
+            env = {**env, ENV_STRATEGY: "chunked"}
         if mode == "fwd":
             def call():
                 with torch.no_grad():
@@ -119,7 +126,8 @@ def cases(config: CaseConfig) -> list[Case]:
     for shape in SHAPES[config.sizes]:
         N, H, V = shape
         for base, matmuls in MATMULS.items():
-            for mode, providers in ((base, STANDARD + (TRL,)), (base + LOGP_ONLY, STANDARD + PEERS)):
+            ours = STANDARD + (CHUNKED,)
+            for mode, providers in ((base, ours + (TRL,)), (base + LOGP_ONLY, ours + PEERS)):
                 for dtype in config.dtypes:
                     found.append(Case(
                         op="token_logprobs", mode=mode, shape=shape, dtype=dtype,
