@@ -26,7 +26,7 @@ set -uo pipefail
 # of issue 3/4 (fp32 token log-probs at N = 8192, V = 131072 take ~0.5 s a call); sdpa_* are torch's
 # attention backends, one at a time.
 BENCH_PLAN=(
-    "token_logprobs|18|35|--dtypes bf16 --reps 10"
+    "token_logprobs|18|35|--dtypes bf16 --reps 10 --providers eager,triton,triton_chunked,trl,liger,cce"
     "attention|18|22|--dtypes bf16 --reps 20"
     "checkpointing|8|16|--reps 5"
     "rewards|12|8|--reps 3"
@@ -37,8 +37,11 @@ BENCH_PLAN=(
 
 # Parts with their own bench cap and options ("part|cap %|reserve %|fusedrl bench options", the options naming
 # the ops); any other NAME is a case module run with "45|12|" (default reps) and the compile pass. The
-# train_step parts (whole training steps at real size) have no torch.compile provider.
+# train_step parts (whole training steps at real size) have no torch.compile provider; token_logprobs
+# compares its two Triton strategies with the peers at issue 3's sizes (fusedrl's torch path, ~1-3 s a
+# call there, is left out).
 PART_PLAN=(
+    "token_logprobs|60|0|--ops token_logprobs --dtypes bf16 --providers eager,triton,triton_chunked,trl,liger,cce --reps 10"
     "train_step|60|0|--ops train_step --reps 3"
     "diffusion_memory|60|0|--ops diffusion_grpo_step,reward_backprop_step --reps 3"
     "llm_vs_trl|60|0|--ops llm_grpo_step --reps 3"
@@ -67,7 +70,9 @@ if [ "$LIST" = 1 ]; then
     done
     echo "          then torch.compile with what is left"
     echo "  engine  the three trainers' embedded defaults on the GPU (60 / 40 / 150 steps), run folders in \$OUT/runs"
-    echo "  NAME    one case module of fusedrl/bench/cases (e.g. token_logprobs): its tests, then its cases"
+    echo "  NAME    one case module of fusedrl/bench/cases (e.g. rewards): its tests, then its cases"
+    echo "  token_logprobs    its tests, then both Triton strategies (fused, chunked) vs eager, TRL, Liger, CCE at"
+    echo "                    issue 3's sizes in bf16, 10 reps, bench <= 60% of the budget, no compile pass"
     echo "  train_step        whole training steps at real size, fusedrl vs the plain loop (and TRL's head), time and"
     echo "                    peak memory, 3 reps, bench <= 60% of the budget (not yet run on a GPU); its halves:"
     echo "  diffusion_memory  SD3.5-M-sized GRPO step (group 8, 512 px) and SD1.5-sized DRaFT-50 (issue 6 item 9)"

@@ -12,12 +12,11 @@ Two strategies compute the logits (`strategy`; `FUSEDRL_TOKEN_LOGPROBS=fused|chu
 The backward goes one vocabulary chunk of C columns at a time: the chunk's dz (input dtype) is
 written by a Triton kernel (from recomputed logits tiles, or from the chunk's logits), then
 dW[chunk] = dz^T h and dh += dz W[chunk] are plain matmuls (a Python loop over the chunks: one
-Triton launch and two or three matmuls each). fp16/bf16 dh is summed over the chunks in fp32 and
-rounded once (each chunk's product enters the sum unrounded where torch's CUDA addmm accepts an fp32
-accumulator, else rounded to the input dtype: `add_matmul`). The buffers stay within max(8 MiB, N V / 32 bytes), under 1% of the [N, V] fp32
-logits (`backward_blocks`): with a frozen head the rows also go in blocks, so that the fp32 dh sum
-of a block fits that budget too; a trained head's dW[chunk] needs every row at once, and its fp32
-dh sum [N, H] comes on top.
+Triton launch and two or three matmuls each). fp16/bf16 dh is summed over the chunks in fp32, each
+chunk's product unrounded (`add_matmul`), and rounded once at the end. The buffers stay within
+max(8 MiB, N V / 32 bytes), under 1% of the [N, V] fp32 logits (`backward_blocks`): with a frozen
+head the rows also go in blocks, so that the fp32 dh sum of a block fits that budget too; a trained
+head's dW[chunk] needs every row at once, and its fp32 dh sum [N, H] comes on top.
 """
 
 from __future__ import annotations
@@ -76,15 +75,14 @@ def backward_blocks(N: int, H: int, V: int, itemsize: int, chunked: bool, need_d
 
     A trained head takes every row at once (R = N): dW[chunk] = dz^T h is then one matmul, written once,
     while fp16/bf16 dh sums the chunks in an fp32 [N, H] accumulator. A frozen head has no dW: the rows go
-    in blocks whose fp32 dh accumulator [R, H] (and the [R, H] product `add_matmul` may round first) take
-    half the budget and the chunk buffers the other half, so that the backward's extra memory stays within
-    `chunk_budget`."""
+    in blocks whose fp32 dh accumulator [R, H] takes half the budget and the chunk buffers the other half, so
+    that the backward's extra memory stays within `chunk_budget`."""
     per_entry = itemsize + (4 if chunked else 0)  # dz (+ the fp32 logits chunk)
     C = chunk_columns(N, V, per_entry)
     if need_dw or itemsize == 4 or C >= V:  # fp32 dh accumulates in the output itself
         return N, C
     half = chunk_budget(N, V) // 2
-    R = min(N, max(ROW_ALIGN, half // (H * (4 + itemsize)) // ROW_ALIGN * ROW_ALIGN))
+    R = min(N, max(ROW_ALIGN, half // (H * 4) // ROW_ALIGN * ROW_ALIGN))
     return R, chunk_columns(R, V, per_entry, half)
 
 
@@ -283,9 +281,10 @@ _MIXED_ADDMM: dict[str, bool] = {}
 
 
 def add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b. An fp32 `acc` with fp16/bf16 `a`, `b` takes the product unrounded where torch's CUDA addmm
-    accepts an fp32 accumulator (`out_dtype`; tried once per device type, as older torch refuses it); else the
-    product is rounded to the inputs' dtype and added (one extra [N, H] temporary)."""
+    """acc += a @ b, the product never rounded to the inputs' dtype first (rounding each vocabulary chunk's
+    product to bf16 before summing biases training: TRL found the entropy drifting lower). An fp32 `acc` with
+    fp16/bf16 `a`, `b` on CUDA: torch's addmm with out_dtype=float32 (torch >= 2.8; tried once per device type);
+    elsewhere, or where torch refuses it, an fp32 matmul of upcast copies."""
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
         return
@@ -297,9 +296,9 @@ def add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
             return
         except torch.OutOfMemoryError:
             raise
-        except RuntimeError:  # refused by the argument checks, before anything runs
+        except (TypeError, RuntimeError):  # no out_dtype (torch < 2.8), or refused by its argument checks
             _MIXED_ADDMM[kind] = False
-    acc += a @ b
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 class HiddenLogprobs(torch.autograd.Function):

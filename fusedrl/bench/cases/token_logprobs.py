@@ -30,6 +30,7 @@ from fusedrl.kernels.logprobs import hidden_reference
 from fusedrl.kernels.logprobs.api import HIDDEN_SPEC
 from fusedrl.kernels.logprobs.hidden_op import ENV_STRATEGY
 
+from .. import trl_peer
 from ..providers import COMPILE, STANDARD, Impl, Skip, pick
 from . import Case, CaseConfig
 
@@ -60,9 +61,7 @@ def _require(module: str, package: str) -> None:
 
 
 def _trl(entropy: bool):
-    _require("trl", "trl")
-    from trl.kernels import ChunkedLogProbFunction
-
+    ChunkedLogProbFunction = trl_peer.chunked_logprob_function()
     outputs = ("entropy",) if entropy else ()
 
     def fn(hidden, weight, labels):

@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from .. import trl_peer
 from ..providers import EAGER, Impl, Skip
 from . import Case, CaseConfig
 
@@ -322,10 +323,7 @@ def _llm_setup(name: str, B: int, P: int, T: int, dtype: torch.dtype, device: to
         from fusedrl.kernels import fused_linear_grpo_loss
 
         if provider == "trl":
-            try:
-                from trl.kernels import ChunkedLogProbFunction
-            except ImportError as exc:
-                raise Skip("trl is not installed") from exc
+            ChunkedLogProbFunction = trl_peer.chunked_logprob_function()
 
         def fn():
             model.zero_grad(set_to_none=True)
@@ -336,7 +334,7 @@ def _llm_setup(name: str, B: int, P: int, T: int, dtype: torch.dtype, device: to
                 hidden = base.model(input_ids=ids).last_hidden_state[:, P - 1:-1]  # scored positions, + entropy
                 keep = mask.bool()
                 out = ChunkedLogProbFunction.apply(hidden[keep], base.lm_head.weight, None, labels[keep], 1.0,
-                                                   TRL_CHUNK, None, 1.0, ("log_probs", "entropy"))
+                                                   TRL_CHUNK, None, 1.0, ("entropy",))
                 logp = torch.zeros(mask.shape, dtype=out[0].dtype, device=device).masked_scatter(keep, out[0])
                 loss = _dapo(logp.float(), adv, mask)
             else:
