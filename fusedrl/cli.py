@@ -70,6 +70,14 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  {dispatch.ENV_BACKEND:<20} invalid: {exc}")
         return 2
     print(f"  {dispatch.ENV_BACKEND:<20} {forced.value if forced else 'unset (auto)'}")
+    from fusedrl.kernels.logprobs import hidden_op
+
+    try:
+        strategy = hidden_op.strategy()
+    except ValueError as exc:
+        print(f"  {hidden_op.ENV_STRATEGY:<20} invalid: {exc}")
+        return 2
+    print(f"  {hidden_op.ENV_STRATEGY:<20} {strategy} (token_logprobs on Triton: {', '.join(hidden_op.STRATEGIES)})")
     table = dispatch.availability()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"== ops (backends for {device} tensors; chosen in the order cuda, triton, torch)")

@@ -12,7 +12,7 @@ from fusedrl.kernels import dispatch
 def test_info_lists_versions_devices_and_each_op_backend(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    for needle in ("torch", "triton", "nvcc", "CUDA extension", "FUSEDRL_BACKEND"):
+    for needle in ("torch", "triton", "nvcc", "CUDA extension", "FUSEDRL_BACKEND", "FUSEDRL_TOKEN_LOGPROBS fused"):
         assert needle in out
     assert dispatch.OPS, "no op registered"
     for op in dispatch.OPS:
@@ -24,6 +24,12 @@ def test_info_lists_versions_devices_and_each_op_backend(capsys):
             assert verdict == "yes" or verdict.startswith("no: "), line
     # the torch backend always serves; on a CPU-only machine cuda says why not
     assert "    torch   yes" in out
+
+
+def test_info_reports_a_bad_token_logprobs_strategy(monkeypatch, capsys):
+    monkeypatch.setenv("FUSEDRL_TOKEN_LOGPROBS", "tiles")
+    assert main(["info"]) == 2
+    assert "FUSEDRL_TOKEN_LOGPROBS='tiles' is not a token_logprobs strategy" in capsys.readouterr().out
 
 
 def test_info_reports_a_bad_forced_backend(monkeypatch, capsys):
