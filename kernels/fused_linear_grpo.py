@@ -4,7 +4,7 @@ Composes `token_logprobs` (log-probs and entropy from hidden states, never the [
 `grpo_loss` (one kernel per sequence): no [N, V] tensor. The forward is one Triton launch (plus a
 combine) with the default strategy; the backward recomputes the logits once, one vocabulary chunk
 at a time (a Python loop over chunks whose buffers stay under 1% of the fp32 logits, each a Triton
-launch and two or three matmuls; see `kernels/logprobs/hidden_op.py`). Positions outside the
+launch and one to three matmuls; see `kernels/logprobs/hidden_op.py`). Positions outside the
 completion mask are scored as ignored labels, so they get no gradient.
 """
 

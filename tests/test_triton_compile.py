@@ -145,8 +145,9 @@ def _hidden_jobs() -> list[dict]:
         dz = dict(z_ptr="*fp32", b_ptr=f"*{data}", labels_ptr="*i64", lse_ptr="*fp32", entropy_ptr="*fp32",
                   g_logp_ptr="*fp32", g_entropy_ptr="*fp32", dz_ptr=f"*{data}", stride_dz="i32", **chunk)
         for flag in (True, False):
-            chunk_jobs.append(dict(kernel="_chunk_fold_kernel", types=fold, constexprs=dict(
-                HAS_BIAS=flag, HAS_SOFTCAP=not flag, WANT_ENTROPY=flag, FIRST=flag, LAST=not flag, **rows)))
+            for first, last in ((flag, flag), (flag, not flag)):  # one chunk, middle, first and last chunks
+                chunk_jobs.append(dict(kernel="_chunk_fold_kernel", types=fold, constexprs=dict(
+                    HAS_BIAS=flag, HAS_SOFTCAP=not flag, WANT_ENTROPY=flag, FIRST=first, LAST=last, **rows)))
             chunk_jobs.append(dict(kernel="_chunk_dz_kernel", types=dz, constexprs=dict(
                 HAS_BIAS=flag, HAS_SOFTCAP=not flag, HAS_G_LOGP=True, HAS_G_ENTROPY=flag, **rows)))
     chunked = "fusedrl.kernels.logprobs.hidden_chunked_triton"

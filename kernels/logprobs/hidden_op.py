@@ -2,7 +2,7 @@
 `HiddenLogprobs`. Layout: hidden [N, H] (rows may be strided, H contiguous), weight [V, H]
 contiguous, bias [V] or None, labels [N] int.
 
-Two strategies compute the logits (`strategy`; `FUSEDRL_TOKEN_LOGPROBS=fused|chunked` forces one):
+Two strategies compute the logits (`strategy`; `FUSEDRL_TOKEN_LOGPROBS=fused|chunked` picks one):
 - "fused" (the default): the Triton kernels compute logits tiles with `tl.dot` and reduce them in
   registers (`hidden_triton.py`); nothing [N, V] or [N, C] holds logits.
 - "chunked": `torch.mm` (cuBLAS on a GPU) writes one vocabulary chunk's logits [N, C] in fp32 and
@@ -12,7 +12,7 @@ Two strategies compute the logits (`strategy`; `FUSEDRL_TOKEN_LOGPROBS=fused|chu
 The backward goes one vocabulary chunk of C columns at a time: the chunk's dz (input dtype) is
 written by a Triton kernel (from recomputed logits tiles, or from the chunk's logits), then
 dW[chunk] = dz^T h and dh += dz W[chunk] are plain matmuls (a Python loop over the chunks: one
-Triton launch and two or three matmuls each). fp16/bf16 dh is summed over the chunks in fp32, each
+Triton launch and one to three matmuls each). fp16/bf16 dh is summed over the chunks in fp32, each
 chunk's product unrounded (`add_matmul`), and rounded once at the end. The buffers stay within
 max(8 MiB, N V / 32 bytes), under 1% of the [N, V] fp32 logits (`backward_blocks`): with a frozen
 head the rows also go in blocks, so that the fp32 dh sum of a block fits that budget too; a trained
@@ -62,28 +62,46 @@ def chunk_budget(N: int, V: int) -> int:
 
 def chunk_columns(N: int, V: int, bytes_per_entry: int, budget: int | None = None) -> int:
     """Vocabulary columns per chunk when each of the chunk's [N, C] entries holds `bytes_per_entry` bytes of
-    buffers within `budget` bytes (default `chunk_budget`): a multiple of COLUMN_ALIGN (every tile's BLOCK_V
-    divides it), at most V rounded up."""
+    buffers within `budget` bytes (default `chunk_budget`): a multiple of COLUMN_ALIGN (the fused kernels'
+    BLOCK_V divides it; the kernels mask partial tiles), rounded down but at least COLUMN_ALIGN, and at most V
+    rounded up."""
     budget = chunk_budget(N, V) if budget is None else budget
-    cols = max(1, budget // (max(N, 1) * bytes_per_entry))
-    cols = triton.cdiv(cols, hk.COLUMN_ALIGN) * hk.COLUMN_ALIGN
-    return min(cols, triton.cdiv(V, hk.COLUMN_ALIGN) * hk.COLUMN_ALIGN)
+    cols = budget // (max(N, 1) * bytes_per_entry) // hk.COLUMN_ALIGN * hk.COLUMN_ALIGN
+    return min(max(cols, hk.COLUMN_ALIGN), triton.cdiv(V, hk.COLUMN_ALIGN) * hk.COLUMN_ALIGN)
 
 
-def backward_blocks(N: int, H: int, V: int, itemsize: int, chunked: bool, need_dw: bool) -> tuple[int, int]:
+def backward_blocks(N: int, H: int, V: int, itemsize: int, chunked: bool, need_dw: bool,
+                    need_dh: bool = True) -> tuple[int, int]:
     """(R rows per block, C vocabulary columns per chunk) of the backward's loops.
 
     A trained head takes every row at once (R = N): dW[chunk] = dz^T h is then one matmul, written once,
     while fp16/bf16 dh sums the chunks in an fp32 [N, H] accumulator. A frozen head has no dW: the rows go
-    in blocks whose fp32 dh accumulator [R, H] takes half the budget and the chunk buffers the other half, so
-    that the backward's extra memory stays within `chunk_budget`."""
+    in blocks (at least ROW_ALIGN rows) whose fp32 dh accumulator [R, H] takes half the budget and the chunk
+    buffers the other half, so that the backward's extra memory stays within `chunk_budget`."""
     per_entry = itemsize + (4 if chunked else 0)  # dz (+ the fp32 logits chunk)
     C = chunk_columns(N, V, per_entry)
-    if need_dw or itemsize == 4 or C >= V:  # fp32 dh accumulates in the output itself
+    if need_dw or not need_dh or itemsize == 4 or C >= V:  # no dh sum, or fp32 dh sums in the output itself
         return N, C
     half = chunk_budget(N, V) // 2
     R = min(N, max(ROW_ALIGN, half // (H * 4) // ROW_ALIGN * ROW_ALIGN))
     return R, chunk_columns(R, V, per_entry, half)
+
+
+@functools.cache
+def fp32_out_matmuls(device_type: str) -> bool:
+    """Whether torch's mm and addmm take fp16/bf16 inputs with an fp32 output (and, for addmm, an fp32
+    accumulator) on this device type: `out_dtype`, CUDA only, torch >= 2.8. Probed once with 1 x 1 tensors, so
+    that the real calls' own errors are never mistaken for a missing feature."""
+    if device_type != "cuda":
+        return False
+    f32 = dict(device=device_type, dtype=torch.float32)
+    acc, one = torch.zeros((1, 1), **f32), torch.ones((1, 1), device=device_type, dtype=torch.bfloat16)
+    try:
+        torch.mm(one, one, out_dtype=torch.float32, out=torch.empty((1, 1), **f32))
+        torch.addmm(acc, one, one, out_dtype=torch.float32, out=acc)
+    except (TypeError, RuntimeError):  # no out_dtype overload (torch < 2.8), or its checks refuse an fp32 acc
+        return False
+    return True
 
 
 def logits_chunk(hidden: torch.Tensor, w_chunk: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -126,11 +144,15 @@ def tiles_for(t: torch.Tensor) -> hk.Tiles:
     return hk.pick_tiles(t.element_size(), device_limits(t.device))
 
 
-def _check(backend: str, strategy: str) -> None:
+def _check(backend: str, strategy: str, hidden: torch.Tensor) -> None:
     if backend != "triton":
         raise RuntimeError(f"token_logprobs has no {backend!r} kernels (only triton); dispatch should not pick it")
     if strategy not in STRATEGIES:
         raise ValueError(f"token_logprobs has no strategy {strategy!r}; choose one of {STRATEGIES}")
+    if strategy == "chunked" and hidden.is_cuda and hidden.dtype != torch.float32 and not fp32_out_matmuls("cuda"):
+        raise RuntimeError(f"{ENV_STRATEGY}=chunked needs torch.mm(..., out_dtype=torch.float32) for "
+                           f"{hidden.dtype} inputs (torch >= 2.8; this is {torch.__version__}); use the fused "
+                           "strategy (unset it)")
 
 
 @torch.library.custom_op("fusedrl::hidden_logprobs_fwd", mutates_args=())
@@ -139,7 +161,7 @@ def hidden_logprobs_fwd(
     temperature: float, softcap: float, ignore_index: int, want_entropy: bool, backend: str, strategy: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (logp [N], entropy [N] or empty, lse [N]), fp32. softcap <= 0 means none."""
-    _check(backend, strategy)
+    _check(backend, strategy, hidden)
     N = hidden.shape[0]
     f32 = dict(device=hidden.device, dtype=torch.float32)
     logp, lse = torch.empty(N, **f32), torch.empty(N, **f32)
@@ -205,23 +227,23 @@ def hidden_logprobs_bwd(
     backend: str, strategy: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dhidden [N, H] like hidden or empty, dweight [V, H] like weight or empty, dbias [V] or empty)."""
-    _check(backend, strategy)
+    _check(backend, strategy, hidden)
     N, H = hidden.shape
     V = weight.shape[0]
     chunked = strategy == "chunked"
-    R, C = backward_blocks(N, H, V, hidden.element_size(), chunked, need_dw)
+    R, C = backward_blocks(N, H, V, hidden.element_size(), chunked, need_dw, need_dh)
     several = C < V
     dh = hidden.new_empty((N, H)) if need_dh else None
     dw = torch.empty_like(weight) if need_dw else None
     db = torch.zeros(V, device=hidden.device, dtype=torch.float32) if need_db else None
     if N and (need_dh or need_dw or need_db):
-        R_max = min(R, N)
-        dz_flat = _chunk_buffer(R_max, C, V, device=hidden.device, dtype=hidden.dtype)
-        z_flat = _chunk_buffer(R_max, C, V, device=hidden.device, dtype=torch.float32) if chunked else None
+        dz_flat = _chunk_buffer(R, C, V, device=hidden.device, dtype=hidden.dtype)
+        z_flat = _chunk_buffer(R, C, V, device=hidden.device, dtype=torch.float32) if chunked else None
         # fp16/bf16 dh over several chunks: summed in fp32, rounded once; fp32 (or one chunk) sums in place.
         acc = None
         if need_dh and several and hidden.dtype != torch.float32:
-            acc = torch.empty((R_max, H), device=hidden.device, dtype=torch.float32)
+            acc = torch.empty((R, H), device=hidden.device, dtype=torch.float32)
+        tiles = ck.row_tiles(device_limits(hidden.device)) if chunked else tiles_for(hidden)
         flags = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, HAS_G_LOGP=g_logp is not None,
                      HAS_G_ENTROPY=g_entropy is not None)
         for r0 in range(0, N, R):
@@ -239,14 +261,12 @@ def hidden_logprobs_bwd(
                 dz = dz_flat[:rows * width].view(rows, width)
                 if chunked:
                     z = logits_chunk(h, w_chunk, z_flat[:rows * width].view(rows, width))
-                    tiles = ck.row_tiles(device_limits(hidden.device))
                     ck._chunk_dz_kernel[(triton.cdiv(rows, tiles.block_n), triton.cdiv(width, tiles.block_v))](
                         z, bias if bias is not None else z, *grads, dz, rows, v0, width, z.stride(0), dz.stride(0),
                         1.0 / temperature, softcap, ignore_index, **flags, BLOCK_N=tiles.block_n,
                         BLOCK_V=tiles.block_v, num_warps=tiles.num_warps,
                     )
                 else:
-                    tiles = tiles_for(hidden)
                     hk._hidden_dz_kernel[(triton.cdiv(rows, tiles.block_n), triton.cdiv(width, tiles.block_v))](
                         h, weight, bias if bias is not None else weight, *grads, dz,
                         rows, V, H, v0, width, h.stride(0), weight.stride(0), dz.stride(0), 1.0 / temperature,
@@ -277,28 +297,17 @@ def _(hidden, weight, bias, labels, lse, entropy, g_logp, g_entropy, temperature
             torch.empty_like(bias) if need_db else weight.new_empty(0))
 
 
-_MIXED_ADDMM: dict[str, bool] = {}
-
-
 def add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b, the product never rounded to the inputs' dtype first (rounding each vocabulary chunk's
     product to bf16 before summing biases training: TRL found the entropy drifting lower). An fp32 `acc` with
-    fp16/bf16 `a`, `b` on CUDA: torch's addmm with out_dtype=float32 (torch >= 2.8; tried once per device type);
-    elsewhere, or where torch refuses it, an fp32 matmul of upcast copies."""
+    fp16/bf16 `a`, `b`: torch's addmm with out_dtype=float32 where it exists (CUDA, torch >= 2.8); elsewhere an
+    fp32 matmul of upcast copies (on a GPU with older torch these copies come on top of the chunk budget)."""
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
-        return
-    kind = acc.device.type
-    if kind == "cuda" and _MIXED_ADDMM.get(kind, True):
-        try:
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-            _MIXED_ADDMM[kind] = True
-            return
-        except torch.OutOfMemoryError:
-            raise
-        except (TypeError, RuntimeError):  # no out_dtype (torch < 2.8), or refused by its argument checks
-            _MIXED_ADDMM[kind] = False
-    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+    elif fp32_out_matmuls(acc.device.type):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 class HiddenLogprobs(torch.autograd.Function):

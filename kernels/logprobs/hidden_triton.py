@@ -9,13 +9,13 @@ writes the results; with S > 1 splits (when N / BLOCK_N row blocks alone would l
 idle: 64 programs for N = 8192 on an H200's 132) each writes its partial (max, sum, entropy sum,
 label logit) to a [4, S, N] fp32 buffer and `_hidden_fwd_combine_kernel` merges the S partials.
 
-Backward, one vocabulary chunk [v0, v0 + C) at a time (`hidden_op.py` loops): `_hidden_dz_kernel`
-recomputes the chunk's logits tile by tile and writes only
-dz = (g_logp (onehot - p) - g_H p (log p + H)) / T (times cap' under soft-capping) as an [N, C]
-block in the input dtype; the launcher then makes the two gradient matmuls with cuBLAS:
-dW[chunk] = dz^T h (reduction over all N rows, written once, no accumulator) and
-dh += dz W[chunk]. Scattering dz W and dz^T h into dh and dW with atomics from every
-(row block, vocabulary tile) program, the first design, needs N H V / BLOCK_V + V H N / BLOCK_N
+Backward, one vocabulary chunk [v0, v0 + C) of a block of R rows at a time (`hidden_op.py` loops;
+R = N unless the head is frozen): `_hidden_dz_kernel` recomputes the chunk's logits tile by tile and
+writes only dz = (g_logp (onehot - p) - g_H p (log p + H)) / T (times cap' under soft-capping) as an
+[R, C] block in the input dtype; the launcher then makes the gradient matmuls with cuBLAS:
+dW[chunk] = dz^T h (reduction over all N rows, written once, no accumulator) and dh += dz W[chunk].
+Scattering dz W and dz^T h into dh and dW with atomics from every (row block, vocabulary tile)
+program, the first design, needs N H V / BLOCK_V + V H N / BLOCK_N
 fp32 atomic adds (~10^11 at N = 8192, H = 4096, V = 131072): far slower than the matmuls.
 
 fp32 inputs: `tl.dot` runs in IEEE fp32 unless torch allows TF32 for matmuls
