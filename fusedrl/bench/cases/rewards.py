@@ -17,6 +17,8 @@ Providers:
   the reference packages score (ImageReward's `inference_rank`, Flow-GRPO's scorers); skipped above batch 64 on a
   GPU (its images/s does not depend on B, and B = 256 loops make the run minutes long).
 - "torch": fusedrl's batched call, `reward(x, p)` with max_batch_size = B (one micro-batch), SDPA attention.
+- "compile": the same batched call with the reward's `compile=True` (its scoring through `torch.compile`, static
+  shapes; the first call, which compiles, is a warm-up call of the runner).
 Both run the same reward object with its value-range check off (`check_range=False`: no host sync per call).
 The runner's speedup_vs_eager is then batched over loop (issue 5's target: >= 20x at batch 64 on an H100/H200).
 dtypes: fp32 = fp32 weights; bf16 = the model loaded in bf16 (dtype=torch.bfloat16, preprocessing still in fp32).
@@ -30,6 +32,7 @@ the fp32 input images. images/s = B / median: the runner's CSV has B (the shape'
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import string
@@ -38,10 +41,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..providers import EAGER, Impl, Skip
+from ..providers import COMPILE, EAGER, Impl, Skip
 from . import Case, CaseConfig
 
-PROVIDERS = (EAGER, "torch")
+PROVIDERS = (EAGER, "torch", COMPILE)
 GROUP = 8
 LOOP_MAX_BATCH = {"cuda": 64, "cpu": 1 << 30}
 PROMPT = "a photo of a red fox in the snow, golden hour"
@@ -196,12 +199,17 @@ def _setup(spec: Spec, batch: int, dtype: torch.dtype, device: torch.device):
 
             def call():
                 return [reward(images[i:i + 1], prompts[i:i + 1]) for i in range(batch)]
-        elif provider == "torch":
+        elif provider in ("torch", COMPILE):
+            scorer = reward
+            if provider == COMPILE:  # a shallow copy: the same model, its own compiled scorer
+                scorer = copy.copy(reward)
+                scorer.compile, scorer._compiled = True, None
+
             def call():
-                return reward(images, prompts)
+                return scorer(images, prompts)
         else:
             raise ValueError(f"unknown provider {provider!r}")
-        return Impl(call, inputs=(images,))
+        return Impl(call, inputs=(images,), error_is_skip=provider == COMPILE)
 
     return impl
 
