@@ -238,3 +238,17 @@ def test_custom_ops_pass_opcheck(strategy):
     g = torch.ones_like(logp)
     torch.library.opcheck(hidden_op.hidden_logprobs_bwd, (hidden, weight, bias, labels, lse, entropy, g, g, 0.8, 0.0,
                                                           -100, True, True, True, "triton", strategy))
+
+
+def test_chunked_strategy_refuses_cuda_without_fp32_out_matmuls(monkeypatch):
+    """Where torch.mm has no out_dtype (CUDA, torch < 2.8), the chunked strategy says so instead of failing inside."""
+    from fusedrl.kernels.logprobs import hidden_op
+
+    class CudaBf16:  # what _check reads of a CUDA bf16 tensor
+        is_cuda, dtype = True, torch.bfloat16
+
+    assert hidden_op.fp32_out_matmuls("cpu") is False  # CPU tensors upcast instead
+    monkeypatch.setattr(hidden_op, "fp32_out_matmuls", lambda device_type: False)
+    with pytest.raises(RuntimeError, match="FUSEDRL_TOKEN_LOGPROBS=chunked needs torch.mm.*out_dtype"):
+        hidden_op._check("triton", "chunked", CudaBf16())
+    hidden_op._check("triton", "fused", CudaBf16())  # the fused strategy needs no such matmul
