@@ -154,6 +154,44 @@ def _hidden_jobs() -> list[dict]:
     return jobs + [dict(job, module=chunked, arch=90) for job in chunk_jobs]
 
 
+def _attention_spill_jobs() -> list[dict]:
+    """Every tile table entry of flash attention (sm_90 and sm_86 tables, head dims 64 / 128 / 256, each kernel), in
+    its heaviest variants (causal; key padding), bf16, with the 16-byte alignment a launch specializes."""
+    from fusedrl.kernels.attention import triton_kernels as tk
+
+    module = "fusedrl.kernels.attention.triton_kernels"
+    strides = {f"stride_{n}{a}": "i64" if a == "b" else "i32" for n in ("q", "k", "v", "o", "do") for a in "bhn"}
+    common = dict(Hq="i32", Hkv="i32", Nq="i32", Nkv="i32", D="i32", GROUP="i32", qk_scale="fp32", scale="fp32",
+                  stride_kpmb="i32")
+    ptrs = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", kpm_ptr="*u8", o_ptr="*bf16", lse_ptr="*fp32",
+                do_ptr="*bf16", delta_ptr="*fp32", dk_ptr="*bf16", dv_ptr="*bf16", dq_ptr="*bf16")
+    types = dict(ptrs, **strides, **common)
+    kernels = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
+    jobs = []
+    for table, arch in ((tk.SM90, 90), (tk.SM8X, 86)):
+        for D, tiles in table.items():
+            for kernel, t in zip(kernels, tiles):
+                for causal, kpm in ((True, False), (False, True)):
+                    fn_args = getattr(tk, kernel).arg_names
+                    job_types = {k: v for k, v in types.items() if k in fn_args}
+                    jobs.append(dict(
+                        module=module, kernel=kernel, arch=arch, types=job_types, max_stack=0,
+                        divisible=[n for n in job_types if n.endswith("_ptr") or n.startswith("stride_")],
+                        options=dict(num_warps=t.num_warps, num_stages=t.num_stages),
+                        constexprs=dict(CAUSAL=causal, HAS_KPM=kpm, DOT_PRECISION="tf32", BLOCK_D=D,
+                                        BLOCK_M=t.block_m, BLOCK_N=t.block_n)))
+    return jobs
+
+
+@pytest.mark.slow
+def test_attention_tiles_do_not_spill_registers():
+    """No flash-attention tile of the sm_90 / sm_86 tables spills registers to local memory (the dK/dV tiles of
+    Triton's tutorial did, by 300-1000 bytes per thread): read from the compiled cubin's resource usage."""
+    failures = compile_kernels(_attention_spill_jobs())
+    assert not failures, "\n".join(f"sm_{f['job']['arch']} {f['job']['kernel']} {f['job']['constexprs']} "
+                                   f"{f['job']['options']}: {f['error']}" for f in failures)
+
+
 @pytest.mark.slow
 def test_token_logprobs_kernels_compile_for_sm90():
     failures = compile_kernels(_hidden_jobs())

@@ -15,9 +15,21 @@ import subprocess
 import sys
 
 CHILD = r"""
-import importlib, json, sys
+import importlib, json, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def stack_bytes(cubin):
+    # per-thread stack frame of the compiled kernel: register spills (and local arrays) live there
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    return int(re.search(r"STACK:(\d+)", out).group(1))
+
 
 jobs = json.loads(sys.stdin.read())
 failures = []
@@ -26,13 +38,18 @@ for job in jobs:
     fn = getattr(module, job["kernel"])
     consts = job["constexprs"]
     signature = {name: ("constexpr" if name in consts else job["types"][name]) for name in fn.arg_names}
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in job.get("divisible", ())}
     try:
-        compiled = triton.compile(triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts),
-                                  target=GPUTarget("cuda", job["arch"], 32), options=job.get("options"))
+        source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs or None)
+        compiled = triton.compile(source, target=GPUTarget("cuda", job["arch"], 32), options=job.get("options"))
         shared = compiled.metadata.shared
         if job.get("max_shared") is not None and shared > job["max_shared"]:
             failures.append({"job": job, "error": f"needs {shared} bytes of shared memory, the device has "
                                                   f"{job['max_shared']}"})
+        if job.get("max_stack") is not None:
+            stack = stack_bytes(compiled.asm["cubin"])
+            if stack > job["max_stack"]:
+                failures.append({"job": job, "error": f"spills registers: {stack} bytes of stack per thread"})
     except Exception as exc:
         failures.append({"job": job, "error": f"{type(exc).__name__}: {exc}"})
 print(json.dumps(failures))
@@ -41,8 +58,10 @@ print(json.dumps(failures))
 
 def compile_kernels(jobs: list[dict], timeout: int = 1200) -> list[dict]:
     """Each job: module, kernel, types {arg: "*bf16" | "i32" | "fp32" ...}, constexprs {name: value}, arch;
-    optionally options (num_warps, num_stages: as the launcher passes them) and max_shared (bytes: a
-    compiled kernel that needs more shared memory than that fails, as its launch would on the device).
+    optionally options (num_warps, num_stages: as the launcher passes them), max_shared (bytes: a
+    compiled kernel that needs more shared memory than that fails, as its launch would on the device),
+    divisible (argument names specialized as multiples of 16, as a launch with aligned tensors and
+    strides specializes them) and max_stack (bytes of stack per thread, i.e. register spills, allowed).
 
     Returns the failures (job and error); raises if the child process itself fails.
     """

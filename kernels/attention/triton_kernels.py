@@ -391,22 +391,24 @@ INTERPRETER = (Tiles(32, 16, 4, 1), Tiles(16, 32, 4, 1), Tiles(32, 16, 4, 1))
 
 # Starting points by padded head dim, for 2-byte inputs on sm_90 (H100/H200, 227 KB of shared memory
 # per block): the layout of Triton's fused-attention tutorial (forward 128 x 64; backward 32 x 128 for
-# dK/dV, 128 x 32 for dQ), 8 warps once the fp32 accumulators ([BLOCK, 128+] per program) need the
-# registers. Not yet measured on a GPU: the numbers are the tutorial's and flash-attn's choices, to be
-# replaced by measured ones (`fusedrl bench --ops attention`). Compiled for sm_90 with Triton 3.8 (no
-# GPU), every config below fits: e.g. fp16 D=128 uses 48 KB (forward), 80 KB (dK/dV), 80 KB (dQ); fp32
-# D=128 160-176 KB. The 16-bit forward and dQ kernels compile WITHOUT cp.async pipelining of their K/V
-# loads (fp32 and the dK/dV kernel are pipelined); cause not found yet: check their speed first.
+# dK/dV, 128 x 32 for dQ), with warps and tiles chosen so that no kernel spills registers: compiled
+# for sm_90 / sm_86 with Triton 3.8 (no GPU; 16-byte aligned pointers and strides, as the launch
+# specializes them), the tutorial's dK/dV tiles spilled 300-1000 bytes per thread at 4 warps (D = 64),
+# 8 warps (D = 128) and at D = 256 - likely part of the backward's gap to cuDNN measured on an H200
+# (2026-11-27, before this change). tests/test_triton_compile.py fails on any spill. fp16 D=128 uses
+# 48 KB (forward), 48 KB (dK/dV), 80 KB (dQ). The 16-bit forward and dQ kernels compile WITHOUT
+# cp.async pipelining of their K/V loads (fp32 and the dK/dV kernel are pipelined); cause not found
+# yet: check their speed first. Speeds of these tiles: not yet measured (`fusedrl bench --ops attention`).
 SM90 = {
-    64: (Tiles(128, 64, 4, 3), Tiles(32, 128, 4, 3), Tiles(128, 32, 4, 3)),
-    128: (Tiles(128, 64, 8, 3), Tiles(32, 128, 8, 2), Tiles(128, 32, 8, 2)),
-    256: (Tiles(64, 64, 8, 2), Tiles(32, 64, 8, 2), Tiles(64, 32, 8, 2)),
+    64: (Tiles(128, 64, 4, 3), Tiles(32, 128, 8, 3), Tiles(128, 32, 4, 3)),
+    128: (Tiles(128, 64, 8, 3), Tiles(32, 64, 8, 2), Tiles(128, 32, 8, 2)),
+    256: (Tiles(64, 32, 8, 2), Tiles(32, 32, 8, 2), Tiles(32, 32, 8, 2)),
 }
 # sm_86 / sm_89 (about 100 KB of shared memory, fewer registers per SM in flight): smaller tiles.
 SM8X = {
     64: (Tiles(64, 64, 4, 2), Tiles(32, 64, 4, 2), Tiles(64, 32, 4, 2)),
-    128: (Tiles(64, 64, 4, 2), Tiles(32, 64, 4, 2), Tiles(64, 32, 4, 2)),
-    256: (Tiles(64, 32, 8, 1), Tiles(16, 64, 8, 1), Tiles(64, 16, 8, 1)),
+    128: (Tiles(64, 64, 8, 2), Tiles(32, 64, 8, 2), Tiles(64, 32, 4, 2)),
+    256: (Tiles(64, 32, 8, 1), Tiles(32, 32, 8, 1), Tiles(64, 16, 8, 1)),
 }
 
 
