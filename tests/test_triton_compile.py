@@ -151,7 +151,18 @@ def _hidden_jobs() -> list[dict]:
             chunk_jobs.append(dict(kernel="_chunk_dz_kernel", types=dz, constexprs=dict(
                 HAS_BIAS=flag, HAS_SOFTCAP=not flag, HAS_G_LOGP=True, HAS_G_ENTROPY=flag, **rows)))
     chunked = "fusedrl.kernels.logprobs.hidden_chunked_triton"
-    return jobs + [dict(job, module=chunked, arch=90) for job in chunk_jobs]
+    jobs += [dict(job, module=chunked, arch=90) for job in chunk_jobs]
+    # the tiles the launcher picks on sm_90, 16-byte aligned as launched: no register spills
+    from fusedrl.kernels.logprobs.hidden_triton import GPU_TILES
+
+    t = GPU_TILES[0]
+    launched = dict(BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_H=t.block_h)
+    for job in [j for j in jobs if j["kernel"] in ("_hidden_fwd_kernel", "_hidden_dz_kernel")
+                and j["types"]["h_ptr"] == "*bf16"]:
+        jobs.append(dict(job, constexprs=dict(job["constexprs"], **launched), max_stack=0,
+                         options=dict(num_warps=t.num_warps, num_stages=t.num_stages),
+                         divisible=[n for n in job["types"] if n.endswith("_ptr") or n.startswith("stride")]))
+    return jobs
 
 
 def _attention_spill_jobs() -> list[dict]:
