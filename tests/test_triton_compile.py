@@ -167,37 +167,40 @@ def _hidden_jobs() -> list[dict]:
 
 def _attention_spill_jobs() -> list[dict]:
     """Every tile table entry of flash attention (sm_90 and sm_86 tables, head dims 64 / 128 / 256, each kernel), in
-    its heaviest variants (causal; key padding), bf16, with the 16-byte alignment a launch specializes."""
+    its heaviest variants (causal; key padding), bf16, with the 16-byte alignment a launch specializes; each must
+    fit its device's shared memory."""
     from fusedrl.kernels.attention import triton_kernels as tk
 
     module = "fusedrl.kernels.attention.triton_kernels"
     strides = {f"stride_{n}{a}": "i64" if a == "b" else "i32" for n in ("q", "k", "v", "o", "do") for a in "bhn"}
-    common = dict(Hq="i32", Hkv="i32", Nq="i32", Nkv="i32", D="i32", GROUP="i32", qk_scale="fp32", scale="fp32",
+    common = dict(Hq="i32", Hkv="i32", Nq="i32", Nkv="i32", GROUP="i32", qk_scale="fp32", scale="fp32",
                   stride_kpmb="i32")
     ptrs = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", kpm_ptr="*u8", o_ptr="*bf16", lse_ptr="*fp32",
                 do_ptr="*bf16", delta_ptr="*fp32", dk_ptr="*bf16", dv_ptr="*bf16", dq_ptr="*bf16")
     types = dict(ptrs, **strides, **common)
     kernels = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
     jobs = []
+    head_dims = {64: (40, 64), 128: (80, 128), 256: (160, 256)}  # SD1.5's 40 / 80 / 160 and each BLOCK_D
+    variants = ((True, False), (False, True))  # causal; key padding
     for table, arch in ((tk.SM90, 90), (tk.SM8X, 86)):
-        for D, tiles in table.items():
-            for kernel, t in zip(kernels, tiles):
-                for causal, kpm in ((True, False), (False, True)):
-                    fn_args = getattr(tk, kernel).arg_names
-                    job_types = {k: v for k, v in types.items() if k in fn_args}
-                    jobs.append(dict(
-                        module=module, kernel=kernel, arch=arch, types=job_types, max_stack=0,
-                        divisible=[n for n in job_types if n.endswith("_ptr") or n.startswith("stride_")],
-                        options=dict(num_warps=t.num_warps, num_stages=t.num_stages),
-                        constexprs=dict(CAUSAL=causal, HAS_KPM=kpm, DOT_PRECISION="tf32", BLOCK_D=D,
-                                        BLOCK_M=t.block_m, BLOCK_N=t.block_n)))
+        for block_d, tiles in table.items():
+            for (kernel, t), D, (causal, kpm) in itertools.product(zip(kernels, tiles), head_dims[block_d], variants):
+                job_types = {k: v for k, v in types.items() if k in getattr(tk, kernel).arg_names}
+                jobs.append(dict(
+                    module=module, kernel=kernel, arch=arch, types=job_types, max_stack=0,
+                    max_shared=tk.SMEM_BYTES[(arch // 10, arch % 10)],
+                    divisible=[n for n in job_types if n.endswith("_ptr") or n.startswith("stride_")],
+                    options=dict(num_warps=t.num_warps, num_stages=t.num_stages),
+                    constexprs=dict(CAUSAL=causal, HAS_KPM=kpm, DOT_PRECISION="tf32", BLOCK_D=block_d, D=D,
+                                    BLOCK_M=t.block_m, BLOCK_N=t.block_n)))
     return jobs
 
 
 @pytest.mark.slow
 def test_attention_tiles_do_not_spill_registers():
     """No flash-attention tile of the sm_90 / sm_86 tables spills registers to local memory (the dK/dV tiles of
-    Triton's tutorial did, by 300-1000 bytes per thread): read from the compiled cubin's resource usage."""
+    Triton's tutorial did, by 300-1000 bytes per thread) or needs more shared memory than the device has:
+    read from the compiled cubin's resource usage."""
     failures = compile_kernels(_attention_spill_jobs())
     assert not failures, "\n".join(f"sm_{f['job']['arch']} {f['job']['kernel']} {f['job']['constexprs']} "
                                    f"{f['job']['options']}: {f['error']}" for f in failures)
@@ -217,7 +220,7 @@ def _attention_jobs() -> list[dict]:
 
     module = "fusedrl.kernels.attention.triton_kernels"
     strides = lambda *names: {f"stride_{n}{a}": "i64" if a == "b" else "i32" for n in names for a in "bhn"}
-    common = dict(Hq="i32", Nq="i32", Nkv="i32", D="i32", GROUP="i32", qk_scale="fp32", stride_kpmb="i32")
+    common = dict(Hq="i32", Nq="i32", Nkv="i32", GROUP="i32", qk_scale="fp32", stride_kpmb="i32")
     jobs = []
     for data, D in (("fp16", 40), ("bf16", 64), ("bf16", 96), ("fp16", 128)):
         cfg = tk.tile_config(D, 2, (9, 0))
@@ -229,11 +232,11 @@ def _attention_jobs() -> list[dict]:
         dkdv = dict(bwd, dk_ptr=t16, dv_ptr=t16, Hkv="i32")
         dq = dict(bwd, dq_ptr=t16)
         pre = dict(o_ptr=t16, do_ptr=t16, dlse_ptr="*fp32", delta_ptr="*fp32", **strides("o", "do"), Hq="i32",
-                   Nq="i32", D="i32")
+                   Nq="i32")
         jobs.append(dict(kernel="_attn_bwd_preprocess_kernel", types=pre,
-                         constexprs=dict(HAS_DLSE=D == 64, BLOCK_M=64, BLOCK_D=cfg.block_d)))
+                         constexprs=dict(HAS_DLSE=D == 64, BLOCK_M=64, BLOCK_D=cfg.block_d, D=D)))
         for causal, kpm in ((True, False), (False, True)):
-            flags = dict(CAUSAL=causal, HAS_KPM=kpm, DOT_PRECISION="tf32", BLOCK_D=cfg.block_d)
+            flags = dict(CAUSAL=causal, HAS_KPM=kpm, DOT_PRECISION="tf32", BLOCK_D=cfg.block_d, D=D)
             for kernel, types, t in (("_attn_fwd_kernel", fwd, cfg.fwd), ("_attn_bwd_dkdv_kernel", dkdv, cfg.dkdv),
                                      ("_attn_bwd_dq_kernel", dq, cfg.dq)):
                 jobs.append(dict(kernel=kernel, types=types, max_shared=232448,
@@ -246,7 +249,7 @@ def _attention_jobs() -> list[dict]:
     jobs.append(dict(kernel="_attn_fwd_kernel", types=fwd32, max_shared=232448,
                      options=dict(num_warps=cfg.fwd.num_warps, num_stages=cfg.fwd.num_stages),
                      constexprs=dict(CAUSAL=True, HAS_KPM=True, DOT_PRECISION="ieee", BLOCK_M=cfg.fwd.block_m,
-                                     BLOCK_N=cfg.fwd.block_n, BLOCK_D=cfg.block_d)))
+                                     BLOCK_N=cfg.fwd.block_n, BLOCK_D=cfg.block_d, D=64)))
     return [dict(job, module=module, arch=90) for job in jobs]
 
 

@@ -40,7 +40,10 @@ default, as torch's fp32 matmul, "tf32" when the user allowed TF32 for matmuls. 
 computes in exact fp32 either way.
 
 Head dims: any D <= 256 through a power-of-two BLOCK_D >= 16 with masked loads/stores (D = 40
-computes on 64 columns, 80 / 96 on 128, 160 on 256).
+computes on 64 columns, 80 / 96 on 128, 160 on 256). D is a constexpr (one compile per head dim):
+with a run-time D the `d < D` load masks kept Triton from proving 16-byte runs, and the forward and
+dQ kernels compiled with no cp.async pipelining of their K/V loads and element-wise global loads
+(224 `ld.global` in the forward's PTX against 40 with D constant; seen in the sm_90 builds).
 
 Written for Triton 3.6 - 3.8: no `tl.make_block_ptr`, no libdevice, plain pointer arithmetic.
 """
@@ -113,7 +116,7 @@ def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, kpm_ptr, o_ptr, lse_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on, stride_kpmb,
-    Hq, Nq, Nkv, D, GROUP, qk_scale,
+    Hq, Nq, Nkv, D: tl.constexpr, GROUP, qk_scale,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -165,7 +168,7 @@ def _attn_fwd_kernel(
 def _attn_bwd_preprocess_kernel(
     o_ptr, do_ptr, dlse_ptr, delta_ptr,
     stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
-    Hq, Nq, D,
+    Hq, Nq, D: tl.constexpr,
     HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh, pid_m = _row_block(Nq, False, BLOCK_M)
@@ -223,7 +226,7 @@ def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, kpm_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don, stride_kpmb,
-    Hq, Hkv, Nq, Nkv, D, GROUP, qk_scale, scale,
+    Hq, Hkv, Nq, Nkv, D: tl.constexpr, GROUP, qk_scale, scale,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -311,7 +314,7 @@ def _attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, kpm_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don, stride_kpmb,
-    Hq, Nq, Nkv, D, GROUP, qk_scale, scale,
+    Hq, Nq, Nkv, D: tl.constexpr, GROUP, qk_scale, scale,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -395,18 +398,17 @@ INTERPRETER = (Tiles(32, 16, 4, 1), Tiles(16, 32, 4, 1), Tiles(32, 16, 4, 1))
 # for sm_90 / sm_86 with Triton 3.8 (no GPU; 16-byte aligned pointers and strides, as the launch
 # specializes them), the tutorial's dK/dV tiles spilled 300-1000 bytes per thread at 4 warps (D = 64),
 # 8 warps (D = 128) and at D = 256 - likely part of the backward's gap to cuDNN measured on an H200
-# (2026-11-27, before this change). tests/test_triton_compile.py fails on any spill. fp16 D=128 uses
-# 48 KB (forward), 48 KB (dK/dV), 80 KB (dQ). The 16-bit forward and dQ kernels compile WITHOUT
-# cp.async pipelining of their K/V loads (fp32 and the dK/dV kernel are pipelined); cause not found
-# yet: check their speed first. Speeds of these tiles: not yet measured (`fusedrl bench --ops attention`).
+# (2026-11-27, before this change). tests/test_triton_compile.py fails on any spill or any kernel over
+# the shared memory. With D constexpr every kernel pipelines its streamed loads with cp.async (see the
+# module docstring). Speeds of these tiles: not yet measured (`fusedrl bench --ops attention`).
 SM90 = {
     64: (Tiles(128, 64, 4, 3), Tiles(32, 128, 8, 3), Tiles(128, 32, 4, 3)),
-    128: (Tiles(128, 64, 8, 3), Tiles(32, 64, 8, 2), Tiles(128, 32, 8, 2)),
-    256: (Tiles(64, 32, 8, 2), Tiles(32, 32, 8, 2), Tiles(32, 32, 8, 2)),
+    128: (Tiles(128, 64, 8, 3), Tiles(16, 64, 8, 2), Tiles(128, 32, 8, 2)),
+    256: (Tiles(64, 32, 8, 2), Tiles(16, 32, 8, 2), Tiles(32, 32, 8, 2)),
 }
 # sm_86 / sm_89 (about 100 KB of shared memory, fewer registers per SM in flight): smaller tiles.
 SM8X = {
-    64: (Tiles(64, 64, 4, 2), Tiles(32, 64, 4, 2), Tiles(64, 32, 4, 2)),
+    64: (Tiles(64, 64, 8, 2), Tiles(32, 64, 8, 2), Tiles(64, 32, 4, 2)),
     128: (Tiles(64, 64, 8, 2), Tiles(32, 64, 8, 2), Tiles(64, 32, 4, 2)),
     256: (Tiles(64, 32, 8, 1), Tiles(32, 32, 8, 1), Tiles(64, 16, 8, 1)),
 }
