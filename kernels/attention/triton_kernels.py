@@ -40,10 +40,10 @@ default, as torch's fp32 matmul, "tf32" when the user allowed TF32 for matmuls. 
 computes in exact fp32 either way.
 
 Head dims: any D <= 256 through a power-of-two BLOCK_D >= 16 with masked loads/stores (D = 40
-computes on 64 columns, 80 / 96 on 128, 160 on 256). D is a constexpr (one compile per head dim):
-with a run-time D the `d < D` load masks kept Triton from proving 16-byte runs, and the forward and
-dQ kernels compiled with no cp.async pipelining of their K/V loads and element-wise global loads
-(224 `ld.global` in the forward's PTX against 40 with D constant; seen in the sm_90 builds).
+computes on 64 columns, 80 / 96 on 128, 160 on 256). D is a constexpr (one compile per head dim): as
+a run-time argument it is specialized only when a multiple of 16, and at D = 40 the `d < D` load masks
+kept Triton from proving 16-byte runs: the forward and dQ kernels compiled with no cp.async pipelining
+and element-wise global loads (seen in the sm_90 builds).
 
 Written for Triton 3.6 - 3.8: no `tl.make_block_ptr`, no libdevice, plain pointer arithmetic.
 """
@@ -395,8 +395,8 @@ INTERPRETER = (Tiles(32, 16, 4, 1), Tiles(16, 32, 4, 1), Tiles(32, 16, 4, 1))
 # Starting points by padded head dim, for 2-byte inputs on sm_90 (H100/H200, 227 KB of shared memory
 # per block): the layout of Triton's fused-attention tutorial (forward 128 x 64; backward 32 x 128 for
 # dK/dV, 128 x 32 for dQ), with warps and tiles chosen so that no kernel spills registers: compiled
-# for sm_90 / sm_86 with Triton 3.8 (no GPU; 16-byte aligned pointers and strides, as the launch
-# specializes them), the tutorial's dK/dV tiles spilled 300-1000 bytes per thread at 4 warps (D = 64),
+# for sm_90 / sm_86 with Triton 3.8 (no GPU; 16-byte aligned pointers, strides and head dim, as a launch
+# specializes them), the tutorial's dK/dV tiles spilled 90-400 bytes per thread at 4 warps (D = 64),
 # 8 warps (D = 128) and at D = 256 - likely part of the backward's gap to cuDNN measured on an H200
 # (2026-11-27, before this change). tests/test_triton_compile.py fails on any spill or any kernel over
 # the shared memory. With D constexpr every kernel pipelines its streamed loads with cp.async (see the
