@@ -64,20 +64,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"  CUDA toolkit         {cuda_home or 'not found'}")
     print(f"  CUDA extension       {'loaded' if cuda_ext.is_loaded() else cuda_ext.unavailable_reason()}")
     print(f"  TRITON_INTERPRET     {'1 (Triton runs on the CPU)' if dispatch.triton_interpreting() else 'off'}")
-    try:
-        forced = dispatch.forced_backend()
-    except ValueError as exc:
-        print(f"  {dispatch.ENV_BACKEND:<20} invalid: {exc}")
-        return 2
-    print(f"  {dispatch.ENV_BACKEND:<20} {forced.value if forced else 'unset (auto)'}")
     from fusedrl.kernels.logprobs import hidden_op
 
-    try:
-        strategy = hidden_op.strategy()
-    except ValueError as exc:
-        print(f"  {hidden_op.ENV_STRATEGY:<20} invalid: {exc}")
-        return 2
-    print(f"  {hidden_op.ENV_STRATEGY:<20} {strategy} (token_logprobs on Triton: {', '.join(hidden_op.STRATEGIES)})")
+    settings = (  # (variable, its reader, how its value is shown); a reader raises ValueError on a bad value
+        (dispatch.ENV_BACKEND, dispatch.forced_backend, lambda forced: forced.value if forced else "unset (auto)"),
+        (hidden_op.ENV_STRATEGY, hidden_op.strategy,
+         lambda strategy: f"{strategy} (token_logprobs on Triton: {', '.join(hidden_op.STRATEGIES)})"),
+    )
+    for name, read, show in settings:
+        try:
+            value = read()
+        except ValueError as exc:
+            print(f"  {name:<20} invalid: {exc}")
+            return 2
+        print(f"  {name:<20} {show(value)}")
     table = dispatch.availability()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"== ops (backends for {device} tensors; chosen in the order cuda, triton, torch)")
