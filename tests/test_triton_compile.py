@@ -196,6 +196,35 @@ def _attention_spill_jobs() -> list[dict]:
     return jobs
 
 
+def _attention_fit_jobs() -> list[dict]:
+    """The tiles `tile_config` picks for fp32 (shrunk to fit) on sm_90 / sm_86 / sm_80 and for 16-bit inputs on
+    sm_80 / sm_89, causal, at head dims 40, 128 and 256: each must fit its device's shared memory."""
+    from fusedrl.kernels.attention import triton_kernels as tk
+
+    causal = {j["kernel"]: j for j in _attention_spill_jobs() if j["arch"] == 90 and j["constexprs"]["CAUSAL"]}
+    jobs = []
+    for itemsize, caps in ((4, ((9, 0), (8, 6), (8, 0))), (2, ((8, 0), (8, 9)))):
+        for cap, D in itertools.product(caps, (40, 128, 256)):
+            cfg = tk.tile_config(D, itemsize, cap)
+            kernels = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
+            for job, t in zip((causal[k] for k in kernels), (cfg.fwd, cfg.dkdv, cfg.dq)):
+                types = {k: v.replace("bf16", "fp32") if itemsize == 4 else v for k, v in job["types"].items()}
+                jobs.append(dict(job, arch=10 * cap[0] + cap[1], types=types, max_stack=None,
+                                 max_shared=tk.SMEM_BYTES[cap], options=dict(num_warps=t.num_warps,
+                                                                             num_stages=t.num_stages),
+                                 constexprs=dict(job["constexprs"], D=D, BLOCK_D=cfg.block_d, BLOCK_M=t.block_m,
+                                                 BLOCK_N=t.block_n,
+                                                 DOT_PRECISION="ieee" if itemsize == 4 else "tf32")))
+    return jobs
+
+
+@pytest.mark.slow
+def test_attention_tiles_fit_shared_memory_for_fp32_and_older_gpus():
+    failures = compile_kernels(_attention_fit_jobs())
+    assert not failures, "\n".join(f"sm_{f['job']['arch']} {f['job']['kernel']} {f['job']['constexprs']} "
+                                   f"{f['job']['options']}: {f['error']}" for f in failures)
+
+
 @pytest.mark.slow
 def test_attention_tiles_do_not_spill_registers():
     """No flash-attention tile of the sm_90 / sm_86 tables spills registers to local memory (the dK/dV tiles of
