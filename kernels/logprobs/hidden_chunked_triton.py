@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..tiles import INTERPRETER
-from .hidden_triton import _cap, _dz, _finish_rows, _fold, _row_grad_inputs
+from .hidden_triton import _cap, _dz, _empty_state, _finish_rows, _fold, _row_grad_inputs, _store_state
 from .triton_kernels import NEG_BIG
 
 
@@ -53,10 +53,7 @@ def _chunk_fold_kernel(
     row_ok = rows < N
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
     if FIRST:
-        m = tl.full([BLOCK_N], NEG_BIG, tl.float32)
-        s = tl.zeros([BLOCK_N], tl.float32)
-        u = tl.zeros([BLOCK_N], tl.float32)
-        x_label = tl.zeros([BLOCK_N], tl.float32)
+        m, s, u, x_label = _empty_state(BLOCK_N)
     else:
         m = tl.load(state_ptr + rows, mask=row_ok, other=NEG_BIG)
         s = tl.load(state_ptr + N + rows, mask=row_ok, other=0.0)
@@ -74,10 +71,7 @@ def _chunk_fold_kernel(
         _finish_rows(m, s, u, x_label, labels, rows, row_ok, V, ignore_index, logp_ptr, entropy_ptr, lse_ptr,
                      WANT_ENTROPY)
     else:
-        tl.store(state_ptr + rows, m, mask=row_ok)
-        tl.store(state_ptr + N + rows, s, mask=row_ok)
-        tl.store(state_ptr + 2 * N + rows, u, mask=row_ok)
-        tl.store(state_ptr + 3 * N + rows, x_label, mask=row_ok)
+        _store_state(state_ptr + rows, N, m, s, u, x_label, row_ok)
 
 
 @triton.jit

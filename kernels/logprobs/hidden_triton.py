@@ -127,6 +127,22 @@ def _fold(m, s, u, x_label, z, cols, col_ok, labels, inv_temp, WANT_ENTROPY: tl.
 
 
 @triton.jit
+def _empty_state(BLOCK_N: tl.constexpr):
+    """The online state (m, s, u, x_label) of BLOCK_N rows before any column."""
+    zeros = tl.zeros([BLOCK_N], tl.float32)
+    return tl.full([BLOCK_N], NEG_BIG, tl.float32), zeros, zeros, zeros
+
+
+@triton.jit
+def _store_state(ptr, plane, m, s, u, x_label, mask):
+    """Write the state into four planes `plane` elements apart (ptr: the rows' places in the first)."""
+    tl.store(ptr, m, mask=mask)
+    tl.store(ptr + plane, s, mask=mask)
+    tl.store(ptr + 2 * plane, u, mask=mask)
+    tl.store(ptr + 3 * plane, x_label, mask=mask)
+
+
+@triton.jit
 def _row_grad_inputs(rows, row_ok, labels_ptr, lse_ptr, entropy_ptr, g_logp_ptr, g_entropy_ptr, ignore_index,
                      HAS_G_LOGP: tl.constexpr, HAS_G_ENTROPY: tl.constexpr):
     """(labels, valid, lse, g_logp, g_entropy, entropy) of the rows; the incoming gradients are 0 at ignored rows."""
@@ -188,10 +204,7 @@ def _hidden_fwd_kernel(
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
     v_begin = tl.program_id(1) * split_cols
     v_end = tl.minimum(v_begin + split_cols, V)
-    m = tl.full([BLOCK_N], NEG_BIG, tl.float32)
-    s = tl.zeros([BLOCK_N], tl.float32)
-    u = tl.zeros([BLOCK_N], tl.float32)
-    x_label = tl.zeros([BLOCK_N], tl.float32)
+    m, s, u, x_label = _empty_state(BLOCK_N)
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v_end
@@ -200,12 +213,7 @@ def _hidden_fwd_kernel(
         m, s, u, x_label = _fold(m, s, u, x_label, z, cols, col_ok, labels, inv_temp, WANT_ENTROPY)
     if SPLIT:
         # partials [4, S, N]: max, sum of exp(z - max), entropy sum, label logit (0 outside this split)
-        plane = tl.num_programs(1) * N
-        part = part_ptr + tl.program_id(1) * N + rows
-        tl.store(part, m, mask=row_ok)
-        tl.store(part + plane, s, mask=row_ok)
-        tl.store(part + 2 * plane, u, mask=row_ok)
-        tl.store(part + 3 * plane, x_label, mask=row_ok)
+        _store_state(part_ptr + tl.program_id(1) * N + rows, tl.num_programs(1) * N, m, s, u, x_label, row_ok)
     else:
         _finish_rows(m, s, u, x_label, labels, rows, row_ok, V, ignore_index, logp_ptr, entropy_ptr, lse_ptr,
                      WANT_ENTROPY)
