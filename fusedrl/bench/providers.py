@@ -8,6 +8,7 @@ raises `Skip` with the reason it cannot run here.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -21,6 +22,12 @@ STANDARD = (EAGER, COMPILE) + FUSEDRL_BACKENDS
 
 class Skip(Exception):
     """This provider cannot run this case on this machine; the message says why."""
+
+
+def require(module: str, package: str | None = None) -> None:
+    """Skip unless `module` can be found (`package`: its pip name, for the message; default `module`)."""
+    if importlib.util.find_spec(module) is None:
+        raise Skip(f"{package or module} is not installed")
 
 
 @dataclass

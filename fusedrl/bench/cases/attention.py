@@ -36,7 +36,6 @@ Providers:
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +43,7 @@ import torch.nn.functional as F
 from fusedrl.kernels import flash_attention
 from fusedrl.kernels.attention.api import SPEC
 
-from ..providers import COMPILE, EAGER, STANDARD, Impl, Skip, pick
+from ..providers import COMPILE, EAGER, STANDARD, Impl, Skip, pick, require
 from . import Case, CaseConfig
 
 SDPA = {"sdpa_math": "MATH", "sdpa_efficient": "EFFICIENT_ATTENTION", "sdpa_flash": "FLASH_ATTENTION",
@@ -111,8 +110,7 @@ def _sdpa(name: str, device: torch.device):
 def _flash_attn(device: torch.device):
     if device.type != "cuda":
         raise Skip("flash-attn runs on CUDA only")
-    if importlib.util.find_spec("flash_attn") is None:
-        raise Skip("flash-attn is not installed")
+    require("flash_attn", "flash-attn")
     from flash_attn import flash_attn_func
 
     return flash_attn_func

@@ -15,7 +15,6 @@ fusedrl's function with that backend forced; "trl" = TRL's `selective_log_softma
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
 
@@ -23,7 +22,7 @@ from fusedrl.kernels import logprobs_from_logits
 from fusedrl.kernels.logprobs import reference
 from fusedrl.kernels.logprobs.api import SPEC
 
-from ..providers import COMPILE, STANDARD, Impl, Skip, pick
+from ..providers import COMPILE, STANDARD, Impl, pick, require
 from . import Case, CaseConfig
 
 SHAPES = {"default": (4, 2048, 151936), "small": (2, 256, 32000)}
@@ -38,8 +37,7 @@ def _naive(logits, labels):
 
 
 def _trl_fn():
-    if importlib.util.find_spec("trl") is None:
-        raise Skip("trl is not installed")
+    require("trl")
     from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
     return lambda logits, labels: (selective_log_softmax(logits, labels), entropy_from_logits(logits))

@@ -21,7 +21,6 @@ implementation: the Triton "cce" kernels on a GPU, "torch_compile" on a CPU), pe
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
 
@@ -31,7 +30,7 @@ from fusedrl.kernels.logprobs.api import HIDDEN_SPEC
 from fusedrl.kernels.logprobs.hidden_op import ENV_STRATEGY
 
 from .. import trl_peer
-from ..providers import COMPILE, STANDARD, Impl, Skip, pick
+from ..providers import COMPILE, STANDARD, Impl, pick, require
 from . import Case, CaseConfig
 
 SHAPES = {"default": [(8192, 4096, 131072), (8192, 4096, 151936)], "small": [(512, 64, 4096)]}
@@ -55,11 +54,6 @@ def _public_logp(hidden, weight, labels):
     return token_logprobs(hidden, weight, labels), None
 
 
-def _require(module: str, package: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        raise Skip(f"{package} is not installed")
-
-
 def _trl(entropy: bool):
     ChunkedLogProbFunction = trl_peer.chunked_logprob_function()
     outputs = ("entropy",) if entropy else ()
@@ -72,7 +66,7 @@ def _trl(entropy: bool):
 
 
 def _liger():
-    _require("liger_kernel", "liger-kernel")
+    require("liger_kernel", "liger-kernel")
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     return lambda hidden, weight, labels: (-liger_fused_linear_cross_entropy(hidden, weight, labels,
@@ -80,7 +74,7 @@ def _liger():
 
 
 def _cce():
-    _require("cut_cross_entropy", "cut-cross-entropy")
+    require("cut_cross_entropy", "cut-cross-entropy")
     from cut_cross_entropy import linear_cross_entropy
 
     def fn(hidden, weight, labels):
