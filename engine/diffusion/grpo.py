@@ -338,7 +338,6 @@ class GRPOTrainer:
                 if p.requires_grad:
                     yield f"{prefix}.{n}", p
 
-
     def _info(self, message: str) -> None:
         if self.run is not None:
             self.run.info(message)

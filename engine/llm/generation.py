@@ -117,7 +117,7 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str], max_prompt_length: int |
     return ids
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -197,7 +197,7 @@ def generate_completions(
     parts = []
     for start in range(0, len(token_rows), step):
         chunk = token_rows[start:start + step]
-        ids, mask = _left_pad(chunk, pad_id, device)
+        ids, mask = left_pad(chunk, pad_id, device)
         recorder = _LogprobRecorder(temperature, ids.shape[1])
         criteria = StoppingCriteriaList()
         stopper = None

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .generation import Rollout, _left_pad, tokenize_prompts
+from .generation import Rollout, left_pad, tokenize_prompts
 
 __all__ = ["VLLMGenerator", "merged_state_dict"]
 
@@ -130,7 +130,7 @@ class VLLMGenerator:
                 completions.append(list(c.token_ids))
                 truncated.append(c.finish_reason == "length")
                 texts.append(c.text)
-        prompt_ids, prompt_mask = _left_pad(rows, pad_id, device)
+        prompt_ids, prompt_mask = left_pad(rows, pad_id, device)
         C = max(1, max(len(c) for c in completions))
         comp_ids = torch.tensor([c + [pad_id] * (C - len(c)) for c in completions], dtype=torch.long)
         comp_mask = torch.tensor([[1] * len(c) + [0] * (C - len(c)) for c in completions], dtype=torch.long)
