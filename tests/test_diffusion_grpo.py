@@ -113,6 +113,47 @@ def test_config_round_trips_and_rejects_unknown_keys():
         build_config(DiffusionGRPOConfig, {"grpo.reference_ema_decay": 0.9})
 
 
+def test_sde_window_moves_over_training_and_stops_at_either_end():
+    def windows(window, every, stride, steps=6):
+        cfg = build_config(DiffusionGRPOConfig, {"sampling.steps": steps, "sampling.sde_window": window,
+                                                 "sampling.window_shift_every": every,
+                                                 "sampling.window_shift_stride": stride})
+        return [cfg.sampling.window_at(step) for step in range(1, 13)]
+
+    # MixGRPO: forwards by 1 every 2 steps, then held at the last steps
+    assert windows([0, 2], 2, 1) == [(0, 2)] * 2 + [(1, 3)] * 2 + [(2, 4)] * 2 + [(3, 5)] * 2 + [(4, 6)] * 4
+    # B2-DiffuRL: from the last steps backwards by 2 every 3 steps, then held at the first steps
+    assert windows([3, 6], 3, -2) == [(3, 6)] * 3 + [(1, 4)] * 3 + [(0, 3)] * 6
+    assert windows([1, 3], 0, 1) == [(1, 3)] * 12  # no shift: the window stays
+    assert build_config(DiffusionGRPOConfig, {}).sampling.window_at(5) is None  # every step is an SDE step
+    with pytest.raises(ConfigError, match="window_shift_every: moves sampling.sde_window, which is not set"):
+        build_config(DiffusionGRPOConfig, {"sampling.window_shift_every": 2})
+    with pytest.raises(ConfigError, match="window_shift_stride: must not be 0"):
+        build_config(DiffusionGRPOConfig, {"sampling.window_shift_stride": 0})
+
+
+def test_training_samples_the_moved_window_and_evaluation_the_configured_one(tiny_dirs, monkeypatch):
+    cfg = _cfg(tiny_dirs["sd3"], **{"sampling.steps": 4, "sampling.sde_window": [0, 2],
+                                    "sampling.window_shift_every": 1})
+    trainer = GRPOTrainer(cfg)
+    seen = []
+    sample = trainer._sample
+
+    def spy(prompts, group_size, window=None, **randomness):
+        traj = sample(prompts, group_size, window, **randomness)
+        seen.append(traj.sde_steps.tolist())
+        return traj
+
+    monkeypatch.setattr(trainer, "_sample", spy)
+    metrics = [trainer.train_step(step) for step in (1, 2, 3)]
+    assert [m["sde_window_start"] for m in metrics] == [0.0, 1.0, 2.0]
+    assert seen == [[0, 1]] * 2 + [[1, 2]] * 2 + [[2, 3]] * 2  # two sample calls per step (micro_batch 2 of 4)
+    assert all(m["skipped"] == 0 and m["onpolicy_ratio_err"] <= 1e-5 for m in metrics)
+    seen.clear()
+    trainer.evaluate(3)
+    assert seen == [[0, 1]]  # evaluation grids stay comparable: the configured window
+
+
 # ------------------------------------------------------------------------------------------------ the step
 
 

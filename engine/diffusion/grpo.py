@@ -4,7 +4,8 @@
 Each training step:
 1. takes `prompts.per_step` prompts (`prompt_batch`, a pure function of (seed, step)) and samples
    `sampling.group_size` images for each with the SDE sampler (`sample`), recording latents and the
-   log-prob of every SDE step; chunks of whole groups are sampled one `sample` call each, with a seed
+   log-prob of every SDE step (those in `sampling.sde_window`, which `sampling.window_shift_every` moves over
+   training: MixGRPO's sliding window, or B2-DiffuRL's backward-progressive one); chunks of whole groups are sampled one `sample` call each, with a seed
    derived from (run.seed, step, chunk), and scored as they come (in a background thread with
    `reward.background`, overlapping the next chunk's sampling);
 2. scores the images (`reward.names`, weighted), and forms group advantages (`group_advantages`:
@@ -354,16 +355,19 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------------------------------ sampling
 
-    def _sample(self, prompts: list[str], group_size: int, **randomness: Any):
-        """`sample` with the config's settings; `randomness`: seed=, or seeds= (+ initial_noise_seeds=)."""
+    def _sample(self, prompts: list[str], group_size: int, window: tuple[int, int] | None = None, **randomness: Any):
+        """`sample` with the config's settings, SDE steps in `window` (default: sampling.sde_window as configured);
+        `randomness`: seed=, or seeds= (+ initial_noise_seeds=)."""
         from .sampling import sample
 
         s = self.cfg.sampling
+        if window is None and s.sde_window is not None:
+            window = tuple(s.sde_window)
         self.policy.train(False)
         with self._autocast():
             return sample(self.policy, prompts, group_size=group_size, num_steps=s.steps,
-                          guidance_scale=s.guidance_scale, noise_level=s.noise_level,
-                          sde_window=tuple(s.sde_window) if s.sde_window is not None else None, sde_type=s.sde_type,
+                          guidance_scale=s.guidance_scale, noise_level=s.noise_level, sde_window=window,
+                          sde_type=s.sde_type,
                           height=s.height, width=s.width, max_batch_size=s.micro_batch, **randomness)
 
     def local_samples(self) -> range:
@@ -401,7 +405,8 @@ class GRPOTrainer:
                 init = ([_seed(cfg.run.seed, "train-init", step, i // G) for i in idx]
                         if cfg.sampling.same_initial_noise else None)
                 seeds = [_seed(cfg.run.seed, "train", step, i) for i in idx]
-                traj = self._sample([prompts[i // G] for i in idx], 1, seeds=seeds, initial_noise_seeds=init)
+                traj = self._sample([prompts[i // G] for i in idx], 1, cfg.sampling.window_at(step), seeds=seeds,
+                                    initial_noise_seeds=init)
                 traj.group_ids = torch.tensor([i // G for i in idx])
                 micro += [m + offset for m in traj.micro_batches()]
                 offset += len(traj)
@@ -460,6 +465,8 @@ class GRPOTrainer:
 
         t0 = time.perf_counter()
         metrics: dict[str, float] = {}
+        if self.cfg.sampling.window_shift_every:
+            metrics["sde_window_start"] = float(self.cfg.sampling.window_at(step)[0])
         self._phase = "sampling"
         traj, local_raw, micro, bad_images = self.sample_and_score(step)
         t_sample = time.perf_counter() - t0

@@ -143,6 +143,13 @@ class SamplingSection:
     sde_window: tuple[int, int] | None = field(
         None, "(start, end): only steps start <= i < end are SDE steps with log-probs (and trained); the others are "
         "deterministic ODE steps (MixGRPO / Flow-GRPO-Fast); none: every step", metavar="INT")
+    window_shift_every: int = field(
+        0, "move sde_window every N training steps, keeping its size (MixGRPO's sliding window); 0: it stays",
+        check=ge(0))
+    window_shift_stride: int = field(
+        1, "steps the window moves each time: > 0 towards the last step (MixGRPO), < 0 towards the first "
+        "(B2-DiffuRL's backward-progressive training, with sde_window at the end); it stops at either end",
+        check=Check(lambda v: v != 0, "must not be 0"))
     same_initial_noise: bool = field(False, "all images of a group start from the same noise (DanceGRPO)")
     height: int | None = field(None, "image height in px (none: the model's default)", check=gt(0))
     width: int | None = field(None, "image width in px (none: the model's default)", check=gt(0))
@@ -157,6 +164,22 @@ class SamplingSection:
             if not 0 <= start < end <= self.steps:
                 raise ValueError(f"sde_window: must satisfy 0 <= start < end <= sampling.steps = {self.steps}; "
                                  f"got {list(self.sde_window)}")
+        if self.window_shift_every and self.sde_window is None:
+            raise ValueError("window_shift_every: moves sampling.sde_window, which is not set (none: every step is "
+                             "an SDE step)")
+
+    def window_at(self, step: int) -> tuple[int, int] | None:
+        """The SDE window of training step `step` (1-based): sde_window moved by window_shift_stride once every
+        window_shift_every steps, clamped so that it stays within [0, steps) at its size; None: every step."""
+        if self.sde_window is None:
+            return None
+        start, end = self.sde_window
+        if not self.window_shift_every:
+            return start, end
+        size = end - start
+        moved = start + self.window_shift_stride * ((step - 1) // self.window_shift_every)
+        start = min(max(moved, 0), self.steps - size)
+        return start, start + size
 
 
 @dataclass
