@@ -5,9 +5,9 @@ Each training step:
 1. takes `prompts.per_step` prompts (`prompt_batch`, a pure function of (seed, step)) and samples
    `sampling.group_size` images for each with the SDE sampler (`sample`), recording latents and the
    log-prob of every SDE step (those in `sampling.sde_window`, which `sampling.window_shift_every` moves over
-   training: MixGRPO's sliding window, or B2-DiffuRL's backward-progressive one); chunks of whole groups are sampled one `sample` call each, with a seed
-   derived from (run.seed, step, chunk), and scored as they come (in a background thread with
-   `reward.background`, overlapping the next chunk's sampling);
+   training: MixGRPO's sliding window, or B2-DiffuRL's backward-progressive one); chunks of whole groups
+   are sampled one `sample` call each, with a seed derived from (run.seed, step, chunk), and scored as they
+   come (in a background thread with `reward.background`, overlapping the next chunk's sampling);
 2. scores the images (`reward.names`, weighted), and forms group advantages (`group_advantages`:
    (r - group mean) / (group std + 1e-4), clamped to +-grpo.adv_clip_max);
 3. picks the trained timesteps: a seeded random `grpo.timestep_fraction` of the SDE steps;
