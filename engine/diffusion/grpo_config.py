@@ -150,7 +150,9 @@ class SamplingSection:
         1, "steps the window moves each time: > 0 towards the last step (MixGRPO), < 0 towards the first "
         "(B2-DiffuRL's backward-progressive training, with sde_window at the end); it stops at either end",
         check=Check(lambda v: v != 0, "must not be 0"))
-    same_initial_noise: bool = field(False, "all images of a group start from the same noise (DanceGRPO)")
+    same_initial_noise: bool = field(False, "all images of a group start from the same noise (DanceGRPO); with "
+                                     "sde_window, they share the ODE steps before the window and branch at its "
+                                     "start (B2-DiffuRL's branch sampling)")
     height: int | None = field(None, "image height in px (none: the model's default)", check=gt(0))
     width: int | None = field(None, "image width in px (none: the model's default)", check=gt(0))
     micro_batch: int | None = field(None, "samples per denoiser call, in sampling and in training (the same "
