@@ -308,7 +308,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
 
 
 def _expand_dotted(data: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """{"optim.lr": 1} -> {"optim": {"lr": 1}} (recursively); nested mappings are expanded too."""
+    """{"optim.lr": 1} -> {"optim": {"lr": 1}} (recursively); nested mappings are expanded too. Only keys made of
+    identifiers are paths: a key such as "rewards.py:score" (a reward function named in reward.options) is kept."""
     out: dict[str, Any] = {}
     for key, value in data.items():
         if not isinstance(key, str):
@@ -316,8 +317,10 @@ def _expand_dotted(data: Mapping[str, Any], where: str) -> dict[str, Any]:
         if isinstance(value, Mapping):
             value = _expand_dotted(value, where)
         head, _, rest = key.partition(".")
-        if rest:
+        if rest and all(part.isidentifier() for part in key.split(".")):
             value = _expand_dotted({rest: value}, where)
+        else:
+            head = key
         if head in out and isinstance(out[head], Mapping) and isinstance(value, Mapping):
             out[head] = _merge(out[head], value)
         else:

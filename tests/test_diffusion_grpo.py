@@ -95,7 +95,7 @@ def test_bad_config_fails_before_any_model_loads(tmp_path, monkeypatch, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     for text in ("sampling.group_size: must be >= 2", "optim.lr: must be > 0; got -1.0", "reward.names:",
-                 "unknown reward(s) ['brightnes']", "prompts: train: the prompt file", "missing.txt",
+                 "unknown reward 'brightnes'", "prompts: train: the prompt file", "missing.txt",
                  "grpo.clip_range: must be > 0", "model: model: the folder"):
         assert text in err, text
     assert not out.exists()

@@ -54,7 +54,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -148,16 +148,20 @@ class EMA:
 
 @dataclass
 class _Scorer:
-    """Scores images with every configured reward: (images [B, 3, H, W], prompts) -> {name: [B] fp32 CPU}."""
+    """Scores images with every configured reward: (images [B, 3, H, W], prompts) -> {name: [B] fp32 CPU}. Rewards
+    that take metadata (`takes_metadata`) also get each prompt's row fields (`prompt_metadata`), {} for none."""
 
     rewards: dict[str, Callable]
+    metadata: dict[str, dict] = field(default_factory=dict)
 
     def __call__(self, images, prompts: list[str]) -> dict[str, Any]:
         import torch
 
         out = {}
         for name, fn in self.rewards.items():
-            value = fn(images, prompts)
+            extra = ({"metadata": [self.metadata.get(p, {}) for p in prompts]}
+                     if getattr(fn, "takes_metadata", False) else {})
+            value = fn(images, prompts, **extra)
             out[name] = torch.as_tensor(value).detach().float().reshape(-1).cpu()
         return out
 
@@ -221,7 +225,7 @@ class GRPOTrainer:
         from ..config import ConfigError
         from ..distributed import local_device, rank_and_world
         from ..runs import seed_everything
-        from .prompts import DEFAULT_EVAL_PROMPTS, DEFAULT_PROMPTS, load_prompts
+        from .prompts import DEFAULT_EVAL_PROMPTS, DEFAULT_PROMPTS, load_prompts, prompt_metadata
 
         self.cfg, self.run = cfg, run
         self.rank, self.world = rank_and_world()
@@ -243,6 +247,10 @@ class GRPOTrainer:
         else:
             evals = list(DEFAULT_EVAL_PROMPTS) if p.train is None else self.train_prompts
         self.eval_prompts = evals[: p.num_eval]
+        metadata: dict[str, dict] = {}
+        for where, source, split in (("prompts.train", p.train, p.split), ("prompts.eval", p.eval, p.eval_split)):
+            with _config_errors(where):
+                metadata.update(prompt_metadata(source, field=p.column, split=split))
 
         with _config_errors("model.device"):
             self.device = local_device(cfg.model.device)
@@ -253,6 +261,7 @@ class GRPOTrainer:
         else:
             with _config_errors("reward.options"):
                 self.scorer = build_rewards(cfg, self.device)
+        self.scorer.metadata = metadata
         self.policy = policy if policy is not None else self._load_policy()
         self.device = self.policy.device
         self.checkpointed = self._apply_checkpointing()

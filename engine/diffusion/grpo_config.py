@@ -35,12 +35,10 @@ def _looks_like_local_path(value: str) -> bool:
 
 
 def _reward_names_known(names: list[str]) -> bool:
-    from ..rewards import available_rewards
+    from ..rewards.registry import check_reward_name
 
-    known = set(available_rewards())
-    bad = [n for n in names if n.strip().lower().replace("-", "_") not in known]
-    if bad:
-        raise ValueError(f"unknown reward(s) {bad}; known: {', '.join(sorted(known))}")
+    for name in names:
+        check_reward_name(name)
     return True
 
 
@@ -188,8 +186,10 @@ class SamplingSection:
 class RewardSection:
     """The reward: one registered reward, or several combined with weights."""
 
-    names: list[str] = field(["brightness"], "registered reward names (fusedrl.engine.rewards.available_rewards()); "
-                             "several are combined with reward.weights", check=Check(
+    names: list[str] = field(["brightness"], "registered reward names (fusedrl.engine.rewards.available_rewards()) or "
+                             "image reward functions 'file.py:function' (called as fn(images, prompts=..., "
+                             "metadata=...), see fusedrl.engine.rewards.function); several are combined with "
+                             "reward.weights", check=Check(
                                  lambda v: len(v) > 0 and _reward_names_known(v), "must name at least one reward"),
                              metavar="NAME")
     weights: list[float] | None = field(None, "a weight per reward in reward.names (none: 1 each)")

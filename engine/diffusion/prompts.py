@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from ..prompt_data import epoch_batch, read_rows
 
-__all__ = ["DEFAULT_EVAL_PROMPTS", "DEFAULT_PROMPTS", "load_prompts", "prompt_batch"]
+__all__ = ["DEFAULT_EVAL_PROMPTS", "DEFAULT_PROMPTS", "load_prompts", "prompt_batch", "prompt_metadata"]
 
 # The embedded default's prompts (short: the tiny text encoders read 16 characters).
 DEFAULT_PROMPTS = [
@@ -85,6 +85,29 @@ def load_prompts(
             raise ValueError(f"limit must be an int >= 1 or None, got {limit!r}")
         prompts = prompts[:limit]
     return prompts
+
+
+def prompt_metadata(source: str | os.PathLike | Sequence[str] | None, *, field: str = "prompt",
+                    split: str = "train") -> dict[str, dict]:
+    """{prompt: its row's other fields} for the prompts of `source` whose rows have any (a .jsonl / .json / .csv /
+    .parquet file or a dataset; a .txt file or a list has none: {}). These reach the rewards that take metadata
+    (`fusedrl.engine.rewards.function`), e.g. the objects a GenEval-style reward counts or the text an OCR
+    reward reads. A prompt that appears twice with different fields raises ValueError naming both rows."""
+    if source is None or isinstance(source, (list, tuple)) or str(source).lower().endswith(".txt"):
+        return {}
+    found: dict[str, tuple[dict, str]] = {}
+    for i, row in enumerate(read_rows(source, field=field, split=split)):
+        prompt = row.get(field)
+        if not isinstance(prompt, str) or not prompt.strip():
+            continue
+        extra = {k: v for k, v in row.items() if k not in (field, "_line")}
+        where = f"{source}:{row['_line']}" if "_line" in row else f"{source}[{i}]"
+        key = prompt.strip()
+        if key in found and found[key][0] != extra:
+            raise ValueError(f"{where}: the prompt {key!r} also appears at {found[key][1]} with other fields "
+                             f"({found[key][0]} vs {extra}); the rewards could not tell which to use")
+        found.setdefault(key, (extra, where))
+    return {k: extra for k, (extra, _) in found.items() if extra}
 
 
 def prompt_batch(prompts: Sequence[str], step: int, batch_size: int, *, seed: int = 0) -> list[str]:

@@ -106,7 +106,8 @@ class RewardBackprop:
     """
 
     def __init__(self, cfg: RewardBackpropConfig, policy: Any, reward: Any, *, resolved: Resolved | None = None,
-                 train_prompts: Sequence[str] | None = None, eval_prompts: Sequence[str] | None = None) -> None:
+                 train_prompts: Sequence[str] | None = None, eval_prompts: Sequence[str] | None = None,
+                 prompt_metadata: dict[str, dict] | None = None) -> None:
         from ..distributed import rank_and_world
         from .prompts import DEFAULT_EVAL_PROMPTS, DEFAULT_PROMPTS
 
@@ -119,6 +120,7 @@ class RewardBackprop:
         self.reward = reward
         self.train_prompts = list(train_prompts or DEFAULT_PROMPTS)
         self.eval_prompts = list(eval_prompts or DEFAULT_EVAL_PROMPTS)[: cfg.prompts.num_eval]
+        self.prompt_metadata = dict(prompt_metadata or {})
         self.named_params = self._named_trainable()
         if not self.named_params:
             raise ValueError("the policy has no trainable parameters (LoRA targets matched nothing?)")
@@ -148,9 +150,16 @@ class RewardBackprop:
         `device`, default cfg.device)."""
         resolved = resolve(cfg)
         reward = build_reward(cfg, device)
-        train_prompts, eval_prompts = load_prompt_lists(cfg)
+        train_prompts, eval_prompts, metadata = load_prompt_lists(cfg)
         policy = build_policy(cfg, resolved, device=device)
-        return cls(cfg, policy, reward, resolved=resolved, train_prompts=train_prompts, eval_prompts=eval_prompts)
+        return cls(cfg, policy, reward, resolved=resolved, train_prompts=train_prompts, eval_prompts=eval_prompts,
+                   prompt_metadata=metadata)
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> Any:
+        """The combined reward's scores (`CombinedScores`); rewards that take metadata get each prompt's row fields."""
+        if any(getattr(r, "takes_metadata", False) for r in self.reward.rewards.values()):
+            return self.reward.score_all(images, prompts, metadata=[self.prompt_metadata.get(p, {}) for p in prompts])
+        return self.reward.score_all(images, prompts)
 
     def _named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
         mods = [("denoiser", self.policy.denoiser)]
@@ -215,7 +224,7 @@ class RewardBackprop:
                 # A diverged step: the rewards refuse NaN pixels; report it as a non-finite reward (skipped).
                 nan = torch.full((images.shape[0],), float("nan"), device=images.device)
                 return StepResult(nan, nan.mean(), images.detach(), {}, k, "non-finite image")
-            scores = self.reward.score_all(images, all_prompts)
+            scores = self.score(images, all_prompts)
             r = scores.total
             if cfg.method == "refl" and bp.refl_margin is not None:
                 loss = bp.loss_scale * torch.relu(bp.refl_margin - r).mean()
@@ -333,7 +342,7 @@ class RewardBackprop:
                             generators=gens, noise_level=cfg.sampling.noise_level, sde_type=cfg.sampling.sde_type)
             images = torch.cat([policy.decode(lat[i:i + cfg.sampling.batch_size])
                                 for i in range(0, len(prompts), cfg.sampling.batch_size)])
-            scores = self.reward.score_all(images, prompts)
+            scores = self.score(images, prompts)
         finally:
             policy.train(True)
             policy.reshard()  # FSDP2: the no-grad forwards left the root gathered
@@ -460,13 +469,16 @@ def build_reward(cfg: RewardBackpropConfig, device: torch.device | str | None = 
     return CombinedReward(rewards, weights, normalize=None)
 
 
-def load_prompt_lists(cfg: RewardBackpropConfig) -> tuple[list[str], list[str]]:
-    from .prompts import DEFAULT_EVAL_PROMPTS, DEFAULT_PROMPTS, load_prompts
+def load_prompt_lists(cfg: RewardBackpropConfig) -> tuple[list[str], list[str], dict[str, dict]]:
+    """(train prompts, eval prompts, {prompt: its row's other fields}) of `cfg.prompts`."""
+    from .prompts import DEFAULT_EVAL_PROMPTS, DEFAULT_PROMPTS, load_prompts, prompt_metadata
 
     p = cfg.prompts
     train = load_prompts(p.train, field=p.column, split=p.split) if p.train else list(DEFAULT_PROMPTS)
     evals = load_prompts(p.eval, field=p.column, split=p.split) if p.eval else list(DEFAULT_EVAL_PROMPTS)
-    return train, evals
+    metadata = {**prompt_metadata(p.train, field=p.column, split=p.split),
+                **prompt_metadata(p.eval, field=p.column, split=p.split)}
+    return train, evals, metadata
 
 
 def build_policy(cfg: RewardBackpropConfig, resolved: Resolved | None = None, *,

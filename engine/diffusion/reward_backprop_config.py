@@ -129,7 +129,9 @@ class RewardConfig:
     """Differentiable rewards; several are summed with weights."""
 
     names: list[str] = field(["brightness"], "differentiable rewards by registry name (brightness, target_color, "
-                             "aesthetic, clip_score, pickscore, hpsv2, imagereward)")
+                             "aesthetic, clip_score, pickscore, hpsv2, imagereward), or differentiable image reward "
+                             "functions 'file.py:function' (with options {\"differentiable\": true}; see "
+                             "fusedrl.engine.rewards.function)")
     weights: list[float] | None = field(None, "one weight per reward; none: 1 each")
     paths: dict[str, str] = field({}, "weights location per reward name (local folder or hub id); unset: the "
                                   "reward's default (a JSON object on the command line)")
@@ -141,11 +143,19 @@ class RewardConfig:
             raise ValueError("names: give at least one reward")
         from ..rewards import registry
 
-        known = registry.available_rewards()
-        keys = [registry._key(n) for n in self.names]
-        for name, key in zip(self.names, keys):
-            if key not in known:
-                raise ValueError(f"names: unknown reward {name!r} (known: {', '.join(known)})")
+        keys = []
+        for name in self.names:
+            try:
+                key = registry.check_reward_name(name)
+            except ValueError as exc:
+                raise ValueError(f"names: {exc}") from None
+            keys.append(key)
+            if registry.is_function_spec(key):
+                opts = next((v for k, v in self.options.items() if registry._key(k) == key), {})
+                if opts.get("differentiable") is not True:
+                    raise ValueError(f"names: the reward function {name!r} must be declared differentiable (its "
+                                     f"gradient is what trains): --reward.options '{{\"{name}\": "
+                                     "{\"differentiable\": true}}'")
             if key in _NOT_DIFFERENTIABLE:
                 raise ValueError(f"names: reward {name!r} is not differentiable; reward backpropagation needs "
                                  "gradients from the reward (use diffusion-grpo for it)")

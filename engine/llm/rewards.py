@@ -9,18 +9,17 @@ anything under **kwargs); a function of one positional parameter gets the comple
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["RewardTerm", "build_reward_terms", "import_function", "score"]
+from ..rewards.function import import_function
+
+__all__ = ["RewardTerm", "build_reward_terms", "score"]
 
 
 @dataclass
@@ -30,26 +29,6 @@ class RewardTerm:
     name: str
     fn: Callable
     weight: float = 1.0
-
-
-def import_function(spec: str) -> Callable:
-    """'package.module:function' or 'path/to/file.py:function' -> the function."""
-    target, _, attr = spec.rpartition(":")
-    if not target or not attr:
-        raise ValueError(f"reward.function must be 'module:function' or 'file.py:function'; got {spec!r}")
-    if target.endswith(".py"):
-        path = Path(target).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"reward.function: the file {target!r} does not exist")
-        module_spec = importlib.util.spec_from_file_location(f"_fusedrl_reward_{path.stem}", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(target)
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ValueError(f"reward.function: {target} has no callable {attr!r}")
-    return fn
 
 
 def build_reward_terms(names: Sequence[str] = (), function: str | Callable | None = None,
@@ -69,7 +48,7 @@ def build_reward_terms(names: Sequence[str] = (), function: str | Callable | Non
             raise ValueError(f"reward {name!r} scores {reward.modality}s, not text; LLM GRPO needs text rewards")
         terms.append(RewardTerm(name, reward))
     if function is not None:
-        fn = import_function(function) if isinstance(function, str) else function
+        fn = import_function(function, "reward.function") if isinstance(function, str) else function
         terms.append(RewardTerm(getattr(fn, "__name__", "function"), fn))
     if not terms:
         raise ValueError("no reward: give reward.names and/or reward.function")

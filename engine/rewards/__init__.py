@@ -18,6 +18,7 @@ from .base import ImageReward, Reward, TextReward
 from .clip import ClipReward
 from .combine import CombinedReward, CombinedScores, LinearSchedule, pareto_mask
 from .convert_open_clip import clip_config_from_open_clip, convert_open_clip_checkpoint, convert_open_clip_state_dict
+from .function import FunctionReward  # noqa: F401
 from .imagereward import (
     ImageRewardScore,
     convert_imagereward_checkpoint,

@@ -89,6 +89,21 @@ def check_texts(texts: Sequence[str] | None, batch: int | None, name: str, requi
     return texts
 
 
+def check_metadata(metadata: Sequence[dict] | None, batch: int) -> list[dict] | None:
+    """`metadata` as a list of `batch` dicts (None passes)."""
+    if metadata is None:
+        return None
+    if isinstance(metadata, (str, dict)) or not isinstance(metadata, Sequence):
+        raise TypeError(f"metadata must be a list of dicts, one per sample; got {type(metadata).__name__}")
+    metadata = list(metadata)
+    bad = next((i for i, m in enumerate(metadata) if not isinstance(m, dict)), None)
+    if bad is not None:
+        raise TypeError(f"metadata[{bad}] must be a dict; got {type(metadata[bad]).__name__}")
+    if len(metadata) != batch:
+        raise ValueError(f"metadata has {len(metadata)} entries but there are {batch} samples; give one per sample")
+    return metadata
+
+
 class Reward(abc.ABC):
     """A reward function. `reward(...)` is `reward.score(...)`; the result is a float32 [B] tensor.
 
@@ -139,6 +154,7 @@ class ImageReward(Reward):
 
     modality = "image"
     needs_prompts: bool = False
+    takes_metadata: bool = False  # True: `_score_pixels` takes metadata= (one dict per image), e.g. FunctionReward
     device: torch.device | None = None
 
     def __init__(
@@ -186,6 +202,7 @@ class ImageReward(Reward):
         prompts: Sequence[str] | None = None,
         *,
         value_range: ValueRange | None = None,
+        metadata: Sequence[dict] | None = None,
     ) -> torch.Tensor:
         """Scores a batch of images.
 
@@ -194,6 +211,8 @@ class ImageReward(Reward):
                 the reward's device for the model and the scores moved back).
             prompts: B strings (required by image-text rewards, checked for count by all).
             value_range: overrides the reward's declared range for this call.
+            metadata: B dicts, each image's prompt fields beyond the prompt (e.g. a GenEval or OCR target), for
+                rewards that take them (`takes_metadata`); the others ignore it.
 
         Returns:
             float32 [B] on images.device; differentiable w.r.t. images when `self.differentiable`, grad mode
@@ -202,6 +221,7 @@ class ImageReward(Reward):
         images = check_images(images)
         batch = images.shape[0]
         prompts = check_texts(prompts, batch, "prompts", required=self.needs_prompts)
+        metadata = check_metadata(metadata, batch) if self.takes_metadata else None
         vr = self.value_range if value_range is None else parse_value_range(value_range)
         if batch == 0:
             return torch.zeros(0, dtype=torch.float32, device=images.device)
@@ -215,8 +235,9 @@ class ImageReward(Reward):
                 if self.device is not None:
                     x = x.to(self.device)
                 x = ((x - lo) / (hi - lo)).clamp(0.0, 1.0)
+                extra = {} if metadata is None else {"metadata": metadata[start:start + chunk]}
                 with self._autocast(x.device):
-                    out = self._scorer()(x, None if prompts is None else prompts[start:start + chunk])
+                    out = self._scorer()(x, None if prompts is None else prompts[start:start + chunk], **extra)
                 outs.append(out.float().reshape(-1))
             scores = torch.cat(outs).to(images.device)
         if scores.shape != (batch,):

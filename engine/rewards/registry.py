@@ -8,15 +8,20 @@ Factories import transformers only when called, so importing this package stays 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from .base import Reward
+from .function import FunctionReward, is_function_spec
 
 _FACTORIES: dict[str, Callable[..., Reward]] = {}
 
 
 def _key(name: str) -> str:
+    """The registry key of a reward name; a function reference ('file.py:fn', 'module:fn') is kept as written."""
     if not isinstance(name, str):
         raise TypeError(f"reward name must be a str; got {type(name).__name__}")
+    if is_function_spec(name):
+        return name.strip()
     return name.strip().lower().replace("-", "_")
 
 
@@ -34,6 +39,23 @@ def register_reward(name: str) -> Callable[[Callable[..., Reward]], Callable[...
     return deco
 
 
+def check_reward_name(name: str) -> str:
+    """The registry key of `name` if it names a registered reward or a reward function whose file exists ('file.py:fn';
+    a 'module:fn' is imported only when loaded); else ValueError saying what is known."""
+    key = _key(name)
+    if is_function_spec(key):
+        target, _, attr = key.rpartition(":")
+        if not target or not attr:
+            raise ValueError(f"reward {name!r}: a function must be named 'file.py:function' or 'module:function'")
+        if target.endswith(".py") and not Path(target).expanduser().is_file():
+            raise ValueError(f"reward {name!r}: the file {target!r} does not exist")
+        return key
+    if key not in _FACTORIES:
+        raise ValueError(f"unknown reward {name!r}; known: {', '.join(available_rewards())}, or a function "
+                         "'file.py:function' / 'module:function'")
+    return key
+
+
 def available_rewards() -> list[str]:
     """The registered reward names, sorted."""
     return sorted(_FACTORIES)
@@ -43,7 +65,8 @@ def load_reward(name: str, path: str | None = None, **kw) -> Reward:
     """Builds the reward registered as `name`.
 
     Args:
-        name: a registered name (`available_rewards()`).
+        name: a registered name (`available_rewards()`), or an image reward function 'file.py:function' /
+            'module:function' (`FunctionReward`: its options are differentiable, device and ImageReward's).
         path: where the weights are: a local directory or file, or a hub id (see each reward's factory);
             None means the reward's default (for learned rewards, the published hub id; rule-based rewards
             take no path).
@@ -54,8 +77,15 @@ def load_reward(name: str, path: str | None = None, **kw) -> Reward:
         FileNotFoundError: weights missing (the message says what was looked for and where).
     """
     key = _key(name)
+    if is_function_spec(key):
+        if path is not None:
+            raise ValueError(f"reward {key!r} is a function and takes no path (got {path!r})")
+        reward = FunctionReward(key, **kw)
+        reward.name = key
+        return reward
     if key not in _FACTORIES:
-        raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(available_rewards())}")
+        raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(available_rewards())} (or a function: "
+                         "'file.py:function' / 'module:function')")
     reward = _FACTORIES[key](path=path, **kw)
     reward.name = key
     return reward
