@@ -154,6 +154,46 @@ def test_training_samples_the_moved_window_and_evaluation_the_configured_one(tin
     assert seen == [[0, 1]]  # evaluation grids stay comparable: the configured window
 
 
+def test_pareto_selection_keeps_the_non_dominated_samples_and_trains_only_on_them(tiny_dirs):
+    cfg = _cfg(tiny_dirs["sd3"], **{"reward.pareto": "batch"})
+    trainer = GRPOTrainer(cfg)
+    trainer.weights = {"a": 1.0, "b": -1.0, "off": 0.0}  # b: lower is better; a zero weight is no objective
+    raw = {"a": torch.tensor([3.0, 1.0, 2.0, 0.0]), "b": torch.tensor([1.0, 0.0, 2.0, 1.0]),
+           "off": torch.tensor([0.0, 9.0, 9.0, 9.0])}
+    assert trainer.selected(raw).tolist() == [True, True, False, False]  # sample 0 beats samples 2 and 3
+    trainer.cfg.reward.pareto = "group"  # groups {0, 1} and {2, 3}: nobody is beaten within their group
+    assert trainer.selected(raw).tolist() == [True, True, True, True]
+    trainer.cfg.reward.pareto = "none"
+    assert trainer.selected(raw).all()
+
+    cfg = _cfg(tiny_dirs["sd3"], **{"reward.pareto": "batch"})  # (the one above was changed in place)
+    m = GRPOTrainer(cfg).train_step(1)  # one reward (brightness): only the step's brightest image is kept
+    assert m["skipped"] == 0 and m["pareto_frac"] == 0.25 and m["updates"] == 1
+
+    traj, _, micro, _ = GRPOTrainer(cfg).sample_and_score(1)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    keep = torch.tensor([True, False, True, False])
+
+    def update(adv, keep, **over):
+        t = GRPOTrainer(_cfg(tiny_dirs["sd3"], **{"reward.pareto": "batch", **over}))
+        metrics = t._optimize(1, traj, adv, micro, keep)
+        return _snapshot(t), metrics
+
+    kept, m = update(adv, keep)
+    assert m["updates"] == 1
+    # the samples not kept weigh nothing: other advantages for them give the same update
+    same, _ = update(torch.tensor([1.0, 3.0, 0.5, 2.0]), keep)
+    assert _same(kept, same)
+    moved, _ = update(torch.tensor([1.0, -1.0, -0.5, -0.5]), keep)
+    assert not _same(kept, moved)
+    # keeping every sample is the unselected step (the mean over all samples)
+    every, _ = update(adv, torch.ones(4, dtype=torch.bool))
+    plain, _ = update(adv, None, **{"reward.pareto": "none"})
+    assert every.keys() == plain.keys()
+    for name in every:
+        torch.testing.assert_close(every[name], plain[name], rtol=1e-5, atol=1e-7)
+
+
 # ------------------------------------------------------------------------------------------------ the step
 
 

@@ -42,13 +42,13 @@ def _config(model_dir: str, strategy: str, text_encoder: bool = False, **over):
         "lora.text_encoder": text_encoder, **over})
 
 
-def _train(model_dir: str, strategy: str, text_encoder: bool = False) -> dict:
+def _train(model_dir: str, strategy: str, text_encoder: bool = False, pareto: str = "none") -> dict:
     """STEPS steps of GRPOTrainer in this process (or this process's part); the gradients at each optimizer step
     and the weights after, whole."""
     from fusedrl.engine.diffusion.grpo import GRPOTrainer
     from fusedrl.engine.distributed import full_tensor
 
-    trainer = GRPOTrainer(_config(model_dir, strategy, text_encoder), None)
+    trainer = GRPOTrainer(_config(model_dir, strategy, text_encoder, **{"reward.pareto": pareto}), None)
     grads, step = [], trainer.optimizer.step
 
     def recording_step(*args, **kwargs):
@@ -61,11 +61,12 @@ def _train(model_dir: str, strategy: str, text_encoder: bool = False) -> dict:
     return {"metrics": metrics, "grads": grads, "params": params, "strategy": trainer.policy.strategy}
 
 
-def _worker(rank: int, world: int, port: int, model_dir: str, strategy: str, text_encoder: bool, out: str) -> None:
+def _worker(rank: int, world: int, port: int, model_dir: str, strategy: str, text_encoder: bool, pareto: str,
+            out: str) -> None:
     setup_process(rank, world, port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        torch.save(_train(model_dir, strategy, text_encoder), os.path.join(out, f"rank{rank}.pt"))
+        torch.save(_train(model_dir, strategy, text_encoder, pareto), os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -77,15 +78,20 @@ def model_dir(tmp_path_factory) -> str:
     return str(tiny_model_dir("sd3", tmp_path_factory.mktemp("tiny_dist")))
 
 
-@pytest.mark.parametrize(("strategy", "text_encoder"), [("ddp", False), ("ddp", True), ("fsdp", False)],
-                         ids=["ddp-lora", "ddp-lora-text-encoder", "fsdp-full"])
-def test_two_processes_equal_one_process_with_the_same_batch(model_dir, tmp_path, strategy, text_encoder, monkeypatch):
+@pytest.mark.parametrize(("strategy", "text_encoder", "pareto"),
+                         [("ddp", False, "none"), ("ddp", True, "none"), ("fsdp", False, "none"),
+                          ("ddp", False, "batch")],
+                         ids=["ddp-lora", "ddp-lora-text-encoder", "fsdp-full", "ddp-lora-pareto"])
+def test_two_processes_equal_one_process_with_the_same_batch(model_dir, tmp_path, strategy, text_encoder, pareto,
+                                                             monkeypatch):
     """ddp-lora-text-encoder: LoRA on the CLIP text encoders too, whose gradients lie outside the DDP wrapper and
-    are averaged by the trainer."""
+    are averaged by the trainer. ddp-lora-pareto: only the step's brightest image is trained on (one reward), on one
+    of the two processes: its weight counts every process's kept samples."""
     monkeypatch.setenv("FUSEDRL_BACKEND", "torch")
     torch.set_num_threads(1)
-    single = _train(model_dir, strategy, text_encoder)  # one process, the whole batch
-    mp.spawn(_worker, args=(2, free_port(), model_dir, strategy, text_encoder, str(tmp_path)), nprocs=2, join=True)
+    single = _train(model_dir, strategy, text_encoder, pareto)  # one process, the whole batch
+    mp.spawn(_worker, args=(2, free_port(), model_dir, strategy, text_encoder, pareto, str(tmp_path)), nprocs=2,
+             join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert any(n.startswith("text_encoder") for n in single["grads"][0]) == text_encoder
     assert single["strategy"] is None and all(r["strategy"] == strategy for r in ranks)

@@ -436,6 +436,21 @@ class GRPOTrainer:
         raw = {name: torch.cat([s[name] for s in scores]) for name in scores[0]}
         return _concat(trajs), raw, micro, bad_images
 
+    def selected(self, raw: dict[str, Any]) -> Any:
+        """[B] bool, the samples trained on: all of them, or with reward.pareto the non-dominated ones (Parrot),
+        each reward an objective in the direction of its weight's sign (zero weights are left out)."""
+        import torch
+
+        from ..rewards import pareto_mask
+
+        n = len(next(iter(raw.values())))
+        names = [k for k in raw if self.weights[k] != 0]
+        if self.cfg.reward.pareto == "none" or not names:
+            return torch.ones(n, dtype=torch.bool)
+        objectives = torch.stack([math.copysign(1.0, self.weights[k]) * raw[k].float() for k in names], dim=1)
+        groups = torch.arange(n) // self.cfg.sampling.group_size if self.cfg.reward.pareto == "group" else None
+        return pareto_mask(objectives, groups)
+
     def advantages(self, raw: dict[str, Any]) -> tuple[Any, Any]:
         """(total reward [B], advantages [B]) from the raw rewards."""
         from ..advantages import group_advantages
@@ -499,13 +514,16 @@ class GRPOTrainer:
         if any_process(not _finite(traj.log_probs), self.device):
             return self._skipped(step, "the sampled log-probs have NaN/inf", metrics, t0)
         total, adv = self.advantages(raw)
+        keep = self.selected(raw)
+        if self.cfg.reward.pareto != "none":
+            metrics["pareto_frac"] = keep.float().mean().item()
         mine = self.local_samples()
-        adv = adv[mine.start:mine.stop]
+        adv, keep = adv[mine.start:mine.stop], keep[mine.start:mine.stop]
 
         self._phase = "training"
         t1 = time.perf_counter()
         try:
-            metrics.update(self._optimize(step, traj, adv, micro))
+            metrics.update(self._optimize(step, traj, adv, micro, keep if self.cfg.reward.pareto != "none" else None))
         except _Skip as skip:
             self.optimizer.zero_grad(set_to_none=True)
             return self._skipped(step, str(skip), metrics, t0)
@@ -539,8 +557,9 @@ class GRPOTrainer:
         g = torch.Generator().manual_seed(_seed(self.cfg.run.seed, "timesteps", step))
         return sorted(sde_steps[i] for i in torch.randperm(len(sde_steps), generator=g)[:k].tolist())
 
-    def _optimize(self, step: int, traj: Any, adv: Any, micro: list[Any]) -> dict[str, float]:
-        """The updates of one step on this process's samples. Several processes: each update's gradient is
+    def _optimize(self, step: int, traj: Any, adv: Any, micro: list[Any], keep: Any = None) -> dict[str, float]:
+        """The updates of one step on this process's samples (those `keep` marks: the loss is their mean, the others
+        weigh 0; default all). Several processes: each update's gradient is
         averaged over them (DDP / FSDP2; the last backward of an update syncs, the others run under no_sync),
         each process weighting its own samples as if alone, so the average is the mean over every process's
         samples: one process with the same global batch takes the same update. A NaN/inf on one process does
@@ -549,7 +568,7 @@ class GRPOTrainer:
 
         from fusedrl.kernels import grpo_loss
 
-        from ..distributed import all_max, all_mean, any_process
+        from ..distributed import all_max, all_mean, all_sums, any_process
         from .sampling import recompute_logprobs
 
         cfg, g = self.cfg, self.cfg.grpo
@@ -560,14 +579,23 @@ class GRPOTrainer:
                                   "approx_kl": 0.0, "logp": 0.0}
         count, updates, on_policy_err, grad_norms = 0, 0, 0.0, []
         adv = adv.to(self.policy.device)
+        select = keep is not None
+        keep = keep.cpu().float() if select else torch.ones(len(adv))
+        if select:  # each update's loss is the mean over the samples kept on every process
+            kept_global = all_sums([sum(keep[idx].sum().item() for idx in group) for group in groups], self.device)
         self.policy.train(True)
         for _epoch in range(g.inner_epochs):
-            for group in groups:
+            for gi, group in enumerate(groups):
+                if select and kept_global[gi] == 0:
+                    continue  # no kept sample in this update on any process: no update (AdamW would still move)
                 n_samples = sum(len(idx) for idx in group)
                 work = [(idx, s) for idx in group for s in steps]
                 problem = None
                 for k, (idx, s) in enumerate(work):
-                    weight = len(idx) / (n_samples * len(steps))
+                    if select:  # DDP averages over the processes: hence the factor world
+                        weight = self.world * keep[idx].sum().item() / (max(kept_global[gi], 1.0) * len(steps))
+                    else:
+                        weight = len(idx) / (n_samples * len(steps))
                     with self.policy.no_sync() if k < len(work) - 1 else contextlib.nullcontext():
                         with self._autocast():
                             out = recompute_logprobs(self.policy, traj, [s], sample_indices=idx,
@@ -577,11 +605,15 @@ class GRPOTrainer:
                         if not _finite(logp):
                             problem = problem or f"recomputed log-probs have NaN/inf (timestep {s})"
                         a = adv[idx.to(adv.device)]
-                        policy_loss, m = grpo_loss(logp, old, a, torch.ones_like(logp), loss_type="grpo",
+                        kept = keep[idx].to(logp.device)
+                        # one "token" per sample; with a selection, "bnpo" takes the mean over the kept ones
+                        policy_loss, m = grpo_loss(logp, old, a, kept[:, None].expand_as(logp).contiguous(),
+                                                   loss_type="bnpo" if select else "grpo",
                                                    eps_low=g.clip_range, eps_high=g.clip_range)
                         loss = policy_loss
                         if g.beta > 0:
-                            kl = out.kl.float().mean()
+                            kl = out.kl.float().reshape(len(idx), -1).mean(-1)
+                            kl = (kl * kept).sum() / kept.sum().clamp(min=1) if select else kl.mean()
                             loss = loss + g.beta * kl
                             sums["kl"] += kl.item()
                         if not _finite(loss):

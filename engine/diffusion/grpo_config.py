@@ -199,6 +199,10 @@ class RewardSection:
     normalize: Literal["total", "per_reward"] = field(
         "total", "several rewards: advantages of the weighted total, or the weighted sum of each reward's "
         "group-normalized advantages (MixGRPO)")
+    pareto: Literal["none", "batch", "group"] = field(
+        "none", "Parrot's Pareto selection: train only on the samples that no other sample of the step (batch) or "
+        "of their prompt's group (group) beats on every reward (weights give each reward's direction: a negative "
+        "one means lower is better); the others get no gradient. With one reward: only the best samples")
     device: str | None = field(None, "device of learned rewards (none: model.device)")
     background: bool = field(False, "score rewards in a background thread, overlapping the sampling of the next "
                              "prompts (asynchronous rewards)")
