@@ -176,3 +176,63 @@ def _check_inputs(
     if not bool(finite.all()):
         bad = int((~finite).nonzero()[0, 0])
         raise ValueError(f"rewards must be finite: rewards[{bad}] = {rewards[bad].item()}")
+
+
+class PromptRewardStats:
+    """DDPO's per-prompt reward statistics ("per-prompt stat tracking"): each prompt keeps its last
+    `buffer_size` rewards across training steps, and a reward's advantage is (r - mean) / (std + eps) over its
+    prompt's buffer, this step's rewards included - or over the whole batch while the prompt has fewer than
+    `min_count` rewards. Stds are population stds (numpy's default, as DDPO); the statistics are in float64.
+
+        stats = PromptRewardStats(buffer_size=16, min_count=16)     # ddpo-pytorch's defaults
+        adv = stats.advantages(prompts, rewards)                    # prompts: one string per reward; [N] fp32
+
+    Equivalent (ddpo-pytorch's `PerPromptStatTracker.update`, with deques of maxlen buffer_size):
+
+        for p in unique(prompts):
+            buf[p].extend(rewards[prompts == p])
+            mean, std = (mean(buf[p]), std(buf[p])) if len(buf[p]) >= min_count else (mean(rewards), std(rewards))
+            adv[prompts == p] = (rewards[prompts == p] - mean) / (std + eps)
+
+    `state_dict()` / `load_state_dict()` carry the buffers (JSON-serializable) through a checkpoint, so that a
+    resumed run normalizes as the killed one would have.
+    """
+
+    def __init__(self, buffer_size: int = 16, min_count: int = 16, eps: float = 1e-6) -> None:
+        for name, value in (("buffer_size", buffer_size), ("min_count", min_count)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1; got {value!r}")
+        if min_count > buffer_size:
+            raise ValueError(f"min_count ({min_count}) > buffer_size ({buffer_size}): the buffers would never fill")
+        if not eps >= 0:
+            raise ValueError(f"eps must be >= 0; got {eps!r}")
+        self.buffer_size, self.min_count, self.eps = buffer_size, min_count, float(eps)
+        self.buffers: dict[str, list[float]] = {}
+
+    def advantages(self, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
+        """[N] fp32 advantages of `rewards` ([N] floating, finite), whose prompts are `prompts` (N strings)."""
+        if not isinstance(rewards, torch.Tensor) or not rewards.is_floating_point() or rewards.dim() != 1:
+            raise TypeError(f"rewards must be a floating [N] tensor; got {getattr(rewards, 'shape', rewards)!r}")
+        if len(prompts) != rewards.numel():
+            raise ValueError(f"{len(prompts)} prompts for {rewards.numel()} rewards; give one per reward")
+        if not bool(torch.isfinite(rewards).all()):
+            raise ValueError("rewards must be finite")
+        values = rewards.detach().to("cpu", torch.float64)
+        batch = values.tolist()
+        out = torch.empty_like(values)
+        where: dict[str, list[int]] = {}
+        for i, p in enumerate(prompts):
+            where.setdefault(p, []).append(i)
+        for p, idx in where.items():
+            buf = (self.buffers.get(p, []) + [batch[i] for i in idx])[-self.buffer_size:]
+            self.buffers[p] = buf
+            ref = torch.tensor(buf, dtype=torch.float64) if len(buf) >= self.min_count else values
+            mean, std = ref.mean(), ref.std(unbiased=False)
+            out[idx] = (values[idx] - mean) / (std + self.eps)
+        return out.to(device=rewards.device, dtype=torch.float32)
+
+    def state_dict(self) -> dict[str, list[float]]:
+        return {p: list(buf) for p, buf in self.buffers.items()}
+
+    def load_state_dict(self, state: dict[str, list[float]]) -> None:
+        self.buffers = {str(p): [float(v) for v in buf][-self.buffer_size:] for p, buf in state.items()}

@@ -1,5 +1,6 @@
 """Group-normalized advantages against a float64 per-group loop and against TRL 1.16's formula."""
 
+import json
 import math
 
 import pytest
@@ -300,3 +301,60 @@ def test_cuda_matches_cpu(std):
         cpu = group_advantages(rewards, **kw, std=std)
         cuda_kw = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
         torch.testing.assert_close(group_advantages(rewards.cuda(), **cuda_kw, std=std).cpu(), cpu)
+
+
+# ------------------------------------------------------------------------------------- per-prompt statistics (DDPO)
+
+
+class _DDPOTracker:
+    """ddpo-pytorch's PerPromptStatTracker written out with numpy and deques (the behaviour being matched)."""
+
+    def __init__(self, buffer_size, min_count):
+        from collections import deque
+
+        self.deque, self.buffer_size, self.min_count, self.stats = deque, buffer_size, min_count, {}
+
+    def update(self, prompts, rewards):
+        import numpy as np
+
+        prompts, rewards = np.array(prompts), np.array(rewards, dtype=np.float64)
+        advantages = np.empty_like(rewards)
+        for prompt in np.unique(prompts):
+            mine = rewards[prompts == prompt]
+            self.stats.setdefault(prompt, self.deque(maxlen=self.buffer_size)).extend(mine)
+            ref = self.stats[prompt] if len(self.stats[prompt]) >= self.min_count else rewards
+            advantages[prompts == prompt] = (mine - np.mean(ref)) / (np.std(ref) + 1e-6)
+        return advantages
+
+
+def test_prompt_reward_stats_match_ddpo_over_steps_and_survive_a_checkpoint():
+    from fusedrl.engine.advantages import PromptRewardStats
+
+    g = torch.Generator().manual_seed(0)
+    ours, ddpo = PromptRewardStats(buffer_size=5, min_count=3), _DDPOTracker(5, 3)
+    for step in range(6):
+        prompts = [["cat", "dog", "cat", "owl"], ["dog", "dog", "cat", "cat"], ["owl", "cat", "cat", "fox"]][step % 3]
+        rewards = torch.randn(4, generator=g) * 3 + step
+        got = ours.advantages(prompts, rewards)
+        assert got.dtype == torch.float32 and got.shape == (4,)
+        torch.testing.assert_close(got, torch.from_numpy(ddpo.update(prompts, rewards.double().numpy())).float())
+        if step == 2:  # a resumed tracker continues exactly
+            restored = PromptRewardStats(buffer_size=5, min_count=3)
+            restored.load_state_dict(json.loads(json.dumps(ours.state_dict())))
+            ours = restored
+    assert all(len(buf) <= 5 for buf in ours.state_dict().values())
+
+
+def test_prompt_reward_stats_errors():
+    from fusedrl.engine.advantages import PromptRewardStats
+
+    with pytest.raises(ValueError, match="min_count .* > buffer_size"):
+        PromptRewardStats(buffer_size=4, min_count=8)
+    with pytest.raises(ValueError, match="buffer_size must be an int >= 1"):
+        PromptRewardStats(buffer_size=0)
+    stats = PromptRewardStats(4, 2)
+    with pytest.raises(ValueError, match="3 prompts for 2 rewards"):
+        stats.advantages(["a", "b", "c"], torch.zeros(2))
+    with pytest.raises(ValueError, match="finite"):
+        stats.advantages(["a", "b"], torch.tensor([0.0, float("nan")]))
+    assert stats.state_dict() == {}  # a refused call changes nothing

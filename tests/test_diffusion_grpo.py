@@ -111,6 +111,11 @@ def test_config_round_trips_and_rejects_unknown_keys():
         build_config(DiffusionGRPOConfig, {"sampling.sde_window": [2, 20]})
     with pytest.raises(ConfigError, match="reference_ema_decay is for full fine-tuning"):
         build_config(DiffusionGRPOConfig, {"grpo.reference_ema_decay": 0.9})
+    with pytest.raises(ConfigError, match=r"grpo.prompt_stats_min_count \(16\) exceeds grpo.prompt_stats_buffer \(8\)"):
+        build_config(DiffusionGRPOConfig, {"grpo.prompt_stats_buffer": 8})
+    with pytest.raises(ConfigError, match="does not combine with reward.normalize per_reward"):
+        build_config(DiffusionGRPOConfig, {"grpo.prompt_stats_buffer": 16, "reward.normalize": "per_reward",
+                                           "reward.names": ["brightness", "jpeg_compressibility"]})
 
 
 def test_sde_window_moves_over_training_and_stops_at_either_end():

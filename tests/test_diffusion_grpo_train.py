@@ -122,6 +122,41 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch)
 
 
 @pytest.mark.slow
+def test_per_prompt_statistics_carry_over_steps_and_through_a_resume(tmp_path, monkeypatch):
+    """grpo.prompt_stats_buffer (DDPO's per-prompt stat tracking) with two prompts seen at every step: from the
+    second step on, each prompt's advantages use its earlier rewards too; a run resumed from step 2's checkpoint
+    restores those buffers and logs what the uninterrupted run logged."""
+    prompts = tmp_path / "two.txt"
+    prompts.write_text("a red apple\na blue sky\n")
+    args = [*FAST, "--prompts.train", str(prompts), "--grpo.prompt_stats_buffer", "8", "--grpo.prompt_stats_min_count",
+            "4", "--run.keep_checkpoints", "0"]
+    ref, out = tmp_path / "ref", tmp_path / "crashed"
+    assert main(["train", "diffusion-grpo", "--out", str(ref), *args]) == 0
+    ckpt = read_checkpoint(ref / "checkpoints" / "step-00000002")
+    assert sorted(ckpt.state["prompt_stats"]) == ["a blue sky", "a red apple"]
+    assert all(len(buf) == 8 for buf in ckpt.state["prompt_stats"].values())  # 4 images per prompt and step
+
+    real = GRPOTrainer.train_step
+
+    def crash_at_4(self, step):
+        if step == 4:
+            raise RuntimeError("simulated crash at step 4")
+        return real(self, step)
+
+    monkeypatch.setattr(GRPOTrainer, "train_step", crash_at_4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(["train", "diffusion-grpo", "--out", str(out), *args])
+    monkeypatch.setattr(GRPOTrainer, "train_step", real)
+    assert main(["train", "diffusion-grpo", "--out", str(out), "--resume"]) == 0
+    assert _rows(out) == _rows(ref)
+    # without the restored buffers, step 3 would have normalized by that step's rewards alone
+    trainer = GRPOTrainer(build_config(DiffusionGRPOConfig, read_config_file(ref / "config.yaml")))
+    trainer.load_state(read_checkpoint(ref / "checkpoints" / "step-00000004"))
+    assert trainer.prompt_stats.state_dict() == read_checkpoint(ref / "checkpoints" / "step-00000004").state[
+        "prompt_stats"]
+
+
+@pytest.mark.slow
 def test_embedded_default_reward_rises():
     """The embedded default's settings (model, reward, LoRA targets, lr, batch), fewer steps."""
     torch.set_num_threads(1)

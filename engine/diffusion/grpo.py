@@ -280,6 +280,11 @@ class GRPOTrainer:
         self.ema = EMA(self.params, cfg.grpo.ema_decay) if cfg.grpo.ema else None
         self.consecutive_skips = 0
         self.skipped_total = 0
+        self.prompt_stats = None
+        if cfg.grpo.prompt_stats_buffer:
+            from ..advantages import PromptRewardStats
+
+            self.prompt_stats = PromptRewardStats(cfg.grpo.prompt_stats_buffer, cfg.grpo.prompt_stats_min_count)
 
     # ------------------------------------------------------------------------------------------ set-up
 
@@ -379,6 +384,13 @@ class GRPOTrainer:
                           sde_type=s.sde_type,
                           height=s.height, width=s.width, max_batch_size=s.micro_batch, **randomness)
 
+    def step_prompts(self, step: int) -> list[str]:
+        """The prompts.per_step prompts of training step `step` (every process's), a pure function of (run.seed,
+        step); sample i of the step is of prompt i // sampling.group_size."""
+        from .prompts import prompt_batch
+
+        return prompt_batch(self.train_prompts, step - 1, self.cfg.prompts.per_step, seed=self.cfg.run.seed)
+
     def local_samples(self) -> range:
         """This process's part of a step's samples: global indices (sample i is of prompt i // group_size)."""
         n = self.cfg.prompts.per_step * self.cfg.sampling.group_size // self.world
@@ -395,11 +407,9 @@ class GRPOTrainer:
         come (in a background thread with reward.background)."""
         import torch
 
-        from .prompts import prompt_batch
-
         cfg = self.cfg
         G = cfg.sampling.group_size
-        prompts = prompt_batch(self.train_prompts, step - 1, cfg.prompts.per_step, seed=cfg.run.seed)
+        prompts = self.step_prompts(step)
         mine = self.local_samples()
         per = cfg.sampling.micro_batch or len(mine)
         trajs, scores, micro, offset, bad_images = [], [], [], 0, False
@@ -451,15 +461,20 @@ class GRPOTrainer:
         groups = torch.arange(n) // self.cfg.sampling.group_size if self.cfg.reward.pareto == "group" else None
         return pareto_mask(objectives, groups)
 
-    def advantages(self, raw: dict[str, Any]) -> tuple[Any, Any]:
-        """(total reward [B], advantages [B]) from the raw rewards."""
+    def advantages(self, raw: dict[str, Any], prompts: list[str] | None = None) -> tuple[Any, Any]:
+        """(total reward [B], advantages [B]) from the raw rewards of the step's samples, whose prompts are
+        `prompts` (B strings: needed by grpo.prompt_stats_buffer, whose statistics this call updates)."""
         from ..advantages import group_advantages
 
         g = self.cfg.grpo
         G = self.cfg.sampling.group_size
         std = None if g.std == "none" else g.std
         total = sum(self.weights[n] * r for n, r in raw.items())
-        if self.cfg.reward.normalize == "per_reward" and len(raw) > 1:
+        if self.prompt_stats is not None:
+            if prompts is None:
+                raise ValueError("grpo.prompt_stats_buffer needs the samples' prompts")
+            adv = self.prompt_stats.advantages(prompts, total)
+        elif self.cfg.reward.normalize == "per_reward" and len(raw) > 1:
             adv = sum(self.weights[n] * group_advantages(r, group_size=G, std=std) for n, r in raw.items())
         else:
             adv = group_advantages(total, group_size=G, std=std)
@@ -513,7 +528,8 @@ class GRPOTrainer:
             return self._skipped(step, f"rewards have NaN/inf ({what})", metrics, t0)
         if any_process(not _finite(traj.log_probs), self.device):
             return self._skipped(step, "the sampled log-probs have NaN/inf", metrics, t0)
-        total, adv = self.advantages(raw)
+        G, prompts = self.cfg.sampling.group_size, self.step_prompts(step)
+        total, adv = self.advantages(raw, [prompts[i // G] for i in range(len(total))])
         keep = self.selected(raw)
         if self.cfg.reward.pareto != "none":
             metrics["pareto_frac"] = keep.float().mean().item()
@@ -737,6 +753,8 @@ class GRPOTrainer:
         self.policy.load_optimizer_state(self.optimizer, ckpt.objects["optim"])
         if self.scaler is not None and "scaler" in ckpt.objects:
             self.scaler.load_state_dict(ckpt.objects["scaler"])
+        if self.prompt_stats is not None:
+            self.prompt_stats.load_state_dict(ckpt.state.get("prompt_stats", {}))
         self.consecutive_skips = int(ckpt.state.get("consecutive_skips", 0))
         self.skipped_total = int(ckpt.state.get("skipped_total", 0))
 
@@ -764,7 +782,9 @@ class GRPOTrainer:
             objects["scaler"] = self.scaler.state_dict()
         path = self.run.save_checkpoint(step, tensors,
                                         {"consecutive_skips": self.consecutive_skips,
-                                         "skipped_total": self.skipped_total},
+                                         "skipped_total": self.skipped_total,
+                                         **({"prompt_stats": self.prompt_stats.state_dict()}
+                                            if self.prompt_stats is not None else {})},
                                         objects, write_extra=lambda folder: self.save_weights(folder, plain))
         if path is not None:
             for name in ("lora", "lora_ema", "denoiser"):

@@ -246,6 +246,12 @@ class GRPOSection:
                                                    "or none (Dr. GRPO)")
     beta: float = field(0.0, "KL coefficient: loss += beta * KL(policy || reference) per step (Flow-GRPO's form); "
                         "the reference is the model with the LoRA adapter disabled (no second model)", check=ge(0))
+    prompt_stats_buffer: int = field(
+        0, "DDPO's per-prompt stat tracking: advantages from the mean and std of each prompt's last N rewards across "
+        "steps (N = this; DDPO: 16), or of the step's batch while a prompt has fewer than prompt_stats_min_count; "
+        "replaces grpo.std's group statistics; 0: off", check=ge(0))
+    prompt_stats_min_count: int = field(16, "rewards a prompt needs before its own statistics are used",
+                                        check=gt(0))
     timestep_fraction: float = field(1.0, "fraction of the SDE steps trained in each step (a seeded random subset, "
                                      "at least one)", check=Check(lambda v: 0 < v <= 1, "must be in (0, 1]"))
     inner_epochs: int = field(1, "passes over each step's samples (later passes are off-policy: the clip acts)",
@@ -295,6 +301,13 @@ class DiffusionGRPOConfig:
     run: GRPORunConfig = section(GRPORunConfig, "run length, seed, logging, evaluation and checkpoint cadence")
 
     def __post_init__(self) -> None:
+        if self.grpo.prompt_stats_buffer:
+            if self.grpo.prompt_stats_min_count > self.grpo.prompt_stats_buffer:
+                raise ValueError(f"grpo.prompt_stats_min_count ({self.grpo.prompt_stats_min_count}) exceeds "
+                                 f"grpo.prompt_stats_buffer ({self.grpo.prompt_stats_buffer}): the buffers never fill")
+            if self.reward.normalize == "per_reward" and len(self.reward.names) > 1:
+                raise ValueError("grpo.prompt_stats_buffer normalizes the weighted total; it does not combine with "
+                                 "reward.normalize per_reward")
         if self.grpo.reference_ema_decay is not None and self.lora.enabled:
             raise ValueError("grpo.reference_ema_decay is for full fine-tuning (--no-lora.enabled); with LoRA the "
                              "reference is the adapter-off model")
