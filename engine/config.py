@@ -308,8 +308,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
 
 
 def _expand_dotted(data: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """{"optim.lr": 1} -> {"optim": {"lr": 1}} (recursively); nested mappings are expanded too. Only keys made of
-    identifiers are paths: a key such as "rewards.py:score" (a reward function named in reward.options) is kept."""
+    """{"optim.lr": 1} -> {"optim": {"lr": 1}} (recursively); nested mappings are expanded too. A key with a colon
+    is kept whole: it names a reward function ("rewards.py:score", e.g. in reward.options), whose dots are a file's."""
     out: dict[str, Any] = {}
     for key, value in data.items():
         if not isinstance(key, str):
@@ -317,7 +317,7 @@ def _expand_dotted(data: Mapping[str, Any], where: str) -> dict[str, Any]:
         if isinstance(value, Mapping):
             value = _expand_dotted(value, where)
         head, _, rest = key.partition(".")
-        if rest and all(part.isidentifier() for part in key.split(".")):
+        if rest and ":" not in key:
             value = _expand_dotted({rest: value}, where)
         else:
             head = key

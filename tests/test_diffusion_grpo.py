@@ -109,10 +109,15 @@ def test_config_round_trips_and_rejects_unknown_keys():
     with pytest.raises(ConfigError, match=r"sampling: sde_window: must satisfy 0 <= start < end <= "
                        r"sampling.steps = 10; got \[2, 20\]"):
         build_config(DiffusionGRPOConfig, {"sampling.sde_window": [2, 20]})
+    dashed = build_config(DiffusionGRPOConfig, {"reward.names": ["brightness", "jpeg-compressibility"],
+                                                "reward.options.jpeg-compressibility": {"quality": 90}})
+    assert dashed.reward.options == {"jpeg-compressibility": {"quality": 90}}  # dotted keys with a dashed name
     with pytest.raises(ConfigError, match="reference_ema_decay is for full fine-tuning"):
         build_config(DiffusionGRPOConfig, {"grpo.reference_ema_decay": 0.9})
     with pytest.raises(ConfigError, match=r"grpo.prompt_stats_min_count \(16\) exceeds grpo.prompt_stats_buffer \(8\)"):
         build_config(DiffusionGRPOConfig, {"grpo.prompt_stats_buffer": 8})
+    with pytest.raises(ConfigError, match="grpo.std 'none' has no effect with grpo.prompt_stats_buffer"):
+        build_config(DiffusionGRPOConfig, {"grpo.prompt_stats_buffer": 16, "grpo.std": "none"})
     with pytest.raises(ConfigError, match="does not combine with reward.normalize per_reward"):
         build_config(DiffusionGRPOConfig, {"grpo.prompt_stats_buffer": 16, "reward.normalize": "per_reward",
                                            "reward.names": ["brightness", "jpeg_compressibility"]})
@@ -174,6 +179,10 @@ def test_pareto_selection_keeps_the_non_dominated_samples_and_trains_only_on_the
     cfg = _cfg(tiny_dirs["sd3"], **{"reward.pareto": "batch"})  # (the one above was changed in place)
     m = GRPOTrainer(cfg).train_step(1)  # one reward (brightness): only the step's brightest image is kept
     assert m["skipped"] == 0 and m["pareto_frac"] == 0.25 and m["updates"] == 1
+    # one update per micro-batch of 2: the one without the kept image is no update at all (AdamW would move)
+    single = _cfg(tiny_dirs["sd3"], **{"reward.pareto": "batch", "optim.grad_accum": 1, "grpo.beta": 0.05})
+    m = GRPOTrainer(single).train_step(1)
+    assert m["skipped"] == 0 and m["updates"] == 1 and m["kl"] == pytest.approx(0.0, abs=1e-8)
 
     traj, _, micro, _ = GRPOTrainer(cfg).sample_and_score(1)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])

@@ -148,12 +148,7 @@ def test_per_prompt_statistics_carry_over_steps_and_through_a_resume(tmp_path, m
         main(["train", "diffusion-grpo", "--out", str(out), *args])
     monkeypatch.setattr(GRPOTrainer, "train_step", real)
     assert main(["train", "diffusion-grpo", "--out", str(out), "--resume"]) == 0
-    assert _rows(out) == _rows(ref)
-    # without the restored buffers, step 3 would have normalized by that step's rewards alone
-    trainer = GRPOTrainer(build_config(DiffusionGRPOConfig, read_config_file(ref / "config.yaml")))
-    trainer.load_state(read_checkpoint(ref / "checkpoints" / "step-00000004"))
-    assert trainer.prompt_stats.state_dict() == read_checkpoint(ref / "checkpoints" / "step-00000004").state[
-        "prompt_stats"]
+    assert _rows(out) == _rows(ref)  # without the restored buffers, step 3 would normalize by its own rewards alone
 
 
 @pytest.mark.slow

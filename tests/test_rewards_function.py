@@ -104,19 +104,51 @@ def test_bad_function_references_and_metadata_are_named(rewards_py, tmp_path):
 
 def test_prompt_metadata_from_rows(tmp_path):
     rows = [{"prompt": "two cats", "tag": "counting", "include": [{"class": "cat", "count": 2}]},
-            {"prompt": "a sign that says hi", "text": "hi"}, {"prompt": "plain"},
-            {"prompt": " two cats ", "tag": "counting", "include": [{"class": "cat", "count": 2}]}]
+            {"prompt": "a sign that says hi", "text": "hi", "score": float("nan")}, {"prompt": "plain"},
+            {"prompt": " two cats ", "tag": "counting", "include": [{"class": "cat", "count": 2}]},
+            {"prompt": "a sign that says hi", "text": "hi", "score": float("nan")}]  # NaN equals NaN here
     path = tmp_path / "prompts.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    meta = prompt_metadata(path)
+    meta = prompt_metadata([(path, "train")])
     assert meta == {"two cats": {"tag": "counting", "include": [{"class": "cat", "count": 2}]},
-                    "a sign that says hi": {"text": "hi"}}
+                    "a sign that says hi": {"text": "hi", "score": meta["a sign that says hi"]["score"]}}
     assert set(load_prompts(path)) == {"two cats", "a sign that says hi", "plain"}
     (tmp_path / "p.txt").write_text("a\nb\n")
-    assert prompt_metadata(tmp_path / "p.txt") == {} and prompt_metadata(["a"]) == {} and prompt_metadata(None) == {}
+    assert prompt_metadata([(tmp_path / "p.txt", "train"), (["a"], "train"), (None, "train")]) == {}
+    other = tmp_path / "eval.jsonl"
+    other.write_text(json.dumps({"prompt": "two cats", "tag": "other"}))
+    with pytest.raises(ValueError, match=r"eval.jsonl:1: the prompt 'two cats' also appears at .*prompts.jsonl:1"):
+        prompt_metadata([(path, "train"), (other, "train")])  # across the training and the eval prompts too
     path.write_text("\n".join(json.dumps(r) for r in rows[:1] + [{"prompt": "two cats", "tag": "other"}]))
     with pytest.raises(ValueError, match=r"prompts.jsonl:2: the prompt 'two cats' also appears at .*prompts.jsonl:1"):
-        prompt_metadata(path)
+        prompt_metadata([(path, "train")])
+
+
+def test_reward_files_may_define_dataclasses_and_report_their_errors(tmp_path):
+    dc = tmp_path / "dc_reward.py"
+    dc.write_text(textwrap.dedent("""
+        from __future__ import annotations
+        from dataclasses import dataclass
+
+        @dataclass
+        class Scale:
+            factor: float = 2.0
+
+        def score(images):
+            return images.mean(dim=(1, 2, 3)) * Scale().factor
+    """))
+    images = torch.rand(2, 3, 4, 4)
+    torch.testing.assert_close(load_reward(f"{dc}:score")(images), images.mean(dim=(1, 2, 3)) * 2)
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    (twin / "dc_reward.py").write_text("def score(images):\n    return images.mean(dim=(1, 2, 3)) * 0\n")
+    assert load_reward(f"{twin / 'dc_reward.py'}:score")(images).tolist() == [0.0, 0.0]  # same name, other file
+    broken = tmp_path / "broken.py"
+    broken.write_text("def score(images):\n    return 1 +\n")
+    with pytest.raises(ValueError, match=r"running .*broken.py failed: SyntaxError"):
+        load_reward(f"{broken}:score")
+    with pytest.raises(ValueError, match="compile=True is not offered for reward functions"):
+        load_reward(f"{dc}:score", compile=True)
 
 
 # ------------------------------------------------------------------------------------------------ the trainers
@@ -128,6 +160,22 @@ def jsonl_prompts(tmp_path) -> Path:
     path.write_text("\n".join(json.dumps({"prompt": p, "scale": s}) for p, s in (("a red apple", 2.0),
                                                                                 ("a blue sky", 0.5))))
     return path
+
+
+def test_prompts_with_differing_fields_load_when_no_reward_takes_metadata(rewards_py, tmp_path, monkeypatch):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    from fusedrl.engine.config import ConfigError, build_config
+    from fusedrl.engine.diffusion import tiny_model_dir
+    from fusedrl.engine.diffusion.grpo import DiffusionGRPOConfig, GRPOTrainer
+
+    monkeypatch.setenv("FUSEDRL_BACKEND", "torch")
+    dup = tmp_path / "dup.jsonl"  # e.g. an id column: the same caption on several rows
+    dup.write_text("\n".join(json.dumps({"prompt": "a cat", "id": i}) for i in range(3)))
+    base = {"model.model": str(tiny_model_dir("sd3", tmp_path / "models")), "prompts.train": str(dup)}
+    assert GRPOTrainer(build_config(DiffusionGRPOConfig, base)).scorer.metadata == {}
+    with pytest.raises(ConfigError, match=r"prompts: .*dup.jsonl:2: the prompt 'a cat' also appears at"):
+        GRPOTrainer(build_config(DiffusionGRPOConfig, {**base, "reward.names": [f"{rewards_py}:mean_red"]}))
 
 
 def test_diffusion_grpo_scores_with_a_function_and_the_prompt_metadata(rewards_py, jsonl_prompts, tmp_path,

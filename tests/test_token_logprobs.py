@@ -90,7 +90,9 @@ def test_backward_buffers_stay_under_one_percent_of_the_logits(frozen, chunked):
     assert C % 128 == 0 and R % 128 == 0
     held = R * C * (2 + 4 * chunked) + R * H * 4  # + the block's fp32 dh sum
     assert held <= 0.01 * 4 * N * V, held / 2**20
-    assert R < N and N / R <= 8  # at most 8 roundings of a trained bf16 head's dW
+    assert R < N and N / R <= hidden_op.MAX_DW_BLOCKS  # at most 8 roundings of a trained bf16 head's dW
+    R, _ = hidden_op.backward_blocks(N, H, 32000, 2, chunked, True)  # a small vocabulary: dW's roundings capped
+    assert R == N // hidden_op.MAX_DW_BLOCKS and hidden_op.backward_blocks(N, H, 32000, 2, chunked, False)[0] < R
     assert N * hidden_op.chunk_columns(N, V, 4) * 4 <= 0.01 * 4 * N * V  # the chunked forward's logits chunk
     assert hidden_op.chunk_columns(8, 1000, 2) == 1024  # small problems: one chunk (V rounded up to 128)
 

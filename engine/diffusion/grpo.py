@@ -247,10 +247,6 @@ class GRPOTrainer:
         else:
             evals = list(DEFAULT_EVAL_PROMPTS) if p.train is None else self.train_prompts
         self.eval_prompts = evals[: p.num_eval]
-        metadata: dict[str, dict] = {}
-        for where, source, split in (("prompts.train", p.train, p.split), ("prompts.eval", p.eval, p.eval_split)):
-            with _config_errors(where):
-                metadata.update(prompt_metadata(source, field=p.column, split=split))
 
         with _config_errors("model.device"):
             self.device = local_device(cfg.model.device)
@@ -261,7 +257,9 @@ class GRPOTrainer:
         else:
             with _config_errors("reward.options"):
                 self.scorer = build_rewards(cfg, self.device)
-        self.scorer.metadata = metadata
+        if any(getattr(fn, "takes_metadata", False) for fn in self.scorer.rewards.values()):
+            with _config_errors("prompts"):
+                self.scorer.metadata = prompt_metadata([(p.train, p.split), (p.eval, p.eval_split)], field=p.column)
         self.policy = policy if policy is not None else self._load_policy()
         self.device = self.policy.device
         self.checkpointed = self._apply_checkpointing()
@@ -591,8 +589,8 @@ class GRPOTrainer:
         steps = self.trained_steps(step, traj.sde_steps.tolist())
         accum = cfg.optim.grad_accum or len(micro)
         groups = [micro[i:i + accum] for i in range(0, len(micro), accum)]
-        sums: dict[str, float] = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "ratio": 0.0, "clip_frac": 0.0,
-                                  "approx_kl": 0.0, "logp": 0.0}
+        sums: dict[str, float] = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "kept": 0.0, "ratio": 0.0,
+                                  "clip_frac": 0.0, "approx_kl": 0.0, "logp": 0.0}
         count, updates, on_policy_err, grad_norms = 0, 0, 0.0, []
         adv = adv.to(self.policy.device)
         select = keep is not None
@@ -622,6 +620,7 @@ class GRPOTrainer:
                             problem = problem or f"recomputed log-probs have NaN/inf (timestep {s})"
                         a = adv[idx.to(adv.device)]
                         kept = keep[idx].to(logp.device)
+                        kept_n = kept.sum().item() if select else 1.0  # the loss metrics: means over kept samples
                         # one "token" per sample; with a selection, "bnpo" takes the mean over the kept ones
                         policy_loss, m = grpo_loss(logp, old, a, kept[:, None].expand_as(logp).contiguous(),
                                                    loss_type="bnpo" if select else "grpo",
@@ -631,7 +630,7 @@ class GRPOTrainer:
                             kl = out.kl.float().reshape(len(idx), -1).mean(-1)
                             kl = (kl * kept).sum() / kept.sum().clamp(min=1) if select else kl.mean()
                             loss = loss + g.beta * kl
-                            sums["kl"] += kl.item()
+                            sums["kl"] += kl.item() * kept_n
                         if not _finite(loss):
                             problem = problem or f"the loss is NaN/inf (timestep {s})"
                         if problem is not None and self.world == 1:
@@ -646,21 +645,26 @@ class GRPOTrainer:
                         sums["clip_frac"] += ((ratio - 1).abs() > g.clip_range).float().mean().item()
                         sums["approx_kl"] += (0.5 * (logp - old).square()).mean().item()
                         sums["logp"] += logp.mean().item()
-                    sums["loss"] += loss.item()
-                    sums["policy_loss"] += policy_loss.item()
+                    sums["loss"] += loss.item() * kept_n
+                    sums["policy_loss"] += policy_loss.item() * kept_n
+                    sums["kept"] += kept_n
                     count += 1
                 self.policy.reshard()  # the reference's forwards leave its root gathered
                 if any_process(problem is not None, self.device):
                     raise _Skip(problem or "another process's log-probs or loss are NaN/inf")
                 grad_norms.append(self._apply_update())
                 updates += 1
-        metrics = {"loss": sums["loss"] / count, "policy_loss": sums["policy_loss"] / count}
-        if g.beta > 0:
-            metrics["kl"] = sums["kl"] / count
+        losses = ("loss", "policy_loss", "kl") if g.beta > 0 else ("loss", "policy_loss")
+        metrics = {k: sums[k] / max(sums["kept"], 1.0) for k in losses}
+        kept_adv = adv[keep.to(adv.device) > 0]
         metrics.update({"ratio_mean": sums["ratio"] / count, "onpolicy_ratio_err": on_policy_err,
                         "clip_frac": sums["clip_frac"] / count, "approx_kl": sums["approx_kl"] / count,
-                        "logp_mean": sums["logp"] / count, "adv_abs_mean": adv.abs().mean().item()})
+                        "logp_mean": sums["logp"] / count,
+                        "adv_abs_mean": kept_adv.abs().mean().item() if len(kept_adv) else 0.0})
         all_mean(metrics, sorted(k for k in metrics if k != "onpolicy_ratio_err"), self.device)  # over every process
+        if select:  # the loss metrics over every process's kept samples (a process may have none)
+            totals = all_sums([sums[k] for k in (*losses, "kept")], self.device)
+            metrics.update({k: t / max(totals[-1], 1.0) for k, t in zip(losses, totals)})
         metrics["onpolicy_ratio_err"] = all_max(on_policy_err, self.device)
         metrics.update({"grad_norm": sum(grad_norms) / len(grad_norms), "updates": float(updates),
                         "trained_timesteps": float(len(steps))})

@@ -305,6 +305,9 @@ class DiffusionGRPOConfig:
             if self.grpo.prompt_stats_min_count > self.grpo.prompt_stats_buffer:
                 raise ValueError(f"grpo.prompt_stats_min_count ({self.grpo.prompt_stats_min_count}) exceeds "
                                  f"grpo.prompt_stats_buffer ({self.grpo.prompt_stats_buffer}): the buffers never fill")
+            if self.grpo.std != "group":
+                raise ValueError(f"grpo.std {self.grpo.std!r} has no effect with grpo.prompt_stats_buffer, whose "
+                                 "statistics are each prompt's recent rewards (leave grpo.std at 'group')")
             if self.reward.normalize == "per_reward" and len(self.reward.names) > 1:
                 raise ValueError("grpo.prompt_stats_buffer normalizes the weighted total; it does not combine with "
                                  "reward.normalize per_reward")

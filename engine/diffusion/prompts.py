@@ -11,6 +11,7 @@ engine): a run resumed at step k draws exactly the prompts the killed run would 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from collections.abc import Sequence
@@ -87,27 +88,31 @@ def load_prompts(
     return prompts
 
 
-def prompt_metadata(source: str | os.PathLike | Sequence[str] | None, *, field: str = "prompt",
-                    split: str = "train") -> dict[str, dict]:
-    """{prompt: its row's other fields} for the prompts of `source` whose rows have any (a .jsonl / .json / .csv /
-    .parquet file or a dataset; a .txt file or a list has none: {}). These reach the rewards that take metadata
-    (`fusedrl.engine.rewards.function`), e.g. the objects a GenEval-style reward counts or the text an OCR
-    reward reads. A prompt that appears twice with different fields raises ValueError naming both rows."""
-    if source is None or isinstance(source, (list, tuple)) or str(source).lower().endswith(".txt"):
-        return {}
-    found: dict[str, tuple[dict, str]] = {}
-    for i, row in enumerate(read_rows(source, field=field, split=split)):
-        prompt = row.get(field)
-        if not isinstance(prompt, str) or not prompt.strip():
+def prompt_metadata(sources: Sequence[tuple[str | os.PathLike | Sequence[str] | None, str]], *,
+                    field: str = "prompt") -> dict[str, dict]:
+    """{prompt: its row's other fields} over `sources`, (source, split) pairs such as the training and the eval
+    prompts, for the prompts whose rows have any (.jsonl / .json / .csv / .parquet files and datasets; a .txt file,
+    a list or None has none). These reach the rewards that take metadata (`fusedrl.engine.rewards.function`), e.g.
+    the objects a GenEval-style reward counts or the text an OCR reward reads: the trainers read them only when
+    such a reward is configured. A prompt whose rows carry different fields (in one source or across them) raises
+    ValueError naming both rows: the reward could not tell which applies."""
+    found: dict[str, tuple[dict, str, str]] = {}  # prompt -> (fields, their JSON for comparing, where)
+    for source, split in sources:
+        if source is None or isinstance(source, (list, tuple)) or str(source).lower().endswith(".txt"):
             continue
-        extra = {k: v for k, v in row.items() if k not in (field, "_line")}
-        where = f"{source}:{row['_line']}" if "_line" in row else f"{source}[{i}]"
-        key = prompt.strip()
-        if key in found and found[key][0] != extra:
-            raise ValueError(f"{where}: the prompt {key!r} also appears at {found[key][1]} with other fields "
-                             f"({found[key][0]} vs {extra}); the rewards could not tell which to use")
-        found.setdefault(key, (extra, where))
-    return {k: extra for k, (extra, _) in found.items() if extra}
+        for i, row in enumerate(read_rows(source, field=field, split=split)):
+            prompt = row.get(field)
+            if not isinstance(prompt, str) or not prompt.strip():
+                continue
+            extra = {k: v for k, v in row.items() if k not in (field, "_line")}
+            key, where = prompt.strip(), f"{source}:{row['_line']}" if "_line" in row else f"{source}[{i}]"
+            text = json.dumps(extra, sort_keys=True, default=str)  # NaN == NaN here, unlike in dict comparison
+            if key in found and found[key][1] != text:
+                raise ValueError(f"{where}: the prompt {key!r} also appears at {found[key][2]} with other fields "
+                                 f"({found[key][0]} vs {extra}); a reward taking metadata could not tell which "
+                                 "applies (make the prompts unique, or drop the fields that differ)")
+            found.setdefault(key, (extra, text, where))
+    return {k: extra for k, (extra, _, _) in found.items() if extra}
 
 
 def prompt_batch(prompts: Sequence[str], step: int, batch_size: int, *, seed: int = 0) -> list[str]:

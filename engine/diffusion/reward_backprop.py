@@ -443,7 +443,7 @@ def _mean_std(t: torch.Tensor, device: torch.device | None = None) -> tuple[floa
 def build_reward(cfg: RewardBackpropConfig, device: torch.device | str | None = None) -> Any:
     """The configured rewards as one `CombinedReward` (weighted sum, no normalisation), on the policy's device.
     Raises ConfigError naming reward.names when a reward turns out not to be differentiable."""
-    from ..rewards import CombinedReward, load_reward
+    from ..rewards import CombinedReward, load_reward, registry
     from ..rewards.registry import _key
 
     rc = cfg.reward
@@ -461,7 +461,8 @@ def build_reward(cfg: RewardBackpropConfig, device: torch.device | str | None = 
         except TypeError as exc:  # an option the reward does not take
             raise ConfigError([(f"reward.options.{name}", str(exc))]) from None
         except (FileNotFoundError, OSError, ValueError) as exc:
-            raise ConfigError([(f"reward.paths.{name}", f"cannot load reward {name!r}: {exc}")]) from None
+            where = "reward.names" if registry.is_function_spec(key) else f"reward.paths.{name}"
+            raise ConfigError([(where, f"cannot load reward {name!r}: {exc}")]) from None
         if not getattr(r, "differentiable", False):
             raise ConfigError([("reward.names", f"reward {name!r} is not differentiable")])
         rewards[key] = r
@@ -470,14 +471,16 @@ def build_reward(cfg: RewardBackpropConfig, device: torch.device | str | None = 
 
 
 def load_prompt_lists(cfg: RewardBackpropConfig) -> tuple[list[str], list[str], dict[str, dict]]:
-    """(train prompts, eval prompts, {prompt: its row's other fields}) of `cfg.prompts`."""
+    """(train prompts, eval prompts, {prompt: its row's other fields}) of `cfg.prompts`; the fields only when a
+    reward takes them (a reward function)."""
+    from ..rewards import registry
     from .prompts import DEFAULT_EVAL_PROMPTS, DEFAULT_PROMPTS, load_prompts, prompt_metadata
 
     p = cfg.prompts
     train = load_prompts(p.train, field=p.column, split=p.split) if p.train else list(DEFAULT_PROMPTS)
     evals = load_prompts(p.eval, field=p.column, split=p.split) if p.eval else list(DEFAULT_EVAL_PROMPTS)
-    metadata = {**prompt_metadata(p.train, field=p.column, split=p.split),
-                **prompt_metadata(p.eval, field=p.column, split=p.split)}
+    metadata = prompt_metadata([(p.train, p.split), (p.eval, p.split)], field=p.column) if any(
+        registry.is_function_spec(n) for n in cfg.reward.names) else {}
     return train, evals, metadata
 
 

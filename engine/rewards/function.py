@@ -17,9 +17,11 @@ backpropagation needs that, and a function that then returns scores with no grad
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,14 +43,27 @@ def import_function(spec: str, what: str = "reward function") -> Callable:
     if not target or not attr:
         raise ValueError(f"{what}: must be 'module:function' or 'file.py:function'; got {spec!r}")
     if target.endswith(".py"):
-        path = Path(target).expanduser()
+        path = Path(target).expanduser().resolve()
         if not path.is_file():
             raise FileNotFoundError(f"{what}: the file {target!r} does not exist")
-        module_spec = importlib.util.spec_from_file_location(f"_fusedrl_reward_{path.stem}", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
+        # registered under a name of its own (two files named rewards.py do not collide), before it runs: dataclasses
+        # and pickling look their module up in sys.modules
+        name = f"_fusedrl_reward_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}"
+        module = sys.modules.get(name)
+        if module is None:
+            module_spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[name] = module
+            try:
+                module_spec.loader.exec_module(module)
+            except Exception as exc:
+                del sys.modules[name]
+                raise ValueError(f"{what}: running {target} failed: {type(exc).__name__}: {exc}") from exc
     else:
-        module = importlib.import_module(target)
+        try:
+            module = importlib.import_module(target)
+        except Exception as exc:
+            raise ValueError(f"{what}: importing {target} failed: {type(exc).__name__}: {exc}") from exc
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ValueError(f"{what}: {target} has no callable {attr!r}")
@@ -69,6 +84,9 @@ class FunctionReward(ImageReward):
 
     def __init__(self, fn: Callable | str, *, differentiable: bool = False, device: str | torch.device | None = None,
                  **image_kw) -> None:
+        if image_kw.get("compile"):
+            raise ValueError("compile=True is not offered for reward functions: torch.compile would recompile for "
+                             "every new prompt or metadata value; compile the model inside your function instead")
         super().__init__(**image_kw)
         if isinstance(fn, str):
             fn = import_function(fn)

@@ -17,7 +17,9 @@ chunk's product unrounded (`add_matmul`), and rounded once at the end. The buffe
 max(8 MiB, N V / 32 bytes), under 1% of the [N, V] fp32 logits (`backward_blocks`): the rows go in
 blocks of R, so that a block's fp32 dh sum [R, H] fits that budget too. A trained head's dW[chunk]
 then sums its row blocks' products in the weight's dtype: one rounding per block for fp16/bf16 (N / R
-of them, 7 at N = 8192, H = 4096, V = 131072), as Liger-Kernel's row chunks do; exact sums in fp32.
+= 256 H / V of them, 8 at H = 4096, V = 131072), as Liger-Kernel's row chunks do; exact sums in fp32.
+At most MAX_DW_BLOCKS blocks: with a small vocabulary (V < 32 H) the dh sum then exceeds the budget
+(e.g. 17 MB against 4 MB at N = 8192, H = 4096, V = 32000) rather than dW taking more roundings.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from . import hidden_triton as hk
 STRATEGIES = ("fused", "chunked")
 ENV_STRATEGY = "FUSEDRL_TOKEN_LOGPROBS"
 CHUNK_MIN_BYTES = 8 << 20
-ROW_ALIGN = 128  # a frozen head's row blocks: whole dz-kernel row tiles
+ROW_ALIGN = 128  # row blocks of the backward: whole dz-kernel row tiles
+MAX_DW_BLOCKS = 8  # a trained 16-bit head's dW is rounded once per row block: at most this many
 COMBINE_ROWS = 256  # rows per program of the forward's split combine
 
 
@@ -78,14 +81,17 @@ def backward_blocks(N: int, H: int, V: int, itemsize: int, chunked: bool, need_d
     When fp16/bf16 dh is summed over several chunks, the rows go in blocks (at least ROW_ALIGN rows) whose
     fp32 dh accumulator [R, H] takes half the budget and the chunk buffers the other half, so that the
     backward's extra memory stays within `chunk_budget`; a trained head's dW[chunk] then adds one product per
-    row block (module docstring). Otherwise (no dh, fp32 dh summed in the output itself, or one chunk) every
-    row goes at once (R = N), and dW[chunk] = dz^T h is one matmul."""
+    row block, in at most MAX_DW_BLOCKS blocks (module docstring). Otherwise (no dh, fp32 dh summed in the
+    output itself, or one chunk) every row goes at once (R = N), and dW[chunk] = dz^T h is one matmul."""
     per_entry = itemsize + (4 if chunked else 0)  # dz (+ the fp32 logits chunk)
     C = chunk_columns(N, V, per_entry)
     if not need_dh or itemsize == 4 or C >= V:  # no dh sum, or fp32 dh sums in the output itself
         return N, C
     half = chunk_budget(N, V) // 2
-    R = min(N, max(ROW_ALIGN, half // (H * 4) // ROW_ALIGN * ROW_ALIGN))
+    R = max(ROW_ALIGN, half // (H * 4) // ROW_ALIGN * ROW_ALIGN)
+    if need_dw:  # at most MAX_DW_BLOCKS roundings of dW, past the budget if need be
+        R = max(R, triton.cdiv(triton.cdiv(N, MAX_DW_BLOCKS), ROW_ALIGN) * ROW_ALIGN)
+    R = min(N, R)
     return R, chunk_columns(R, V, per_entry, half)
 
 
