@@ -15,10 +15,11 @@ def free_port() -> int:
 
 
 def setup_process(rank: int, world: int, port: int) -> None:
-    """What torchrun would set for process `rank`, the torch backend (interpreted Triton is too slow here), and
-    one thread per process (two processes on two cores)."""
+    """What torchrun would set for process `rank`, the torch backend (interpreted Triton is too slow here), one
+    thread per process (two processes on two cores), and no GPU: these are CPU (gloo) tests, and on a one-GPU
+    machine the second process would ask for cuda:1."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), FUSEDRL_BACKEND="torch")
+                      LOCAL_RANK=str(rank), FUSEDRL_BACKEND="torch", CUDA_VISIBLE_DEVICES="")
     torch.set_num_threads(1)
 
 

@@ -243,8 +243,9 @@ def test_cuda_misaligned_rows_match_aligned(extension, dtypes):
 @gpu
 @pytest.mark.parametrize("sampled", [True, False], ids=["sampled", "given"])
 def test_cuda_backend_passes_opcheck(extension, sampled):
-    """The Python custom op on the cuda backend: schema, fake kernel, autograd registration."""
-    x, m, ref = (torch.randn(2, 37, device="cuda", requires_grad=True) for _ in range(3))
+    """The Python custom op on the cuda backend: schema, fake kernel (its autograd is `DiffusionStep`'s, which
+    pairs the forward and backward ops: opcheck's autograd checks need inputs that require no grad)."""
+    x, m, ref = (torch.randn(2, 37, device="cuda") for _ in range(3))
     noise, given = (torch.randn(2, 37, device="cuda"), None) if sampled else (None, torch.randn(2, 37, device="cuda"))
     p0, p1 = torch.tensor([0.8, 0.5], device="cuda"), torch.tensor([0.7, 0.3], device="cuda")
     args = (x, m, p0, p1, noise, given, ref, 0, 0, 0.7, math.nan, 0.0, False, True, F32, "cuda")
