@@ -16,6 +16,7 @@
 // The Triton constexpr options are run-time flags here for the same reason (compile time); they
 // are uniform per launch, so the dead branches are never taken.
 
+#include "shape_text.h"
 #include "diffusion_step.h"
 #include "step_coeffs.cuh"
 
@@ -348,10 +349,10 @@ void check_x(const char* op, const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.is_cuda(), op, ": x must be a CUDA tensor, got one on ", x.device());
   TORCH_CHECK_TYPE(is_supported(x.scalar_type()), op, ": x must be float32, float16 or bfloat16, got ",
                    x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must have shape [B, D], got ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must have shape [B, D], got ", shape_text(x.sizes()));
   TORCH_CHECK_VALUE(x.is_contiguous(), op, ": x must be contiguous");
   TORCH_CHECK_VALUE(x.size(0) == 0 || x.size(1) > 0, op, ": x must have at least one element per sample, got ",
-                    x.sizes());
+                    shape_text(x.sizes()));
 }
 
 // A [B, D] stream read or written next to x.
@@ -359,8 +360,8 @@ void check_like_x(const char* op, const char* name, const at::Tensor& t, const a
   TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
   TORCH_CHECK_TYPE(is_supported(t.scalar_type()), op, ": ", name, " must be float32, float16 or bfloat16, got ",
                    t.scalar_type());
-  TORCH_CHECK_VALUE(t.sizes() == x.sizes(), op, ": ", name, " has shape ", t.sizes(), " but x has shape ",
-                    x.sizes());
+  TORCH_CHECK_VALUE(t.sizes() == x.sizes(), op, ": ", name, " has shape ", shape_text(t.sizes()),
+                    " but x has shape ", shape_text(x.sizes()));
   TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
@@ -373,7 +374,7 @@ void check_per_sample(const char* op, const char* name, const at::Tensor& t, con
   TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == x.size(0), op, ": ", name, " must have shape [B] = [", x.size(0),
-                    "], got ", t.sizes());
+                    "], got ", shape_text(t.sizes()));
   TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 

@@ -23,6 +23,7 @@
 // The loss kind is the only template parameter (3 instantiations); the other flags are run-time
 // flags, uniform per launch. No --use_fast_math (kernels/cuda_ext.py): expf/logf are the accurate ones.
 
+#include "shape_text.h"
 #include "grpo_loss.h"
 
 #include <ATen/ops/empty.h>
@@ -245,7 +246,7 @@ void check_like_logp(const char* name, const at::Tensor& t, const at::Tensor& lo
   const bool per_row = per_row_ok && t.dim() == 1 && t.size(0) == logp.size(0);
   TORCH_CHECK_VALUE(full || per_row, kOp, ": ", name, " must have shape ",
                     per_row_ok ? "[B] or [B, T]" : "[B, T]", " with [B, T] = [", logp.size(0), ", ", logp.size(1),
-                    "], got ", t.sizes());
+                    "], got ", shape_text(t.sizes()));
   TORCH_CHECK_VALUE(t.is_contiguous(), kOp, ": ", name, " must be contiguous");
 }
 
@@ -270,7 +271,7 @@ std::tuple<at::Tensor, at::Tensor> grpo_rows_cuda(const at::Tensor& logp, const 
                                                   double tau_neg, int64_t loss_kind, int64_t kl_kind, bool sequence,
                                                   bool has_delta, bool bias_correction) {
   TORCH_CHECK_VALUE(logp.is_cuda(), kOp, ": logp must be a CUDA tensor, got one on ", logp.device());
-  TORCH_CHECK_VALUE(logp.dim() == 2, kOp, ": logp must have shape [B, T], got ", logp.sizes());
+  TORCH_CHECK_VALUE(logp.dim() == 2, kOp, ": logp must have shape [B, T], got ", shape_text(logp.sizes()));
   Args a{};
   a.logp = input("logp", logp, logp);
   a.old = optional_input("old_logp", old_logp, logp);

@@ -28,6 +28,7 @@
 //
 // No --use_fast_math (kernels/cuda_ext.py): expf/logf are the accurate ones.
 
+#include "shape_text.h"
 #include "logprobs.h"
 
 #include <ATen/ops/empty.h>
@@ -338,10 +339,10 @@ void check_logits(const char* op, const at::Tensor& logits) {
   TORCH_CHECK_TYPE(is_float_type(logits.scalar_type()), op, ": logits must be float32, float16 or bfloat16, got ",
                    logits.scalar_type());
   TORCH_CHECK_VALUE(logits.dim() == 3 && logits.size(2) >= 1, op,
-                    ": logits must have shape [B, T, V] with V >= 1, got ", logits.sizes());
+                    ": logits must have shape [B, T, V] with V >= 1, got ", shape_text(logits.sizes()));
   TORCH_CHECK_VALUE(logits.size(2) == 1 || logits.stride(2) == 1, op,
                     ": logits must have a contiguous vocabulary (stride 1 in the last dimension), got strides ",
-                    logits.strides());
+                    shape_text(logits.strides()));
 }
 
 // A per-row [B, T] tensor: on the logits' device, that shape, contiguous.
@@ -349,7 +350,8 @@ void check_per_row(const char* op, const char* name, const at::Tensor& t, const 
   TORCH_CHECK_VALUE(t.device() == logits.device(), op, ": ", name, " is on ", t.device(), " but logits is on ",
                     logits.device());
   TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == logits.size(0) && t.size(1) == logits.size(1), op, ": ", name,
-                    " must have shape [B, T] = [", logits.size(0), ", ", logits.size(1), "], got ", t.sizes());
+                    " must have shape [B, T] = [", logits.size(0), ", ", logits.size(1), "], got ",
+                    shape_text(t.sizes()));
   TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 

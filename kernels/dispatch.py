@@ -15,7 +15,6 @@ Each op registers an `OpSpec` naming its backends and a per-call `supports` chec
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 import os
@@ -78,16 +77,29 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
+# Whether a `triton` package is there: a file lookup at import (no import of triton, no GPU query). Dispatch runs
+# inside torch.compile'd code too, where Dynamo refuses to trace `find_spec` and imports: the import itself is
+# tried once, in eager code, and its outcome kept in _TRITON_ERROR for traced calls to read.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+_TRITON_ERROR: list[str | None] = []  # [the import's error or None], once tried
+
+
 def triton_import_error() -> str | None:
-    if importlib.util.find_spec("triton") is None:
+    """Why Triton cannot be used (not installed, or its import fails), or None."""
+    if _TRITON_ERROR:
+        return _TRITON_ERROR[0]
+    if not _TRITON_FOUND:
         return "triton is not installed"
+    if torch.compiler.is_compiling():  # traced before any eager call: the package is there, assume it imports
+        return None
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
     except Exception as exc:  # a broken install must not break `import fusedrl`
-        return f"triton failed to import: {exc}"
-    return None
+        _TRITON_ERROR.append(f"triton failed to import: {exc}")
+    else:
+        _TRITON_ERROR.append(None)
+    return _TRITON_ERROR[0]
 
 
 def _device_reason(tensors: Sequence[torch.Tensor], backend: Backend) -> str | None:

