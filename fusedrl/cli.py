@@ -69,7 +69,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     settings = (  # (variable, its reader, how its value is shown); a reader raises ValueError on a bad value
         (dispatch.ENV_BACKEND, dispatch.forced_backend, lambda forced: forced.value if forced else "unset (auto)"),
         (hidden_op.ENV_STRATEGY, hidden_op.strategy,
-         lambda strategy: f"{strategy} (token_logprobs on Triton: {', '.join(hidden_op.STRATEGIES)})"),
+         lambda strategy: f"{strategy} (token_logprobs on Triton: {', '.join(hidden_op.STRATEGIES)}; auto: chunked "
+                          "on CUDA with torch >= 2.8, else fused)"),
     )
     for name, read, show in settings:
         try:

@@ -12,7 +12,7 @@ from fusedrl.kernels import dispatch
 def test_info_lists_versions_devices_and_each_op_backend(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    for needle in ("torch", "triton", "nvcc", "CUDA extension", "FUSEDRL_BACKEND", "FUSEDRL_TOKEN_LOGPROBS fused"):
+    for needle in ("torch", "triton", "nvcc", "CUDA extension", "FUSEDRL_BACKEND", "FUSEDRL_TOKEN_LOGPROBS auto"):
         assert needle in out
     assert dispatch.OPS, "no op registered"
     for op in dispatch.OPS:

@@ -9,9 +9,9 @@ Compute-bound: counted in FLOPs, read against the bf16 matmul ceiling. A fused i
 the N x H x V matmul once forward; forward + backward does it 4 times with a trained head (forward,
 recomputed tiles, dh, dW) and 3 times with a frozen one: 2 N H V flops each.
 Providers: "eager" = logits = h W^T, log_softmax, gather, entropy (the naive formula);
-"compile" = torch.compile of it; "torch" / "triton" = fusedrl's function ("triton": its default
+"compile" = torch.compile of it; "torch" / "triton" = fusedrl's function ("triton": the fused
 strategy, logits tiles by `tl.dot` inside the kernels; "triton_chunked": the chunked strategy, each
-vocabulary chunk's logits by cuBLAS, reduced by Triton); "trl" = TRL 1.16's
+vocabulary chunk's logits by cuBLAS, reduced by Triton, the default on a GPU); "trl" = TRL 1.16's
 `ChunkedLogProbFunction` (its fused LM head), when trl is installed; "liger" = Liger-Kernel's
 fused linear cross-entropy and "cce" = Cut Cross-Entropy's `linear_cross_entropy` (its default
 implementation: the Triton "cce" kernels on a GPU, "torch_compile" on a CPU), per token
@@ -99,8 +99,8 @@ def _setup(mode, shape, dtype, device):
         fn, env = pick("triton" if provider == CHUNKED else provider, eager=eager,
                        public=_public if entropy else _public_logp, spec=HIDDEN_SPEC, tensors=(hidden, weight),
                        peers=peers)
-        if provider == CHUNKED:
-            env = {**env, ENV_STRATEGY: "chunked"}
+        if provider in ("triton", CHUNKED):
+            env = {**env, ENV_STRATEGY: "chunked" if provider == CHUNKED else "fused"}
         if mode == "fwd":
             def call():
                 with torch.no_grad():

@@ -23,7 +23,7 @@ Ops (mode "train": the forward and backward of one optimizer step, without the o
   "trl": TRL 1.16's training path (`add_fused_lm_head`: the backbone's hidden states at the scored positions
   through its chunked `ChunkedLogProbFunction`, log-probs and entropy), the same loss; "fusedrl": the hidden
   states through `fused_linear_grpo_loss` (log-probs, entropy and loss; no [B, T, V] logits);
-  "fusedrl_chunked": the same with token_logprobs' chunked strategy (cuBLAS logits chunks). Shapes
+  "fusedrl_fused": the same with token_logprobs' fused strategy (the default is chunked on a GPU). Shapes
   (B x P x T x hidden size): default Qwen2.5-1.5B-shaped at 8 x 256 x 1024 and Llama-3.1-8B-shaped at
   8 x 256 x 4096 (issue 7's 40 GB target); small: a 2-layer width-64 Llama, 4 x 16 x 48.
 
@@ -50,7 +50,7 @@ from . import Case, CaseConfig
 # "eager" is the plain PyTorch loop (the baseline of the "vs eager" column)
 DIFFUSION_PROVIDERS = (EAGER, "fusedrl", "fusedrl_save_attention", "fusedrl_full")
 BACKPROP_PROVIDERS = (EAGER, "fusedrl")
-LLM_PROVIDERS = (EAGER, "trl", "fusedrl", "fusedrl_chunked")
+LLM_PROVIDERS = (EAGER, "trl", "fusedrl", "fusedrl_fused")
 NOISE_LEVEL = 0.7
 CLIP = 1e-4
 
@@ -348,7 +348,7 @@ def _llm_setup(name: str, B: int, P: int, T: int, dtype: torch.dtype, device: to
             return [p.grad for p in model.parameters() if p.requires_grad]
 
         # Without a fused head the [B, T, V] logits of a real-size case may not fit: then the row says so.
-        env = {ENV_STRATEGY: "chunked"} if provider == "fusedrl_chunked" else {}
+        env = {ENV_STRATEGY: "fused"} if provider == "fusedrl_fused" else {}
         return Impl(fn, env=env, inputs=(ids,), error_is_skip=provider == EAGER and device.type == "cuda")
 
     return impl
