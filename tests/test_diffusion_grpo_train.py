@@ -89,25 +89,29 @@ def test_cli_embedded_default_fills_the_run_folder(tmp_path):
     assert (ours - untrained).abs().max() > 1e-4
 
 
+def _crash_at(step: int, out, args: list[str], monkeypatch) -> None:
+    """`fusedrl train diffusion-grpo` into `out`, killed by an exception at the start of training step `step`."""
+    real = GRPOTrainer.train_step
+
+    def crashing(self, s):
+        if s == step:
+            raise RuntimeError(f"simulated crash at step {step}")
+        return real(self, s)
+
+    with monkeypatch.context() as m:
+        m.setattr(GRPOTrainer, "train_step", crashing)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            main(["train", "diffusion-grpo", "--out", str(out), *args])
+
+
 @pytest.mark.slow
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     args = [*FAST, "--run.steps", "6", "--run.eval_every", "3", "--run.keep_checkpoints", "0"]
     ref, out = tmp_path / "ref", tmp_path / "crashed"
     assert main(["train", "diffusion-grpo", "--out", str(ref), *args]) == 0
 
-    real = GRPOTrainer.train_step
-
-    def crash_at_6(self, step):
-        if step == 6:
-            raise RuntimeError("simulated crash at step 6")
-        return real(self, step)
-
-    monkeypatch.setattr(GRPOTrainer, "train_step", crash_at_6)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        main(["train", "diffusion-grpo", "--out", str(out), *args])
+    _crash_at(6, out, args, monkeypatch)
     assert [r["step"] for r in _rows(out)] == [0, 1, 2, 3, 4, 5]  # step 5 logged, never checkpointed
-    monkeypatch.setattr(GRPOTrainer, "train_step", real)
-
     assert main(["train", "diffusion-grpo", "--out", str(out), "--resume"]) == 0
     log = (out / "train.log").read_text()
     assert "resumed at step=4" in log and "dropped 1 metric rows" in log
@@ -136,17 +140,7 @@ def test_per_prompt_statistics_carry_over_steps_and_through_a_resume(tmp_path, m
     assert sorted(ckpt.state["prompt_stats"]) == ["a blue sky", "a red apple"]
     assert all(len(buf) == 8 for buf in ckpt.state["prompt_stats"].values())  # 4 images per prompt and step
 
-    real = GRPOTrainer.train_step
-
-    def crash_at_4(self, step):
-        if step == 4:
-            raise RuntimeError("simulated crash at step 4")
-        return real(self, step)
-
-    monkeypatch.setattr(GRPOTrainer, "train_step", crash_at_4)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        main(["train", "diffusion-grpo", "--out", str(out), *args])
-    monkeypatch.setattr(GRPOTrainer, "train_step", real)
+    _crash_at(4, out, args, monkeypatch)
     assert main(["train", "diffusion-grpo", "--out", str(out), "--resume"]) == 0
     assert _rows(out) == _rows(ref)  # without the restored buffers, step 3 would normalize by its own rewards alone
 
