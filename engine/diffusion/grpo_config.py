@@ -145,8 +145,9 @@ class SamplingSection:
         0, "move sde_window every N training steps, keeping its size (MixGRPO's sliding window); 0: it stays",
         check=ge(0))
     window_shift_stride: int = field(
-        1, "steps the window moves each time: > 0 towards the last step (MixGRPO), < 0 towards the first "
-        "(B2-DiffuRL's backward-progressive training, with sde_window at the end); it stops at either end",
+        1, "steps the window moves each time: > 0 towards the last step (MixGRPO; its code's default moves by the "
+        "window's size), < 0 towards the first (B2-DiffuRL's backward-progressive training, with sde_window at "
+        "the end); it stops at either end",
         check=Check(lambda v: v != 0, "must not be 0"))
     same_initial_noise: bool = field(False, "all images of a group start from the same noise (DanceGRPO); with "
                                      "sde_window, they share the ODE steps before the window and branch at its "
