@@ -29,7 +29,7 @@ import torch
 
 from .base import ImageReward
 
-__all__ = ["FunctionReward", "import_function", "is_function_spec"]
+__all__ = ["FunctionReward", "import_function", "is_function_spec", "parse_function_spec"]
 
 
 def is_function_spec(name: str) -> bool:
@@ -37,15 +37,23 @@ def is_function_spec(name: str) -> bool:
     return isinstance(name, str) and ":" in name
 
 
-def import_function(spec: str, what: str = "reward function") -> Callable:
-    """'package.module:function' or 'path/to/file.py:function' -> the function (errors name `what` and the spec)."""
+def parse_function_spec(spec: str, what: str = "reward function") -> tuple[str, str]:
+    """(target, function) of 'package.module:function' or 'path/to/file.py:function', checked without importing
+    anything: ValueError for another form, FileNotFoundError for a .py file that is not there (`what` names the
+    spec in the messages)."""
     target, _, attr = spec.strip().rpartition(":")
     if not target or not attr:
         raise ValueError(f"{what}: must be 'module:function' or 'file.py:function'; got {spec!r}")
+    if target.endswith(".py") and not Path(target).expanduser().is_file():
+        raise FileNotFoundError(f"{what}: the file {target!r} does not exist")
+    return target, attr
+
+
+def import_function(spec: str, what: str = "reward function") -> Callable:
+    """'package.module:function' or 'path/to/file.py:function' -> the function (errors name `what` and the spec)."""
+    target, attr = parse_function_spec(spec, what)
     if target.endswith(".py"):
         path = Path(target).expanduser().resolve()
-        if not path.is_file():
-            raise FileNotFoundError(f"{what}: the file {target!r} does not exist")
         # registered under a name of its own (two files named rewards.py do not collide), before it runs: dataclasses
         # and pickling look their module up in sys.modules
         name = f"_fusedrl_reward_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}"

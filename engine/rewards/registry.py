@@ -8,10 +8,9 @@ Factories import transformers only when called, so importing this package stays 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 from .base import Reward
-from .function import FunctionReward, is_function_spec
+from .function import FunctionReward, is_function_spec, parse_function_spec
 
 _FACTORIES: dict[str, Callable[..., Reward]] = {}
 
@@ -44,11 +43,10 @@ def check_reward_name(name: str) -> str:
     a 'module:fn' is imported only when loaded); else ValueError saying what is known."""
     key = _key(name)
     if is_function_spec(key):
-        target, _, attr = key.rpartition(":")
-        if not target or not attr:
-            raise ValueError(f"reward {name!r}: a function must be named 'file.py:function' or 'module:function'")
-        if target.endswith(".py") and not Path(target).expanduser().is_file():
-            raise ValueError(f"reward {name!r}: the file {target!r} does not exist")
+        try:
+            parse_function_spec(key, f"reward {name!r}")
+        except FileNotFoundError as exc:
+            raise ValueError(str(exc)) from None
         return key
     if key not in _FACTORIES:
         raise ValueError(f"unknown reward {name!r}; known: {', '.join(available_rewards())}, or a function "
@@ -81,11 +79,10 @@ def load_reward(name: str, path: str | None = None, **kw) -> Reward:
         if path is not None:
             raise ValueError(f"reward {key!r} is a function and takes no path (got {path!r})")
         reward = FunctionReward(key, **kw)
-        reward.name = key
-        return reward
-    if key not in _FACTORIES:
+    elif key in _FACTORIES:
+        reward = _FACTORIES[key](path=path, **kw)
+    else:
         raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(available_rewards())} (or a function: "
                          "'file.py:function' / 'module:function')")
-    reward = _FACTORIES[key](path=path, **kw)
     reward.name = key
     return reward
