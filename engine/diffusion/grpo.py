@@ -157,10 +157,11 @@ class _Scorer:
     def __call__(self, images, prompts: list[str]) -> dict[str, Any]:
         import torch
 
+        from ..rewards.base import any_takes_metadata
+
         out = {}
         for name, fn in self.rewards.items():
-            extra = ({"metadata": [self.metadata.get(p, {}) for p in prompts]}
-                     if getattr(fn, "takes_metadata", False) else {})
+            extra = {"metadata": [self.metadata.get(p, {}) for p in prompts]} if any_takes_metadata([fn]) else {}
             value = fn(images, prompts, **extra)
             out[name] = torch.as_tensor(value).detach().float().reshape(-1).cpu()
         return out
@@ -224,6 +225,7 @@ class GRPOTrainer:
 
         from ..config import ConfigError
         from ..distributed import local_device, rank_and_world
+        from ..rewards.base import any_takes_metadata
         from ..runs import seed_everything
         from .prompts import DEFAULT_EVAL_PROMPTS, DEFAULT_PROMPTS, load_prompts, prompt_metadata
 
@@ -257,7 +259,7 @@ class GRPOTrainer:
         else:
             with _config_errors("reward.options"):
                 self.scorer = build_rewards(cfg, self.device)
-        if any(getattr(fn, "takes_metadata", False) for fn in self.scorer.rewards.values()):
+        if any_takes_metadata(self.scorer.rewards.values()):
             with _config_errors("prompts"):
                 self.scorer.metadata = prompt_metadata([(p.train, p.split), (p.eval, p.eval_split)], field=p.column)
         self.policy = policy if policy is not None else self._load_policy()

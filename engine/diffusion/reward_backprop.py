@@ -59,6 +59,7 @@ import torch
 
 from ..config import ConfigError
 from ..distributed import all_sums, any_process, average_gradients, full_tensor, shard_like
+from ..rewards.base import any_takes_metadata
 from ..runs import Run, Trainer, seed_everything
 from ..runs.atomic import fsync_dir, fsync_file
 from .reward_backprop_config import Resolved, RewardBackpropConfig, resolve
@@ -121,6 +122,7 @@ class RewardBackprop:
         self.train_prompts = list(train_prompts or DEFAULT_PROMPTS)
         self.eval_prompts = list(eval_prompts or DEFAULT_EVAL_PROMPTS)[: cfg.prompts.num_eval]
         self.prompt_metadata = dict(prompt_metadata or {})
+        self.takes_metadata = any_takes_metadata(reward.rewards.values())
         self.named_params = self._named_trainable()
         if not self.named_params:
             raise ValueError("the policy has no trainable parameters (LoRA targets matched nothing?)")
@@ -150,14 +152,15 @@ class RewardBackprop:
         `device`, default cfg.device)."""
         resolved = resolve(cfg)
         reward = build_reward(cfg, device)
-        train_prompts, eval_prompts, metadata = load_prompt_lists(cfg)
+        with_metadata = any_takes_metadata(reward.rewards.values())
+        train_prompts, eval_prompts, metadata = load_prompt_lists(cfg, with_metadata)
         policy = build_policy(cfg, resolved, device=device)
         return cls(cfg, policy, reward, resolved=resolved, train_prompts=train_prompts, eval_prompts=eval_prompts,
                    prompt_metadata=metadata)
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> Any:
         """The combined reward's scores (`CombinedScores`); rewards that take metadata get each prompt's row fields."""
-        if any(getattr(r, "takes_metadata", False) for r in self.reward.rewards.values()):
+        if self.takes_metadata:
             return self.reward.score_all(images, prompts, metadata=[self.prompt_metadata.get(p, {}) for p in prompts])
         return self.reward.score_all(images, prompts)
 
@@ -470,17 +473,16 @@ def build_reward(cfg: RewardBackpropConfig, device: torch.device | str | None = 
     return CombinedReward(rewards, weights, normalize=None)
 
 
-def load_prompt_lists(cfg: RewardBackpropConfig) -> tuple[list[str], list[str], dict[str, dict]]:
-    """(train prompts, eval prompts, {prompt: its row's other fields}) of `cfg.prompts`; the fields only when a
-    reward takes them (a reward function)."""
-    from ..rewards import registry
+def load_prompt_lists(cfg: RewardBackpropConfig, with_metadata: bool = False,
+                      ) -> tuple[list[str], list[str], dict[str, dict]]:
+    """(train prompts, eval prompts, {prompt: its row's other fields}) of `cfg.prompts`; the fields only
+    `with_metadata` (a reward takes them), else {}."""
     from .prompts import DEFAULT_EVAL_PROMPTS, DEFAULT_PROMPTS, load_prompts, prompt_metadata
 
     p = cfg.prompts
     train = load_prompts(p.train, field=p.column, split=p.split) if p.train else list(DEFAULT_PROMPTS)
     evals = load_prompts(p.eval, field=p.column, split=p.split) if p.eval else list(DEFAULT_EVAL_PROMPTS)
-    metadata = prompt_metadata([(p.train, p.split), (p.eval, p.split)], field=p.column) if any(
-        registry.is_function_spec(n) for n in cfg.reward.names) else {}
+    metadata = prompt_metadata([(p.train, p.split), (p.eval, p.split)], field=p.column) if with_metadata else {}
     return train, evals, metadata
 
 

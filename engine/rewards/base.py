@@ -20,7 +20,7 @@ import abc
 import contextlib
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -102,6 +102,11 @@ def check_metadata(metadata: Sequence[dict] | None, batch: int) -> list[dict] | 
     if len(metadata) != batch:
         raise ValueError(f"metadata has {len(metadata)} entries but there are {batch} samples; give one per sample")
     return metadata
+
+
+def any_takes_metadata(rewards: Iterable[object]) -> bool:
+    """Whether any of `rewards` takes the prompts' row fields (`ImageReward.takes_metadata`; plain callables do not)."""
+    return any(getattr(r, "takes_metadata", False) for r in rewards)
 
 
 class Reward(abc.ABC):
