@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from fusedrl.bench.timing import measure
 from fusedrl.kernels import flash_attention
 from fusedrl.kernels.attention import triton_kernels as tk
 
@@ -16,18 +17,10 @@ DQ = [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 2), (64, 32
 
 
 def time_ms(q, k, v, reps=10):
+    """Median ms of forward + backward (fusedrl.bench.timing: GPU time with the queue kept full)."""
     dout = torch.randn_like(q)
-    for _ in range(2):
-        torch.autograd.grad(flash_attention(q, k, v), (q, k, v), dout)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        torch.autograd.grad(flash_attention(q, k, v), (q, k, v), dout)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[reps // 2]
+    return measure(lambda: torch.autograd.grad(flash_attention(q, k, v), (q, k, v), dout), q.device, reps,
+                   warmup=2).median_ms
 
 
 def main():

@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+from fusedrl.bench.timing import measure
 from fusedrl.kernels import token_logprobs
 from fusedrl.kernels.logprobs import hidden_op
 
@@ -40,22 +41,8 @@ def main() -> None:
     print(f"# {'frozen' if frozen else 'trained'} head; default blocks {original(N, H, V, 2, True, not frozen)}")
     for R, C in BLOCKS:
         hidden_op.backward_blocks = lambda *args, R=R, C=C: (R, C)
-        step()
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        extra = (torch.cuda.max_memory_allocated() - base - returned) / 2**20
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(7):
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        print(f"R={R} C={C} {sorted(times)[3]:.2f} ms, extra {extra:.0f} MiB", flush=True)
+        t = measure(step, hidden.device, reps=7, warmup=1)  # peak_mb: beyond the inputs, the gradients included
+        print(f"R={R} C={C} {t.median_ms:.2f} ms, extra {t.peak_mb - returned / 2**20:.0f} MiB", flush=True)
     hidden_op.backward_blocks = original
 
 
