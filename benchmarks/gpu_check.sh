@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check: environment report, install, CUDA extension build, GPU tests, then `fusedrl bench`.
 #
-#   benchmarks/gpu_check.sh [--part NAME] [--budget SECONDS] [--list]
+#   benchmarks/gpu_check.sh [--part NAME] [--budget SECONDS] [--no-tests] [--list]
 #
 # Run from the repository root on the GPU machine (no internet). NAME is a case module of
 # fusedrl/bench/cases (e.g. diffusion_step: its tests are tests/test_NAME*.py and tests/test_bench.py),
@@ -19,7 +19,8 @@
 # so that one slow op cannot starve the others. Peers the image lacks (Liger-Kernel, Cut
 # Cross-Entropy, TRL, diffusers) come as wheels in .whl/: run benchmarks/fetch_wheels.sh here first
 # and carry .whl. Tests run in parallel (pytest-xdist) when it is installed. --list prints the parts
-# and their time caps for the budget given.
+# and their time caps for the budget given. --no-tests skips the test step (a second part in the same device
+# call, after `--part tests` has run them).
 set -uo pipefail
 
 # The first pass of `--part all`, op by op: "case module|cap %|reserve %|options". bf16 at the sizes
@@ -35,34 +36,39 @@ BENCH_PLAN=(
     "logprobs|4|1|--reps 50"
 )
 
-# Parts with their own bench cap and options ("part|cap %|reserve %|fusedrl bench options", the options naming
-# the ops); any other NAME is a case module run with "45|12|" (default reps) and the compile pass. The
-# train_step parts (whole training steps at real size) have no torch.compile provider; token_logprobs
-# compares its two Triton strategies with the peers at issue 3's sizes (fusedrl's torch path, ~1-3 s a
-# call there, is left out).
+# Parts with their own bench cap and options ("part|cap %|reserve %|tests|fusedrl bench options", the options
+# naming the ops; tests: 1 = the part's tests and the CUDA extension's first, 0 = none, they run in
+# `--part tests`); any other NAME is a case module run with "45|12|1|" (default reps) and the compile pass.
+# The train_step parts (whole training steps at real size, each model built once) have no torch.compile
+# provider; on an H200 (2026-11-27) a step took 0.94 s (SD3.5-M group), 7.2 s (DRaFT-50, plain loop),
+# 0.32 s (Qwen-1.5B) and 4.0 s (Llama-8B), and a measurement takes a warm-up, an issue-time call and the
+# reps. token_logprobs compares its two Triton strategies with the peers at issue 3's sizes (fusedrl's
+# torch path, ~1-3 s a call there, is left out).
 PART_PLAN=(
-    "token_logprobs|60|0|--ops token_logprobs --dtypes bf16 --providers eager,triton,triton_chunked,trl,liger,cce --reps 10"
-    "train_step|60|0|--ops train_step --reps 3"
-    "diffusion_memory|60|0|--ops diffusion_grpo_step,reward_backprop_step --reps 3"
-    "llm_vs_trl|60|0|--ops llm_grpo_step --reps 3"
+    "token_logprobs|60|0|1|--ops token_logprobs --dtypes bf16 --providers eager,triton,triton_chunked,trl,liger,cce --reps 10"
+    "train_step|85|0|0|--ops train_step --reps 3"
+    "diffusion_memory|85|0|0|--ops diffusion_grpo_step,reward_backprop_step --reps 3"
+    "llm_vs_trl|85|0|0|--ops llm_grpo_step --reps 3"
 )
 
 PART=all
 BUDGET=420
 LIST=0
+RUN_TESTS=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --part) PART="$2"; shift 2 ;;
         --budget) BUDGET="$2"; shift 2 ;;
         --list) LIST=1; shift ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        --no-tests) RUN_TESTS=0; shift ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
 
 if [ "$LIST" = 1 ]; then
     echo "parts (benchmarks/gpu_check.sh --part NAME --budget SECONDS; budget $BUDGET s here):"
-    echo "  tests   the CUDA extension build and the kernels' GPU tests, the whole budget (~200 s on an H200)"
+    echo "  tests   the CUDA extension build and the kernels' GPU tests, the whole budget (~230 s on an H200: give it 300)"
     echo "  all     build, the kernels' tests (<= 25%), then each op's first bench pass under its cap:"
     for entry in "${BENCH_PLAN[@]}"; do
         IFS='|' read -r op cap _ options <<<"$entry"
@@ -73,10 +79,10 @@ if [ "$LIST" = 1 ]; then
     echo "  NAME    one case module of fusedrl/bench/cases (e.g. rewards): its tests, then its cases"
     echo "  token_logprobs    its tests, then both Triton strategies (fused, chunked) vs eager, TRL, Liger, CCE at"
     echo "                    issue 3's sizes in bf16, 10 reps, bench <= 60% of the budget, no compile pass"
-    echo "  train_step        whole training steps at real size, fusedrl vs the plain loop (and TRL's head), time and"
-    echo "                    peak memory, 3 reps, bench <= 60% of the budget (not yet run on a GPU); its halves:"
-    echo "  diffusion_memory  SD3.5-M-sized GRPO step (group 8, 512 px) and SD1.5-sized DRaFT-50 (issue 6 item 9)"
-    echo "  llm_vs_trl        GRPO step on Qwen2.5-1.5B-sized (8 x 1024) and Llama-8B-sized (8 x 4096) models (issue 7)"
+    echo "  train_step        whole training steps at real size, fusedrl vs the plain loop and TRL, time and whole peak"
+    echo "                    memory, 3 reps, no tests, bench <= 85% of the budget (~5 min on an H200); its halves:"
+    echo "  diffusion_memory  SD3.5-M-sized GRPO step (group 8, 512 px) and SD1.5-sized DRaFT-50 (issue 6 item 9), ~3 min"
+    echo "  llm_vs_trl        GRPO step on Qwen2.5-1.5B-sized (8 x 1024) and Llama-8B-sized (8 x 4096) models (issue 7), ~2.5 min"
     exit 0
 fi
 
@@ -114,6 +120,7 @@ step() {
 
 env_report() {
     echo "== date"; date -u
+    echo "== kernel"; uname -r
     echo "== nvidia-smi"; timeout 20 nvidia-smi || echo "nvidia-smi failed"
     echo "== python and packages"
     timeout 60 "$PY" - <<'PY' || echo "python version report failed"
@@ -164,13 +171,16 @@ elif [ "$PART" = all ] || [ "$PART" = tests ]; then
            tests/test_cuda_build.py tests/test_tiles.py tests/test_peers.py)  # (test_triton_compile: CPU, in CI)
 else
     OPS_ARGS=(--ops "$PART")
+    PART_TESTS=1
     for entry in "${PART_PLAN[@]}"; do  # these parts name their ops in their options
-        [ "${entry%%|*}" = "$PART" ] && OPS_ARGS=()
+        IFS='|' read -r op _ _ with_tests _ <<<"$entry"
+        [ "$op" = "$PART" ] && OPS_ARGS=() && PART_TESTS=$with_tests
     done
     shopt -s nullglob
     # the part's own tests, the CUDA extension's (its kernels vs Triton's on the GPU), the runner's
     TESTS=(tests/test_"$PART"*.py tests/test_cuda_build.py tests/test_bench.py)
     shopt -u nullglob
+    [ "$PART_TESTS" = 0 ] && TESTS=()
 fi
 
 : >"$OUT/summary.txt"
@@ -208,7 +218,7 @@ TEST_CAP=25 TEST_RESERVE=55  # % of the budget: the tests' cap, and what they le
 TEST_ARGS=(-v --maxfail=50 -rfE -p no:cacheprovider)
 "$PY" -c "import xdist" 2>/dev/null && TEST_ARGS+=(-n "${TEST_WORKERS:-12}")
 "$PY" -c "import pytest_timeout" 2>/dev/null && TEST_ARGS+=(--timeout 240)
-if [ "${#TESTS[@]}" -gt 0 ]; then
+if [ "$RUN_TESTS" = 1 ] && [ "${#TESTS[@]}" -gt 0 ]; then
     step tests tests.log "$TEST_CAP" "$TEST_RESERVE" env TRITON_INTERPRET=0 "$PY" -m pytest "${TESTS[@]}" \
         "${TEST_ARGS[@]}" || FAILED+=("tests")
 fi
@@ -252,7 +262,7 @@ if [ "$PART" = all ]; then
 else
     cap=45 reserve=12 options="" compile_pass=1
     for entry in "${PART_PLAN[@]}"; do
-        IFS='|' read -r op c r o <<<"$entry"
+        IFS='|' read -r op c r _ o <<<"$entry"
         [ "$op" = "$PART" ] && cap=$c reserve=$r options=$o compile_pass=0
     done
     # shellcheck disable=SC2086  # options are words

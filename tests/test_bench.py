@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from fusedrl.bench import add_arguments, run
+from fusedrl.bench import add_arguments, run, timing
 from fusedrl.bench.cases import CaseConfig, collect
 from fusedrl.bench.providers import Skip
 from fusedrl.bench.report import COLUMNS, Result, append_csv
@@ -145,6 +145,27 @@ def test_registry_bytes_and_ops():
 def test_percentile():
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0
     assert percentile([0.0, 10.0], 20) == pytest.approx(2.0)
+
+
+def test_warm_up_stops_early_on_slow_calls(monkeypatch):
+    """Five warm-up calls for fast ones; once the warm-up has taken WARMUP_ENOUGH_S, no more (a training
+    step of seconds gets one), and never none."""
+    calls = []
+    clock = iter(range(100))
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: float(next(clock)))  # each reading 1 s later
+    monkeypatch.setattr(timing, "WARMUP_ENOUGH_S", 2.5)
+    timing._warm_up(lambda: calls.append(1), torch.device("cpu"), 5)
+    assert len(calls) == 3  # readings 1, 2, 3 s after the start: the third reaches 2.5 s
+    monkeypatch.setattr(timing, "WARMUP_ENOUGH_S", 0.0)
+    calls.clear()
+    timing._warm_up(lambda: calls.append(1), torch.device("cpu"), 5)
+    assert len(calls) == 1
+    monkeypatch.setattr(timing, "WARMUP_ENOUGH_S", 1e9)
+    calls.clear()
+    timing._warm_up(lambda: calls.append(1), torch.device("cpu"), 5)
+    assert len(calls) == 5
+    result = timing.measure(lambda: None, torch.device("cpu"), reps=3, warmup=1)
+    assert result.reps == 3 and math.isnan(result.resident_mb)  # no allocator on the CPU
 
 
 def test_cli_wires_bench_options():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -295,34 +296,62 @@ BAD_INPUTS = [
 ]
 
 
-def check_bad_inputs() -> None:
-    """Each of BAD_INPUTS raises its error with its message (run in a child process, see below)."""
+def check_bad_input(index: int) -> None:
+    """BAD_INPUTS[index] raises its error with its message (run in a child process, see below)."""
     cuda_ext.build()
-    for change, error, match in BAD_INPUTS:
-        x = torch.randn(2, 8, device="cuda")
-        a = dict(x=x, m=torch.randn_like(x), p0=torch.tensor([0.6, 0.5], device="cuda"),
-                 p1=torch.tensor([0.5, 0.4], device="cuda"), noise=torch.randn_like(x), given=None, ref=x.clone(),
-                 mode=0, pred=0, level=0.7, sigma_max=math.nan, clip=0.0, clipped_eps=False, want_logp=True,
-                 out_dtype=F32)
-        change(a)
-        print(f"expecting {error.__name__}: {match}", flush=True)
-        with pytest.raises(error, match=match):
-            cuda_ext.ops().diffusion_step_fwd(*a.values())
+    change, error, match = BAD_INPUTS[index]
+    x = torch.randn(2, 8, device="cuda")
+    a = dict(x=x, m=torch.randn_like(x), p0=torch.tensor([0.6, 0.5], device="cuda"),
+             p1=torch.tensor([0.5, 0.4], device="cuda"), noise=torch.randn_like(x), given=None, ref=x.clone(),
+             mode=0, pred=0, level=0.7, sigma_max=math.nan, clip=0.0, clipped_eps=False, want_logp=True,
+             out_dtype=F32)
+    change(a)
+    with pytest.raises(error, match=match):
+        cuda_ext.ops().diffusion_step_fwd(*a.values())
 
 
 @gpu
 def test_cuda_rejects_bad_input(extension):
-    """In a child process, so that a crash fails this test instead of ending the session: the
-    first run on a GPU machine (H200, torch 2.11, Python 3.12) died with SIGSEGV at the first of
-    these calls, while the same checks raise cleanly with torch 2.14 on the CPU build machine."""
-    _run_in_child("check_bad_inputs")
+    """Each case in a child process, so that a crash fails this test instead of ending the session: on
+    the H200 machine (torch 2.11, Python 3.12; 2026-11-27, twice) the child died with SIGSEGV at a check
+    that formats a tensor's shape, while the same checks raise cleanly with torch 2.11 and 2.14 on the
+    CPU build machine. The failure message says which cases crashed, with a native backtrace where
+    cuda-gdb is installed."""
+    _run_cases_in_children("check_bad_input", BAD_INPUTS)
 
 
-def _run_in_child(function: str) -> None:
-    """Run `function` of this file in a fresh Python process; fail with its output if it fails."""
-    code = f"import runpy; runpy.run_path({__file__!r})[{function!r}]()"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"exit status {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+def _child(function: str, start: int, stop: int, debugger: str | None = None) -> subprocess.CompletedProcess:
+    """`function(i)` of this file for i in [start, stop) in one fresh Python process, "case i" printed before each."""
+    code = (f"import runpy; f = runpy.run_path({__file__!r})[{function!r}]\n"
+            f"for i in range({start}, {stop}):\n    print('case', i, flush=True)\n    f(i)")
+    cmd = [sys.executable, "-X", "faulthandler", "-c", code]
+    if debugger:  # batch mode: run, and on a crash print the native stack
+        cmd = [debugger, "-q", "-batch", "-ex", "set pagination off", "-ex", "run", "-ex", "bt 40", "--args", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def _run_cases_in_children(function: str, cases: list) -> None:
+    """Run `function(i)` of this file for every case i in child processes: one for all, and after a case fails
+    or crashes, a new one from the next case. Fails naming every case that failed, with its output; the first
+    case killed by a signal runs again alone under cuda-gdb (or gdb), when installed, for a native backtrace."""
+    failures, start, debugged = [], 0, False
+    while start < len(cases):
+        proc = _child(function, start, len(cases))
+        if proc.returncode == 0:
+            break
+        reached = [int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("case ")]
+        i = reached[-1] if reached else start
+        error, match = cases[i][-2:]
+        report = (f"case {i} (expecting {error.__name__}: {match}): exit status {proc.returncode}\n"
+                  f"{proc.stderr[-3000:]}")
+        debugger = shutil.which("cuda-gdb") or shutil.which("gdb")
+        if proc.returncode < 0 and debugger and not debugged:
+            debugged = True
+            traced = _child(function, i, i + 1, debugger)
+            report += f"\n--- case {i} alone under {debugger}:\n{traced.stdout[-6000:]}\n{traced.stderr[-2000:]}"
+        failures.append(report)
+        start = i + 1
+    assert not failures, f"{len(failures)} of {len(cases)} cases failed:\n" + "\n\n".join(failures)
 
 
 # ----------------------------------------------------------------------------- logprobs on a GPU
@@ -508,30 +537,29 @@ LOGPROBS_BAD_INPUTS = [
 ]
 
 
-def check_bad_logprobs_inputs() -> None:
-    """Each of LOGPROBS_BAD_INPUTS raises its error with its message (run in a child process)."""
+def check_bad_logprobs_input(index: int) -> None:
+    """LOGPROBS_BAD_INPUTS[index] raises its error with its message (run in a child process)."""
     cuda_ext.build()
-    for which, change, error, match in LOGPROBS_BAD_INPUTS:
-        logits = torch.randn(2, 3, 8, device="cuda")
-        labels = torch.randint(0, 8, (2, 3), device="cuda")
-        if which == "fwd":
-            a = dict(logits=logits, labels=labels, temperature=1.0, ignore_index=IGNORE, want_entropy=True)
-            call = cuda_ext.ops().logprobs_fwd
-        else:
-            g = torch.randn(2, 3, device="cuda")
-            a = dict(logits=logits, labels=labels, lse=torch.randn(2, 3, device="cuda"), entropy=torch.rand_like(g),
-                     g_logp=g, g_entropy=g, temperature=1.0, ignore_index=IGNORE)
-            call = cuda_ext.ops().logprobs_bwd
-        change(a)
-        print(f"expecting {error.__name__}: {match}", flush=True)
-        with pytest.raises(error, match=match):
-            call(*a.values())
+    which, change, error, match = LOGPROBS_BAD_INPUTS[index]
+    logits = torch.randn(2, 3, 8, device="cuda")
+    labels = torch.randint(0, 8, (2, 3), device="cuda")
+    if which == "fwd":
+        a = dict(logits=logits, labels=labels, temperature=1.0, ignore_index=IGNORE, want_entropy=True)
+        call = cuda_ext.ops().logprobs_fwd
+    else:
+        g = torch.randn(2, 3, device="cuda")
+        a = dict(logits=logits, labels=labels, lse=torch.randn(2, 3, device="cuda"), entropy=torch.rand_like(g),
+                 g_logp=g, g_entropy=g, temperature=1.0, ignore_index=IGNORE)
+        call = cuda_ext.ops().logprobs_bwd
+    change(a)
+    with pytest.raises(error, match=match):
+        call(*a.values())
 
 
 @gpu
 def test_cuda_logprobs_reject_bad_input(extension):
-    """In a child process, for the reason given at test_cuda_rejects_bad_input."""
-    _run_in_child("check_bad_logprobs_inputs")
+    """Each case in a child process, for the reason given at test_cuda_rejects_bad_input."""
+    _run_cases_in_children("check_bad_logprobs_input", LOGPROBS_BAD_INPUTS)
 
 
 # ----------------------------------------------------------------------------- grpo_rows on a GPU
@@ -705,19 +733,18 @@ GRPO_BAD_INPUTS = [
 ]
 
 
-def check_bad_grpo_inputs() -> None:
-    """Each of GRPO_BAD_INPUTS raises its error with its message (run in a child process)."""
+def check_bad_grpo_input(index: int) -> None:
+    """GRPO_BAD_INPUTS[index] raises its error with its message (run in a child process)."""
     cuda_ext.build()
     names = [a.name for a in cuda_ext.ops().grpo_rows.default._schema.arguments]
-    for change, error, match in GRPO_BAD_INPUTS:
-        a = dict(zip(names, _grpo_args(grpo_tk.CLIP_FAMILY, False, T=8, B=4)))
-        change(a)
-        print(f"expecting {error.__name__}: {match}", flush=True)
-        with pytest.raises(error, match=match):
-            cuda_ext.ops().grpo_rows(*a.values())
+    change, error, match = GRPO_BAD_INPUTS[index]
+    a = dict(zip(names, _grpo_args(grpo_tk.CLIP_FAMILY, False, T=8, B=4)))
+    change(a)
+    with pytest.raises(error, match=match):
+        cuda_ext.ops().grpo_rows(*a.values())
 
 
 @gpu
 def test_cuda_grpo_rows_reject_bad_input(extension):
-    """In a child process, for the reason given at test_cuda_rejects_bad_input."""
-    _run_in_child("check_bad_grpo_inputs")
+    """Each case in a child process, for the reason given at test_cuda_rejects_bad_input."""
+    _run_cases_in_children("check_bad_grpo_input", GRPO_BAD_INPUTS)

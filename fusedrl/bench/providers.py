@@ -39,12 +39,15 @@ class Impl:
     inputs: tensors that exist before the call, left out of the CPU memory estimate.
     error_is_skip: an exception on the first call means "cannot run here" (torch.compile failing for
         want of a compiler), not a bug to report.
+    report_resident: the row's note gives the whole allocator peak, what was resident before the call
+        (model weights) included, for cases whose target is a whole-process figure (training steps).
     """
 
     fn: Callable[[], object]
     env: dict[str, str] = field(default_factory=dict)
     inputs: Sequence[torch.Tensor] = ()
     error_is_skip: bool = False
+    report_resident: bool = False
 
 
 def compiled(fn: Callable) -> Callable:

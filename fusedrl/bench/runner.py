@@ -1,6 +1,6 @@
 """The benchmark run: ceilings first, then every case on every provider; a table, CSV rows, a plot.
 
-Rows are appended to the CSV after each case, so a run stopped by a time limit keeps what it measured.
+Rows are appended to the CSV after each measurement, so a run stopped by a time limit keeps what it measured.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import math
 import os
 import platform
 import sys
@@ -164,6 +165,10 @@ def _run_provider(case: registry.Case, impl_for, provider: str, *, device: torch
     try:
         with _environ(impl.env):
             result.timing = measure(impl.fn, device, reps, warmup, impl.inputs, min_time_s)
+        resident = result.timing.resident_mb
+        if impl.report_resident and not math.isnan(resident):
+            result.note = (f"whole peak {resident + result.timing.peak_mb:.0f} MB "
+                           f"({resident:.0f} MB resident before the call)")
     except Exception as exc:  # one failing provider must not end the run; its row says what happened
         if impl.error_is_skip:
             result.note = f"{provider} failed: {_summary(exc)}"
@@ -285,7 +290,6 @@ def run_bench(args) -> int:
             print(traceback.format_exc(), file=sys.stderr)
             impl_for = functools.partial(_raise, exc)
         eager_ms = None
-        case_results = []
         for provider in case_providers:
             done += 1
             label = f"[{done:>{len(str(total))}}/{total}] {case.op} {case.mode} {case.shape_str} " \
@@ -298,14 +302,13 @@ def run_bench(args) -> int:
                 if provider == EAGER:
                     eager_ms = result.timing.median_ms
                 _score(result, case, ceilings, eager_ms)
-                outcome = f"{result.timing.median_ms:.4g} ms"
+                outcome = f"{result.timing.median_ms:.4g} ms, peak {result.timing.peak_mb:.0f} MB"
             else:
                 outcome = result.note if result.failed else f"skipped ({result.note})"
             print(f" {outcome}  [{time.perf_counter() - t0:.1f} s]", file=sys.stderr, flush=True)
-            case_results.append(result)
+            append_csv(csv_path, meta, [result])  # row by row: a run stopped by a time limit keeps each one
+            results.append(result)
         del impl_for  # frees this case's inputs before the next case allocates its own
-        append_csv(csv_path, meta, case_results)
-        results += case_results
 
     print(format_table(results))
     print(_legend(device))

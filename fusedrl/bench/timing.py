@@ -13,13 +13,19 @@
   `median_ms`, the call is launch-bound when it runs alone.
 - CPU: `time.perf_counter` around each call; `host_ms` equals `median_ms`.
 
-Memory (`peak_mb`), measured on one extra, untimed call:
-- CUDA: `torch.cuda.max_memory_allocated()` during the call minus what was allocated before it
-  (inputs excluded, outputs and every transient tensor included) - the allocator's true peak.
+Warm-up: up to `warmup` untimed calls, fewer when they take long: it stops once WARMUP_ENOUGH_S have been
+spent (at least one call), so a training step of seconds costs one warm-up call rather than five.
+Memory (`peak_mb`):
+- CUDA: `torch.cuda.max_memory_allocated()` during the last timed call minus what was allocated before
+  it (inputs excluded, outputs and every transient tensor included) - the allocator's true peak.
+  `resident_mb`: what was allocated before that call (the model, the inputs, gradients kept from earlier
+  calls; the timer's own L2-flush buffer left out), so that resident + peak is the process's whole
+  allocator peak, the figure a memory target ("trains within 40 GB") is about.
 - CPU: torch keeps no allocator peak on the CPU (and tracemalloc does not see its allocations), so
-  this is an ESTIMATE: the bytes of the distinct storages saved for backward during the call plus
-  those the call returns, minus the inputs. It shows what a training pass holds between forward and
-  backward; transient tensors freed inside the call are not seen. NaN when it cannot be taken.
+  this is an ESTIMATE, on one extra call: the bytes of the distinct storages saved for backward during the
+  call plus those the call returns, minus the inputs. It shows what a training pass holds between forward
+  and backward; transient tensors freed inside the call are not seen. NaN when it cannot be taken;
+  `resident_mb` is NaN on the CPU.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ FLUSH_BYTES = 256 * 2**20
 # The GPU is held for 2x the call's CPU issue time plus this margin, and never longer than MAX_HOLD_S.
 HOLD_MARGIN_S = 100e-6
 MAX_HOLD_S = 0.1
+WARMUP_ENOUGH_S = 2.0  # warm-up calls stop once they have taken this long (after at least one)
 
 _flush_buffers: dict[torch.device, torch.Tensor] = {}
 _sleep_cycles_per_s: dict[torch.device, float] = {}
@@ -48,6 +55,7 @@ class Timing:
     host_ms: float
     peak_mb: float
     reps: int
+    resident_mb: float = math.nan
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -67,16 +75,25 @@ def measure(fn: Callable[[], object], device: torch.device, reps: int, warmup: i
     """
     if reps < 1:
         raise ValueError(f"reps must be >= 1, got {reps}")
-    for _ in range(warmup):
-        fn()
+    _warm_up(fn, device, warmup)
     if device.type == "cuda":
-        times, host = _cuda_times(fn, device, reps)
-        peak = _cuda_peak_mb(fn, device)
+        times, host, peak, resident = _cuda_times(fn, device, reps)
     else:
         times = host = _cpu_times(fn, reps, min_time_s)
-        peak = _cpu_held_mb(fn, inputs)
+        peak, resident = _cpu_held_mb(fn, inputs), math.nan
     return Timing(percentile(times, 50), percentile(times, 20), percentile(times, 80), percentile(host, 50),
-                  peak, len(times))
+                  peak, len(times), resident)
+
+
+def _warm_up(fn: Callable[[], object], device: torch.device, calls: int) -> None:
+    """Up to `calls` calls, stopping once WARMUP_ENOUGH_S have passed (module docstring)."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if time.perf_counter() - start >= WARMUP_ENOUGH_S:
+            return
 
 
 def _cpu_times(fn: Callable[[], object], reps: int, min_time_s: float) -> list[float]:
@@ -104,18 +121,22 @@ def _cycles_per_second(device: torch.device) -> float:
 
 
 def _host_seconds(fn: Callable[[], object], device: torch.device, calls: int = 3) -> float:
-    """The CPU time to issue one call, GPU work excluded (median of a few calls)."""
+    """The CPU time to issue one call, GPU work excluded (median of a few calls; one when a call's issue
+    time alone reaches the longest hold, which is then what the hold will be)."""
     times = []
     for _ in range(calls):
         torch.cuda.synchronize(device)
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
+        if 2 * times[-1] >= MAX_HOLD_S:
+            break
     return percentile(times, 50)
 
 
-def _cuda_times(fn: Callable[[], object], device: torch.device, reps: int) -> tuple[list[float], list[float]]:
-    """(GPU ms, host ms) of each of `reps` calls."""
+def _cuda_times(fn: Callable[[], object], device: torch.device,
+                reps: int) -> tuple[list[float], list[float], float, float]:
+    """(GPU ms, host ms) of each of `reps` calls, and the allocator's (peak, resident) MB of the last one."""
     with torch.cuda.device(device):
         flush = _flush_buffers.get(device)
         if flush is None:
@@ -125,8 +146,11 @@ def _cuda_times(fn: Callable[[], object], device: torch.device, reps: int) -> tu
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         host = []
-        for start, end in zip(starts, ends):
+        for i, (start, end) in enumerate(zip(starts, ends)):
             torch.cuda.synchronize(device)
+            if i == reps - 1:  # the last call also gives the peak: nothing below allocates but fn
+                base = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
             torch.cuda._sleep(hold_cycles)
             flush.zero_()
             start.record()
@@ -135,18 +159,9 @@ def _cuda_times(fn: Callable[[], object], device: torch.device, reps: int) -> tu
             host.append((time.perf_counter() - t0) * 1e3)
             end.record()
         torch.cuda.synchronize(device)
-    return [start.elapsed_time(end) for start, end in zip(starts, ends)], host
-
-
-def _cuda_peak_mb(fn: Callable[[], object], device: torch.device) -> float:
-    torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    out = fn()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - base
-    del out
-    return peak / 2**20
+        peak = torch.cuda.max_memory_allocated(device) - base
+    resident = base - flush.numel() * flush.element_size()
+    return [start.elapsed_time(end) for start, end in zip(starts, ends)], host, peak / 2**20, resident / 2**20
 
 
 def _tensors(obj: object) -> Iterable[torch.Tensor]:

@@ -219,7 +219,8 @@ def _diffusion_setup(size: str, dtype: torch.dtype, device: torch.device) -> Cal
             return step(provider)
 
         # Without checkpointing a real-size group may not fit the card: then the row says so (a skip, not a bug).
-        return Impl(fn, inputs=(lat, emb, pooled), error_is_skip=policy == "none" and device.type == "cuda")
+        return Impl(fn, inputs=(lat, emb, pooled), error_is_skip=policy == "none" and device.type == "cuda",
+                    report_resident=True)
 
     return impl
 
@@ -275,7 +276,8 @@ def _backprop_setup(size: str, dtype: torch.dtype, device: torch.device) -> Call
             return [p.grad for p in model.parameters() if p.requires_grad]
 
         # The plain loop keeps every step's activations: at real sizes it may not fit (then the row says so).
-        return Impl(fn, inputs=(x0, noise, emb), error_is_skip=provider == EAGER and device.type == "cuda")
+        return Impl(fn, inputs=(x0, noise, emb), error_is_skip=provider == EAGER and device.type == "cuda",
+                    report_resident=True)
 
     return impl
 
@@ -349,7 +351,8 @@ def _llm_setup(name: str, B: int, P: int, T: int, dtype: torch.dtype, device: to
 
         # Without a fused head the [B, T, V] logits of a real-size case may not fit: then the row says so.
         env = {ENV_STRATEGY: "fused"} if provider == "fusedrl_fused" else {}
-        return Impl(fn, env=env, inputs=(ids,), error_is_skip=provider == EAGER and device.type == "cuda")
+        return Impl(fn, env=env, inputs=(ids,), error_is_skip=provider == EAGER and device.type == "cuda",
+                    report_resident=True)
 
     return impl
 
