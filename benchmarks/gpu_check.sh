@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check: environment report, install, CUDA extension build, GPU tests, then `fusedrl bench`.
 #
-#   benchmarks/gpu_check.sh [--part NAME] [--budget SECONDS] [--no-tests] [--list]
+#   benchmarks/gpu_check.sh [--part NAME] [--budget SECONDS] [--no-tests | --tests FILE[::TEST] ...] [--list]
 #
 # Run from the repository root on the GPU machine (no internet). NAME is a case module of
 # fusedrl/bench/cases (e.g. diffusion_step: its tests are tests/test_NAME*.py and tests/test_bench.py),
@@ -20,7 +20,8 @@
 # Cross-Entropy, TRL, diffusers) come as wheels in .whl/: run benchmarks/fetch_wheels.sh here first
 # and carry .whl. Tests run in parallel (pytest-xdist) when it is installed. --list prints the parts
 # and their time caps for the budget given. --no-tests skips the test step (a second part in the same device
-# call, after `--part tests` has run them).
+# call, after `--part tests` has run them); --tests (repeatable) runs only the tests named instead of the part's
+# (e.g. the ones that failed in the last run: `--part tests --tests tests/test_cuda_build.py`).
 set -uo pipefail
 
 # The first pass of `--part all`, op by op: "case module|cap %|reserve %|options". bf16 at the sizes
@@ -55,13 +56,15 @@ PART=all
 BUDGET=420
 LIST=0
 RUN_TESTS=1
+ONLY_TESTS=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --part) PART="$2"; shift 2 ;;
         --budget) BUDGET="$2"; shift 2 ;;
         --list) LIST=1; shift ;;
         --no-tests) RUN_TESTS=0; shift ;;
-        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+        --tests) ONLY_TESTS+=("$2"); shift 2 ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -213,6 +216,7 @@ step info env.txt 10 40 "$PY" -m fusedrl info || FAILED+=("info")
 # hangs fails alone (pytest-timeout) instead of taking the step's whole limit. -v names each result as
 # it comes, so a step cut by its time limit still says which tests failed. On an H200 the kernels'
 # tests took ~140 s with 12 workers.
+[ "${#ONLY_TESTS[@]}" -gt 0 ] && TESTS=("${ONLY_TESTS[@]}")
 TEST_CAP=25 TEST_RESERVE=55  # % of the budget: the tests' cap, and what they leave to the benchmarks
 [ "$PART" = tests ] && TEST_CAP=100 TEST_RESERVE=0
 TEST_ARGS=(-v --maxfail=50 -rfE -p no:cacheprovider)

@@ -89,13 +89,15 @@ import functools
 import inspect
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from . import attention_stash
+from .config import field, gt
 
 __all__ = [
     "ATTENTION_OPS",
@@ -463,7 +465,7 @@ def _selector(module_types, predicate) -> Callable[[str, nn.Module], bool]:
 def apply_checkpointing(model: nn.Module, policy: str | Callable = "save_attention", *,
                         module_types: type | Sequence[type] | None = None,
                         predicate: Callable[[str, nn.Module], bool] | None = None,
-                        preserve_rng_state: bool = True) -> list[str]:
+                        preserve_rng_state: bool = True, limit: int | None = None) -> list[str]:
     """Wrap, in place, the submodules of `model` chosen by `module_types` (isinstance) or
     `predicate(qualified_name, module)` in `CheckpointWrapper(policy=policy)`.
 
@@ -472,32 +474,50 @@ def apply_checkpointing(model: nn.Module, policy: str | Callable = "save_attenti
     again, a submodule that is already wrapped and still chosen gets the new policy - never a second
     wrapper. `remove_checkpointing(model)` undoes it.
 
+    `limit`: wrap only the first `limit` chosen modules, in the model's order (partial checkpointing:
+    each block left out keeps its activations and skips its recomputation, so memory buys time); chosen
+    modules past it are left unwrapped (and unwrapped, if an earlier call wrapped them). ValueError when
+    fewer than `limit` modules are chosen.
+
     Returns: the qualified names of the wrapped (or re-policied) submodules. Raises ValueError when
     none is chosen (checkpointing nothing would silently keep all the memory).
     """
     _validate_policy(policy)
+    if limit is not None and limit < 1:
+        raise ValueError(f"apply_checkpointing: limit must be >= 1 (or None: every chosen module), got {limit}")
     chosen = _selector(module_types, predicate)
-    done: list[str] = []
+    found: list[tuple[nn.Module, str, str, nn.Module]] = []  # (parent, attribute, qualified name, child)
 
     def visit(parent: nn.Module, prefix: str) -> None:
-        for name, child in list(parent.named_children()):
+        for name, child in parent.named_children():
             qualified = f"{prefix}{name}"
-            if isinstance(child, CheckpointWrapper):
-                if chosen(qualified, child.module):
-                    child.policy = policy
-                    child.preserve_rng_state = preserve_rng_state
-                    done.append(qualified)
-                continue  # never nest a checkpoint inside another
-            if chosen(qualified, child):
-                setattr(parent, name, CheckpointWrapper(child, policy, preserve_rng_state=preserve_rng_state))
-                done.append(qualified)
-                continue
-            visit(child, qualified + ".")
+            wrapped = isinstance(child, CheckpointWrapper)
+            if chosen(qualified, child.module if wrapped else child):
+                found.append((parent, name, qualified, child))
+            elif not wrapped:  # never nest a checkpoint inside another
+                visit(child, qualified + ".")
 
     visit(model, "")
-    if not done:
+    if not found:
         raise ValueError(f"apply_checkpointing: no submodule of {type(model).__name__} matched module_types="
                          f"{module_types!r} / predicate={predicate!r}")
+    if limit is not None and len(found) < limit:
+        raise ValueError(f"apply_checkpointing: limit={limit} (memory.checkpoint_blocks in the trainers) but only "
+                         f"{len(found)} submodules of {type(model).__name__} are chosen "
+                         f"({found[0][2]} ... {found[-1][2]})")
+    done: list[str] = []
+    for i, (parent, name, qualified, child) in enumerate(found):
+        wrapped = isinstance(child, CheckpointWrapper)
+        if limit is not None and i >= limit:
+            if wrapped:  # wrapped by an earlier call: past the limit now
+                setattr(parent, name, child.module)
+        elif wrapped:
+            child.policy = policy
+            child.preserve_rng_state = preserve_rng_state
+            done.append(qualified)
+        else:
+            setattr(parent, name, CheckpointWrapper(child, policy, preserve_rng_state=preserve_rng_state))
+            done.append(qualified)
     return done
 
 
@@ -524,3 +544,21 @@ def iter_wrappers(model: nn.Module) -> Iterable[tuple[str, CheckpointWrapper]]:
     for name, module in model.named_modules():
         if isinstance(module, CheckpointWrapper):
             yield name, module
+
+
+@dataclass
+class CheckpointingSection:
+    """The trainers' activation-checkpointing options (their `memory` sections extend it)."""
+
+    gradient_checkpointing: Literal[POLICIES] = field(
+        "none", "activation checkpointing of the model's blocks (a denoiser's transformer or UNet blocks, an LM's "
+        "decoder layers): full recomputes everything, save_attention keeps the attention outputs, offload copies "
+        "activations to the CPU")
+    checkpoint_blocks: int | None = field(
+        None, "checkpoint only the first N blocks (none: all of them): each one left out keeps its activations in "
+        "memory and skips its recomputation in backward, trading memory for time", check=gt(0))
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_blocks is not None and self.gradient_checkpointing == "none":
+            raise ValueError("checkpoint_blocks needs gradient_checkpointing (now none): set a policy such as full "
+                             "or save_attention, or leave checkpoint_blocks unset")

@@ -443,6 +443,25 @@ def test_apply_checkpointing_selection_rules(model_x):
         ckpt.CheckpointWrapper(model.blocks[1])
 
 
+def test_apply_checkpointing_limit_wraps_the_first_blocks(model_x):
+    """Partial checkpointing: the first `limit` chosen modules, in order; a lower limit applied again unwraps
+    the rest; gradients unchanged; a limit above what is chosen is refused before anything is wrapped."""
+    model, x = model_x
+    _, _, ref = run(model, x, "none")
+    with pytest.raises(ValueError, match=r"limit=3 .* but only 2 submodules .*blocks\.0 \.\.\. blocks\.1"):
+        ckpt.apply_checkpointing(model, "full", module_types=Block, limit=3)
+    assert not list(ckpt.iter_wrappers(model))  # refused before any change
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+        ckpt.apply_checkpointing(model, "full", module_types=Block, limit=0)
+    assert ckpt.apply_checkpointing(model, "save_attention", module_types=Block) == ["blocks.0", "blocks.1"]
+    assert ckpt.apply_checkpointing(model, "full", module_types=Block, limit=1) == ["blocks.0"]
+    assert [(n, w.policy) for n, w in ckpt.iter_wrappers(model)] == [("blocks.0", "full")]
+    assert not isinstance(model.blocks[1], ckpt.CheckpointWrapper)
+    y, counts, got = run(model, x, "none")
+    assert counts[CPU_FLASH] == 1 and counts["aten::native_layer_norm"] == 2  # block 0 recomputed, block 1 not
+    assert_same_grads({k.replace("_checkpoint_wrapped_module.", ""): v for k, v in got.items()}, ref)
+
+
 def test_torch_compile_traces_the_wrapped_blocks(model_x):
     """Under torch.compile (aot_eager: no C++ compiler needed) SAC marks the saved nodes; no graph break."""
     torch._dynamo.reset()

@@ -302,12 +302,14 @@ def test_nan_log_probs_skip_the_update(tiny_dirs, monkeypatch):
     assert all(p.grad is None for p in trainer.params.values())
 
 
-def test_gradient_checkpointing_and_background_rewards_give_the_same_step(tiny_dirs):
+@pytest.mark.parametrize("blocks", [None, 1])
+def test_gradient_checkpointing_and_background_rewards_give_the_same_step(tiny_dirs, blocks):
+    """Checkpointing every block, or only the first (memory.checkpoint_blocks), changes nothing in the step."""
     ref = GRPOTrainer(_cfg(tiny_dirs["sd3"]))
     m_ref = ref.train_step(1)
     other = GRPOTrainer(_cfg(tiny_dirs["sd3"], **{"memory.gradient_checkpointing": "full",
-                                                 "reward.background": True}))
-    assert other.checkpointed == ["transformer_blocks.0", "transformer_blocks.1"]
+                                                 "memory.checkpoint_blocks": blocks, "reward.background": True}))
+    assert other.checkpointed == ["transformer_blocks.0", "transformer_blocks.1"][:blocks]
     assert other.params.keys() == ref.params.keys()  # names do not depend on the wrappers
     m = other.train_step(1)
     for key in ("reward_mean", "loss", "logp_mean"):

@@ -166,7 +166,7 @@ def test_stop_strings_eos_and_truncation(model_dirs):
     ("qwen2", {"lora.enabled": True, "grpo.beta": 0.05, "grpo.loss_type": "grpo"}),
     ("llama", {"lora.enabled": False, "grpo.beta": 0.05, "grpo.loss_type": "dapo", "grpo.num_iterations": 2}),
     ("gpt2", {"lora.enabled": True, "memory.gradient_checkpointing": "save_attention", "memory.token_budget": 24,
-              "grpo.loss_type": "bnpo", "grpo.mini_batches": 2, "sampling.stop": ["="]}),
+              "memory.checkpoint_blocks": 1, "grpo.loss_type": "bnpo", "grpo.mini_batches": 2, "sampling.stop": ["="]}),
 ])
 def test_one_step(model_dirs, tmp_path, arch, over):
     """One training step through `build` on each architecture: finite metrics, on-policy ratio 1 in the first
@@ -174,6 +174,10 @@ def test_one_step(model_dirs, tmp_path, arch, over):
     cfg = _cfg(model_dirs[arch], **{"optim.lr": 1e-2, **over})
     torch.manual_seed(0)
     trainer = llm_grpo.build(cfg, tmp_path)
+    if "memory.checkpoint_blocks" in over:  # only the first decoder layer checkpoints
+        from fusedrl.engine.checkpointing import iter_wrappers
+
+        assert [n.rsplit(".", 1)[-1] for n, _ in iter_wrappers(trainer.policy.model)] == ["0"]
     trainer.records = _records()
     trainer.terms.append(RewardTerm("ones", count_ones, 0.5))  # varies within groups: non-zero advantages
     before = {n: p.detach().clone() for n, p in trainer.policy.model.named_parameters()}
@@ -272,6 +276,10 @@ def test_micro_batching_gives_the_mini_batch_gradient(model_dirs, use_backend):
 def _trainer(model_dirs, tmp_path, **over):
     cfg = _cfg(model_dirs["qwen2"], **{"lora.enabled": False, **over})
     trainer = llm_grpo.build(cfg, tmp_path)
+    if "memory.checkpoint_blocks" in over:  # only the first decoder layer checkpoints
+        from fusedrl.engine.checkpointing import iter_wrappers
+
+        assert [n.rsplit(".", 1)[-1] for n, _ in iter_wrappers(trainer.policy.model)] == ["0"]
     trainer.records = _records()
     trainer.terms.append(RewardTerm("ones", count_ones, 0.5))  # varies within groups: non-zero advantages
     return trainer
@@ -361,6 +369,9 @@ def test_help_documents_every_option(capsys):
     (["--sampling.backend", "vllm"], "sampling: backend: 'vllm' needs the vllm package, which is not installed"),
     (["--model.name_or_path", "./no/such/model"], "model: name_or_path: the folder './no/such/model' does not exist"),
     (["--lora.rank", "0"], "lora.rank: must be > 0; got 0"),
+    (["--memory.checkpoint_blocks", "2"], "memory: checkpoint_blocks needs gradient_checkpointing (now none)"),
+    (["--memory.gradient_checkpointing", "full", "--memory.checkpoint_blocks", "0"],
+     "memory.checkpoint_blocks: must be > 0; got 0"),
 ])
 def test_bad_config_is_refused_before_anything_loads(tmp_path, capsys, monkeypatch, args, message):
     if "vllm" in args and importlib.util.find_spec("vllm") is not None:

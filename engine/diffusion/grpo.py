@@ -339,11 +339,12 @@ class GRPOTrainer:
         from ..checkpointing import apply_checkpointing
         from .policy import block_names
 
-        policy = self.cfg.memory.gradient_checkpointing
-        if policy == "none":
+        m = self.cfg.memory
+        if m.gradient_checkpointing == "none":
             return []
         blocks = set(block_names(self.policy.denoiser))
-        return apply_checkpointing(self.policy.denoiser, policy, predicate=lambda name, _m: name in blocks)
+        return apply_checkpointing(self.policy.denoiser, m.gradient_checkpointing,
+                                   predicate=lambda name, _m: name in blocks, limit=m.checkpoint_blocks)
 
     def _named_trainable(self) -> Iterator[tuple[str, Any]]:
         pol = self.policy
@@ -886,6 +887,8 @@ def _oom_message(phase: str, cfg: DiffusionGRPOConfig) -> str:
     if phase == "training":
         if m.gradient_checkpointing == "none":
             tips.append("memory.gradient_checkpointing (now none; try save_attention or full)")
+        elif m.checkpoint_blocks is not None:
+            tips.append(f"memory.checkpoint_blocks (now {m.checkpoint_blocks}; raise it, or unset it: every block)")
         tips.append(f"grpo.timestep_fraction does not change peak memory; lora.rank (now {cfg.lora.rank}) a little")
     if cfg.model.dtype in ("auto", "fp32") and cfg.model.device != "cpu":
         tips.append(f"model.dtype (now {cfg.model.dtype}; bf16 halves the frozen weights)")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from ..checkpointing import POLICIES
+from ..checkpointing import CheckpointingSection
 from ..config import Check, between, field, ge, gt, section
 from ..prompt_data import FILE_TYPES
 from ..runs import RunConfig
@@ -267,12 +267,8 @@ class GRPOSection:
 
 
 @dataclass
-class MemorySection:
+class MemorySection(CheckpointingSection):
     """Memory-saving options."""
-
-    gradient_checkpointing: Literal[POLICIES] = field(  # engine.checkpointing's policy names
-        "none", "activation checkpointing of the denoiser's blocks (fusedrl.engine.checkpointing policies): full "
-        "recomputes everything, save_attention keeps attention outputs, offload copies activations to the CPU")
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from fusedrl.kernels.grpo_loss.reference import LOSS_TYPES
 
-from ..checkpointing import POLICIES
+from ..checkpointing import CheckpointingSection
 from ..config import Check, field, ge, gt, section
 from ..prompt_data import FILE_TYPES
 from ..runs.run import RunConfig
@@ -261,16 +261,13 @@ class OptimSection:
 
 
 @dataclass
-class MemorySection:
+class MemorySection(CheckpointingSection):
     """Memory-saving options."""
 
     token_budget: int | None = field(
         None, "micro-batching: most tokens (rows x padded length) per forward/backward; gradients of a mini-batch "
         "are accumulated over its micro-batches, the loss is the mini-batch's exactly; none: one micro-batch",
         check=gt(0))
-    gradient_checkpointing: Literal[POLICIES] = field(  # engine.checkpointing's policy names
-        "none", "activation checkpointing of the decoder layers (fusedrl.engine.checkpointing): full recomputes "
-        "everything, save_attention keeps the attention outputs, offload copies activations to the CPU")
 
 
 @dataclass

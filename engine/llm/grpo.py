@@ -151,7 +151,7 @@ def build(cfg: LLMGRPOConfig, out_dir: str | os.PathLike | None = None) -> Any:
         from transformers.modeling_layers import GradientCheckpointingLayer
 
         apply_checkpointing(decoder_of(policy.model), cfg.memory.gradient_checkpointing,
-                            module_types=GradientCheckpointingLayer)
+                            module_types=GradientCheckpointingLayer, limit=cfg.memory.checkpoint_blocks)
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

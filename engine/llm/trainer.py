@@ -82,7 +82,9 @@ def oom_advice(cfg: LLMGRPOConfig, phase: str, rows: int) -> str:
     else:
         tips = [f"memory.token_budget (now {m.token_budget or 'none: all rows in one micro-batch'}; e.g. "
                 f"{max(64, (m.token_budget or 8192) // 4)})",
-                f"memory.gradient_checkpointing (now {m.gradient_checkpointing}; try save_attention or full)",
+                f"memory.gradient_checkpointing (now {m.gradient_checkpointing}; try save_attention or full)"
+                if m.checkpoint_blocks is None else
+                f"memory.checkpoint_blocks (now {m.checkpoint_blocks}; raise it, or unset it: every block)",
                 f"grpo.mini_batches (now {cfg.grpo.mini_batches})",
                 f"sampling.max_completion_length (now {s.max_completion_length})"]
         if not cfg.lora.enabled:

@@ -8,7 +8,9 @@ Ops (mode "train": the forward and backward of one optimizer step, without the o
   for each timestep the velocity, the SDE step's log-prob of the recorded next latents, the clipped GRPO loss,
   backward. "eager" (the plain loop): diffusers' attention, Flow-GRPO's formula in eager ops
   (`reference.flow_sde_step`), the clipped loss in torch ops. "fusedrl": `flow_sde_step` and `grpo_loss`;
-  "fusedrl_save_attention" / "fusedrl_full": with those checkpointing policies on the transformer blocks.
+  "fusedrl_save_attention" / "fusedrl_full": with those checkpointing policies on the transformer blocks;
+  "fusedrl_full_half": "full" on the first half of the blocks only (`memory.checkpoint_blocks`), the other half
+  keeping their activations: the memory-for-time trade between "fusedrl" and "fusedrl_full".
   Shapes: default SD3.5-Medium-sized (24 layers, width 1536, dual attention in the first 13) at 512 px
   (64 x 64 latents), B = 8 (one group), T = 2; small: a 2-layer width-32 model, 16 x 16 latents, B = 2, T = 2.
 - reward_backprop_step: DRaFT-K on an SD1.5-shaped UNet (LoRA) with DDIM (eta 1, CFG 7.5 as one call of 2B):
@@ -48,7 +50,10 @@ from ..providers import EAGER, Impl, Skip
 from . import Case, CaseConfig
 
 # "eager" is the plain PyTorch loop (the baseline of the "vs eager" column)
-DIFFUSION_PROVIDERS = (EAGER, "fusedrl", "fusedrl_save_attention", "fusedrl_full")
+DIFFUSION_PROVIDERS = (EAGER, "fusedrl", "fusedrl_save_attention", "fusedrl_full", "fusedrl_full_half")
+# provider -> (checkpointing policy, checkpoint only the first half of the blocks)
+DIFFUSION_POLICIES = {"fusedrl_save_attention": ("save_attention", False), "fusedrl_full": ("full", False),
+                      "fusedrl_full_half": ("full", True)}
 BACKPROP_PROVIDERS = (EAGER, "fusedrl")
 LLM_PROVIDERS = (EAGER, "trl", "fusedrl", "fusedrl_fused")
 NOISE_LEVEL = 0.7
@@ -200,19 +205,20 @@ def _diffusion_setup(size: str, dtype: torch.dtype, device: torch.device) -> Cal
         s0 = torch.full((B,), float(sig[0]), device=device)
         old.copy_(_plain_logp(lat[:, 0], _velocity(model, lat[:, 0], s0 * 1000, emb, pooled), s0,
                               torch.full((B,), float(sig[1]), device=device), lat[:, 1]))
-    applied: dict[str, str] = {"policy": "none"}
+    applied: dict[str, tuple[str, bool]] = {"policy": ("none", False)}
 
     def impl(provider: str) -> Impl:
-        policy = {"fusedrl_save_attention": "save_attention", "fusedrl_full": "full"}.get(provider, "none")
-        if policy != applied["policy"]:
+        policy, half = DIFFUSION_POLICIES.get(provider, ("none", False))
+        if (policy, half) != applied["policy"]:
             from fusedrl.engine.checkpointing import apply_checkpointing, remove_checkpointing
             from fusedrl.engine.diffusion.policy import block_names
 
             remove_checkpointing(model)
             if policy != "none":
                 blocks = set(block_names(model))
-                apply_checkpointing(model, policy, predicate=lambda name, _m: name in blocks)
-            applied["policy"] = policy
+                apply_checkpointing(model, policy, predicate=lambda name, _m: name in blocks,
+                                    limit=max(1, len(blocks) // 2) if half else None)
+            applied["policy"] = (policy, half)
 
         def fn():
             model.zero_grad(set_to_none=True)
