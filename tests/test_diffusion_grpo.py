@@ -174,7 +174,7 @@ def test_pareto_selection_keeps_the_non_dominated_samples_and_trains_only_on_the
     trainer.cfg.reward.pareto = "group"  # groups {0, 1} and {2, 3}: nobody is beaten within their group
     assert trainer.selected(raw).tolist() == [True, True, True, True]
     trainer.cfg.reward.pareto = "none"
-    assert trainer.selected(raw).all()
+    assert trainer.selected(raw) is None  # no selection: every sample trains
 
     cfg = _cfg(tiny_dirs["sd3"], **{"reward.pareto": "batch"})  # (the one above was changed in place)
     m = GRPOTrainer(cfg).train_step(1)  # one reward (brightness): only the step's brightest image is kept

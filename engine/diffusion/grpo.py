@@ -448,15 +448,17 @@ class GRPOTrainer:
         return _concat(trajs), raw, micro, bad_images
 
     def selected(self, raw: dict[str, Any]) -> Any:
-        """[B] bool, the samples trained on: all of them, or with reward.pareto the non-dominated ones (Parrot),
-        each reward an objective in the direction of its weight's sign (zero weights are left out)."""
+        """With reward.pareto, [B] bool: the non-dominated samples (Parrot), the ones trained on, each reward an
+        objective in the direction of its weight's sign (zero weights are left out). None without it: all."""
         import torch
 
         from ..rewards import pareto_mask
 
         n = len(next(iter(raw.values())))
         names = [k for k in raw if self.weights[k] != 0]
-        if self.cfg.reward.pareto == "none" or not names:
+        if self.cfg.reward.pareto == "none":
+            return None
+        if not names:
             return torch.ones(n, dtype=torch.bool)
         objectives = torch.stack([math.copysign(1.0, self.weights[k]) * raw[k].float() for k in names], dim=1)
         groups = torch.arange(n) // self.cfg.sampling.group_size if self.cfg.reward.pareto == "group" else None
@@ -532,15 +534,16 @@ class GRPOTrainer:
         G, prompts = self.cfg.sampling.group_size, self.step_prompts(step)
         total, adv = self.advantages(raw, [prompts[i // G] for i in range(len(total))])
         keep = self.selected(raw)
-        if self.cfg.reward.pareto != "none":
-            metrics["pareto_frac"] = keep.float().mean().item()
         mine = self.local_samples()
-        adv, keep = adv[mine.start:mine.stop], keep[mine.start:mine.stop]
+        adv = adv[mine.start:mine.stop]
+        if keep is not None:
+            metrics["pareto_frac"] = keep.float().mean().item()
+            keep = keep[mine.start:mine.stop]
 
         self._phase = "training"
         t1 = time.perf_counter()
         try:
-            metrics.update(self._optimize(step, traj, adv, micro, keep if self.cfg.reward.pareto != "none" else None))
+            metrics.update(self._optimize(step, traj, adv, micro, keep))
         except _Skip as skip:
             self.optimizer.zero_grad(set_to_none=True)
             return self._skipped(step, str(skip), metrics, t0)

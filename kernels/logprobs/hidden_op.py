@@ -39,6 +39,7 @@ from . import hidden_triton as hk
 
 STRATEGIES = ("fused", "chunked")
 AUTO = "auto"
+CHOICES = STRATEGIES + (AUTO,)  # what a caller or FUSEDRL_TOKEN_LOGPROBS may ask for
 ENV_STRATEGY = "FUSEDRL_TOKEN_LOGPROBS"
 CHUNK_MIN_BYTES = 8 << 20
 ROW_ALIGN = 128  # row blocks of the backward: whole dz-kernel row tiles
@@ -56,7 +57,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 def strategy() -> str:
     """The strategy `FUSEDRL_TOKEN_LOGPROBS` asks for (read at each call), else "auto" (`resolve`, in the op)."""
     value = os.environ.get(ENV_STRATEGY, "").strip().lower() or AUTO
-    if value not in STRATEGIES + (AUTO,):
+    if value not in CHOICES:
         raise ValueError(f"{ENV_STRATEGY}={value!r} is not a token_logprobs strategy; choose one of {STRATEGIES} "
                          "or leave it unset")
     return value
@@ -170,7 +171,7 @@ def _check(backend: str, strategy: str, hidden: torch.Tensor) -> str:
     """The strategy to run (`resolve`d), after checking that it can."""
     if backend != "triton":
         raise RuntimeError(f"token_logprobs has no {backend!r} kernels (only triton); dispatch should not pick it")
-    if strategy not in STRATEGIES + (AUTO,):
+    if strategy not in CHOICES:
         raise ValueError(f"token_logprobs has no strategy {strategy!r}; choose one of {STRATEGIES}")
     strategy = resolve(strategy, hidden)
     if strategy == "chunked" and hidden.is_cuda and hidden.dtype != torch.float32 and not fp32_out_matmuls("cuda"):
