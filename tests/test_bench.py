@@ -244,6 +244,23 @@ def test_summary_compares_the_kernel_with_each_baseline(tmp_path):
     assert summary_markdown(path).startswith("Device: gpu0")  # the newest row's device by default
 
 
+def test_summary_and_charts_of_whole_step_cases(tmp_path):
+    """The training-step cases' "fusedrl*" providers are fusedrl's side of the table (the fastest of them), the
+    plain loop the eager column, TRL a peer; one shape per group draws bars."""
+    from fusedrl.bench.plot import draw_charts, summary_markdown
+
+    path = tmp_path / "r.csv"
+    rows = [_row("eager", 4.0), _row("fusedrl", 3.0), _row("fusedrl_full", 5.0), _row("trl", 3.5)]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    line = next(x for x in summary_markdown(path).splitlines() if x.startswith("| op |") and "fwd" in x)
+    assert line == "| op | fwd | 4x8 | bf16 | 3 fusedrl | 50% | 2 |  | 4 (1.33x) | 3.5 (1.17x) trl |"
+    pytest.importorskip("matplotlib")
+    assert [p.name for p in draw_charts(path, tmp_path / "charts")] == ["op.png"]
+
+
 def test_plot_errors_are_named(tmp_path, capsys):
     assert run(_args("--from-csv", str(tmp_path / "missing.csv"))) == 2
     assert "give --plot DIR" in capsys.readouterr().err

@@ -2,10 +2,12 @@
 
 `draw_charts(csv, out_dir)` writes one PNG per op: a row of three panels per (mode, dtype) — median
 time (log scale), % of the device's ceiling and peak memory — against the case's shapes (ordered by
-the work they count), one line per provider. `summary_markdown(csv)` gives, per case, fusedrl's fastest
-kernel against its torch path, the eager formula and the best other provider, as a Markdown table
-(`benchmarks/results/README.md` is built from it). Both read one device's rows: the device of the
-newest row unless `device` names one; a case measured several times keeps its latest row.
+the work they count), one line per provider (bars side by side where a group has at most two shapes:
+the whole training steps, one per model size; the peers' bars hatched). `summary_markdown(csv)` gives,
+per case, fusedrl's fastest kernel (or whole-step variant) against its torch path, the eager formula
+and the best other provider, as a Markdown table (`benchmarks/results/README.md` is built from it).
+Both read one device's rows: the device of the newest row unless `device` names one; a case measured
+several times keeps its latest row.
 """
 
 from __future__ import annotations
@@ -18,6 +20,12 @@ from pathlib import Path
 
 FUSEDRL_PROVIDERS = ("torch", "triton", "triton_chunked", "cuda")  # triton_chunked: token_logprobs' other strategy
 BASELINES = ("eager", "compile")
+BAR_MAX_SHAPES = 2  # groups with this few shapes are drawn as bars (a line between two model sizes means nothing)
+
+
+def is_fusedrl(provider: str) -> bool:
+    """fusedrl's own providers: an op's backends, and the whole-step cases' "fusedrl*" variants."""
+    return provider in FUSEDRL_PROVIDERS or provider.startswith("fusedrl")
 
 
 @dataclass(frozen=True)
@@ -87,19 +95,26 @@ def draw_charts(csv_path: str | Path, out_dir: str | Path, device: str | None = 
             group = [r for r in rows if r.op == op and r.mode == mode and r.dtype == dtype]
             shapes = sorted({r.shape for r in group}, key=lambda s: min(r.work for r in group if r.shape == s))
             x_of = {s: i for i, s in enumerate(shapes)}
-            for provider in sorted({r.provider for r in group}):
+            providers = sorted({r.provider for r in group})
+            width = 0.8 / len(providers)
+            for k, provider in enumerate(providers):
                 line = sorted((r for r in group if r.provider == provider), key=lambda r: x_of[r.shape])
                 xs = [x_of[r.shape] for r in line]
-                style = dict(marker="o", label=provider, color=color[provider],
-                             linestyle="-" if provider in FUSEDRL_PROVIDERS else "--")
-                ax_row[0].plot(xs, [r.median_ms for r in line], **style)
-                ax_row[1].plot(xs, [r.percent for r in line], **style)
-                ax_row[2].plot(xs, [r.peak_mb for r in line], **style)
-            for ax, label in zip(ax_row, ("median ms (log)", "% of ceiling", "peak MB")):
+                for ax, values in zip(ax_row, ([r.median_ms for r in line], [r.percent for r in line],
+                                               [r.peak_mb for r in line])):
+                    if len(shapes) <= BAR_MAX_SHAPES:  # providers side by side at each shape
+                        ax.bar([x - 0.4 + (k + 0.5) * width for x in xs], values, width, label=provider,
+                               color=color[provider], hatch="" if is_fusedrl(provider) else "//")
+                    else:
+                        ax.plot(xs, values, marker="o", label=provider, color=color[provider],
+                                linestyle="-" if is_fusedrl(provider) else "--")
+            bars = len(shapes) <= BAR_MAX_SHAPES
+            for ax, label in zip(ax_row, ("median ms" if bars else "median ms (log)", "% of ceiling", "peak MB")):
                 ax.set_title(f"{op} {mode} {dtype}: {label}", fontsize=9)
                 ax.set_xticks(range(len(shapes)), shapes, rotation=20, ha="right", fontsize=7)
                 ax.grid(alpha=0.3)
-            ax_row[0].set_yscale("log")
+            if not bars:  # a bar's length must mean its value
+                ax_row[0].set_yscale("log")
             ax_row[0].legend(fontsize=7)
         fig.suptitle(f"{op} on {device}", fontsize=11)
         fig.tight_layout()
@@ -121,11 +136,11 @@ def summary_markdown(csv_path: str | Path, device: str | None = None) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for op, mode, shape, dtype in sorted({(r.op, r.mode, r.shape, r.dtype) for r in rows}):
         group = {r.provider: r for r in rows if (r.op, r.mode, r.shape, r.dtype) == (op, mode, shape, dtype)}
-        kernels = [group[p] for p in FUSEDRL_PROVIDERS if p != "torch" and p in group]
+        kernels = [r for p, r in group.items() if is_fusedrl(p) and p != "torch"]
         if not kernels:
             continue
         best = min(kernels, key=lambda r: r.median_ms)
-        others = [r for p, r in group.items() if p not in FUSEDRL_PROVIDERS and p != "eager"]
+        others = [r for p, r in group.items() if not is_fusedrl(p) and p != "eager"]
         other = min(others, key=lambda r: r.median_ms) if others else None
 
         def vs(r: Row | None, name: bool = False, kernel: Row = best) -> str:
