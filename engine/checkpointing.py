@@ -97,7 +97,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from . import attention_stash
-from .config import field, gt
+from .config import ConfigError, field, gt
 
 __all__ = [
     "ATTENTION_OPS",
@@ -555,8 +555,16 @@ class CheckpointingSection:
         "decoder layers): full recomputes everything, save_attention keeps the attention outputs, offload copies "
         "activations to the CPU")
     checkpoint_blocks: int | None = field(
-        None, "checkpoint only the first N blocks (none: all of them): each one left out keeps its activations in "
-        "memory and skips its recomputation in backward, trading memory for time", check=gt(0))
+        None, "checkpoint only the first N blocks, in the order the model lists them (an LM's layers and a "
+        "transformer's blocks in depth order; a UNet's down blocks, then its up blocks, then the middle one; "
+        "none: all of them): each one left out keeps its activations in memory and skips its recomputation in "
+        "backward, trading memory for time", check=gt(0))
+
+    def check_block_count(self, blocks: int, what: str) -> None:
+        """ConfigError when checkpoint_blocks asks for more than the model's `blocks` (`what`: "the denoiser")."""
+        if self.checkpoint_blocks is not None and self.checkpoint_blocks > blocks:
+            raise ConfigError([("memory.checkpoint_blocks", f"{self.checkpoint_blocks}, but {what} has {blocks} blocks "
+                                                            "to checkpoint")])
 
     def __post_init__(self) -> None:
         if self.checkpoint_blocks is not None and self.gradient_checkpointing == "none":

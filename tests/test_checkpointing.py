@@ -462,6 +462,18 @@ def test_apply_checkpointing_limit_wraps_the_first_blocks(model_x):
     assert_same_grads({k.replace("_checkpoint_wrapped_module.", ""): v for k, v in got.items()}, ref)
 
 
+def test_checkpoint_blocks_option_is_checked():
+    """The trainers' memory.checkpoint_blocks: needs a policy, a positive count, at most the model's blocks."""
+    from fusedrl.engine.config import ConfigError
+
+    with pytest.raises(ValueError, match="checkpoint_blocks needs gradient_checkpointing"):
+        ckpt.CheckpointingSection(checkpoint_blocks=2)
+    section = ckpt.CheckpointingSection(gradient_checkpointing="full", checkpoint_blocks=3)
+    section.check_block_count(3, "the model")
+    with pytest.raises(ConfigError, match="memory.checkpoint_blocks: 3, but the model has 2 blocks"):
+        section.check_block_count(2, "the model")
+
+
 def test_torch_compile_traces_the_wrapped_blocks(model_x):
     """Under torch.compile (aot_eager: no C++ compiler needed) SAC marks the saved nodes; no graph break."""
     torch._dynamo.reset()

@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -320,23 +321,35 @@ def test_cuda_rejects_bad_input(extension):
     _run_cases_in_children("check_bad_input", BAD_INPUTS)
 
 
-def _child(function: str, start: int, stop: int, debugger: str | None = None) -> subprocess.CompletedProcess:
-    """`function(i)` of this file for i in [start, stop) in one fresh Python process, "case i" printed before each."""
+CHILDREN_BUDGET_S = 200  # all of one test's child processes, cuda-gdb included: under gpu_check.sh's 240 s per test
+
+
+def _child(function: str, start: int, stop: int, timeout: float,
+           debugger: str | None = None) -> subprocess.CompletedProcess:
+    """`function(i)` of this file for i in [start, stop) in one fresh Python process, "case i" printed before each.
+    A child past `timeout` seconds is killed and reported with what it printed (returncode None)."""
     code = (f"import runpy; f = runpy.run_path({__file__!r})[{function!r}]\n"
             f"for i in range({start}, {stop}):\n    print('case', i, flush=True)\n    f(i)")
     cmd = [sys.executable, "-X", "faulthandler", "-c", code]
     if debugger:  # batch mode: run, and on a crash print the native stack
         cmd = [debugger, "-q", "-batch", "-ex", "set pagination off", "-ex", "run", "-ex", "bt 40", "--args", *cmd]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=max(1.0, timeout))
+    except subprocess.TimeoutExpired as exc:
+        out, err = (b.decode(errors="replace") if isinstance(b, bytes) else (b or "") for b in (exc.stdout, exc.stderr))
+        return subprocess.CompletedProcess(cmd, None, out, f"{err}\n(killed after {timeout:.0f} s)")
 
 
 def _run_cases_in_children(function: str, cases: list) -> None:
     """Run `function(i)` of this file for every case i in child processes: one for all, and after a case fails
-    or crashes, a new one from the next case. Fails naming every case that failed, with its output; the first
-    case killed by a signal runs again alone under cuda-gdb (or gdb), when installed, for a native backtrace."""
+    or crashes, a new one from the next case. Fails naming every case that failed, with its output (each report
+    also printed to stderr as it comes, so a test cut by its time limit still shows them); the first case killed
+    by a signal runs again alone under cuda-gdb (or gdb), when installed, for a native backtrace. All children
+    share CHILDREN_BUDGET_S."""
+    deadline = time.monotonic() + CHILDREN_BUDGET_S
     failures, start, debugged = [], 0, False
     while start < len(cases):
-        proc = _child(function, start, len(cases))
+        proc = _child(function, start, len(cases), deadline - time.monotonic())
         if proc.returncode == 0:
             break
         reached = [int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("case ")]
@@ -345,11 +358,15 @@ def _run_cases_in_children(function: str, cases: list) -> None:
         report = (f"case {i} (expecting {error.__name__}: {match}): exit status {proc.returncode}\n"
                   f"{proc.stderr[-3000:]}")
         debugger = shutil.which("cuda-gdb") or shutil.which("gdb")
-        if proc.returncode < 0 and debugger and not debugged:
+        if proc.returncode is not None and proc.returncode < 0 and debugger and not debugged:
             debugged = True
-            traced = _child(function, i, i + 1, debugger)
+            traced = _child(function, i, i + 1, deadline - time.monotonic(), debugger)
             report += f"\n--- case {i} alone under {debugger}:\n{traced.stdout[-6000:]}\n{traced.stderr[-2000:]}"
+        print(report, file=sys.stderr, flush=True)
         failures.append(report)
+        if proc.returncode is None or time.monotonic() >= deadline:
+            failures.append(f"stopped at case {i}: the children's {CHILDREN_BUDGET_S} s are spent")
+            break
         start = i + 1
     assert not failures, f"{len(failures)} of {len(cases)} cases failed:\n" + "\n\n".join(failures)
 

@@ -343,6 +343,7 @@ class GRPOTrainer:
         if m.gradient_checkpointing == "none":
             return []
         blocks = set(block_names(self.policy.denoiser))
+        m.check_block_count(len(blocks), "the denoiser")
         return apply_checkpointing(self.policy.denoiser, m.gradient_checkpointing,
                                    predicate=lambda name, _m: name in blocks, limit=m.checkpoint_blocks)
 

@@ -150,8 +150,11 @@ def build(cfg: LLMGRPOConfig, out_dir: str | os.PathLike | None = None) -> Any:
     if cfg.memory.gradient_checkpointing != "none":
         from transformers.modeling_layers import GradientCheckpointingLayer
 
-        apply_checkpointing(decoder_of(policy.model), cfg.memory.gradient_checkpointing,
-                            module_types=GradientCheckpointingLayer, limit=cfg.memory.checkpoint_blocks)
+        decoder = decoder_of(policy.model)
+        cfg.memory.check_block_count(sum(isinstance(mod, GradientCheckpointingLayer) for mod in decoder.modules()),
+                                     "the model")
+        apply_checkpointing(decoder, cfg.memory.gradient_checkpointing, module_types=GradientCheckpointingLayer,
+                            limit=cfg.memory.checkpoint_blocks)
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

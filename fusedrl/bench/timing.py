@@ -121,8 +121,8 @@ def _cycles_per_second(device: torch.device) -> float:
 
 
 def _host_seconds(fn: Callable[[], object], device: torch.device, calls: int = 3) -> float:
-    """The CPU time to issue one call, GPU work excluded (median of a few calls; one when a call's issue
-    time alone reaches the longest hold, which is then what the hold will be)."""
+    """The CPU time to issue one call, GPU work excluded (median of a few calls; only one when twice its
+    issue time reaches MAX_HOLD_S: the hold is then capped at MAX_HOLD_S whatever the median)."""
     times = []
     for _ in range(calls):
         torch.cuda.synchronize(device)
