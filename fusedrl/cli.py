@@ -81,9 +81,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  {name:<20} {show(value)}")
     table = dispatch.availability()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"== ops (backends for {device} tensors; chosen in the order cuda, triton, torch)")
+    print(f"== ops (backends for {device} tensors, and the order auto-dispatch tries them in on CUDA tensors)")
     for op, row in table.items():
-        print(f"  {op}")
+        spec = dispatch.OPS[op]
+        print(f"  {op}  (auto: {', '.join(b.value for b in spec.auto_order if b in spec.backends)})")
         for backend, reason in row.items():
             print(f"    {backend:<7} {'yes' if reason is None else 'no: ' + reason}")
     return 0

@@ -2,8 +2,10 @@
 
 Rules (DESIGN.md, "One op, three backends"):
 - CUDA tensors -> the CUDA extension if it is already built or loaded and supports the inputs,
-  else Triton, else torch. CPU tensors -> torch, except that Triton serves CPU tensors when its
-  interpreter is on (`TRITON_INTERPRET=1`, the test setting).
+  else Triton, else torch (`PREFERENCE`); an op whose Triton kernels were measured faster than its
+  CUDA ones on every case declares `auto_order=TRITON_FIRST` instead (the CUDA extension then serves
+  when Triton cannot: no triton package, or inputs its kernels refuse). CPU tensors -> torch, except
+  that Triton serves CPU tensors when its interpreter is on (`TRITON_INTERPRET=1`, the test setting).
 - `FUSEDRL_BACKEND=torch|triton|cuda` forces one backend: when it cannot serve the inputs the call
   raises a `RuntimeError` that says why. An auto-selected backend that cannot serve falls back, and
   says so once per (op, backend, reason) at debug level on the `fusedrl` logger.
@@ -35,8 +37,11 @@ class Backend(str, Enum):
     CUDA = "cuda"
 
 
-# Order of preference for CUDA tensors.
+# Order of preference for CUDA tensors (DESIGN.md), and the one of the ops whose Triton kernels measured faster than
+# their CUDA kernels in every case (H200, results/2026-11-27_H200_all_run1.csv: diffusion_step 1.1-1.5x, grpo_loss
+# 1.1x; the Triton kernels are the same code on other GPUs, the CUDA ones too, so no device is singled out).
 PREFERENCE = (Backend.CUDA, Backend.TRITON, Backend.TORCH)
+TRITON_FIRST = (Backend.TRITON, Backend.CUDA, Backend.TORCH)
 
 # (tensors, backend) -> None when the op's own kernel supports these inputs, else the reason.
 SupportCheck = Callable[[Sequence[torch.Tensor], Backend], "str | None"]
@@ -48,6 +53,7 @@ class OpSpec:
     backends: tuple[Backend, ...]
     supports: SupportCheck = field(default=lambda tensors, backend: None)
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+    auto_order: tuple[Backend, ...] = PREFERENCE  # the backends auto-dispatch tries for CUDA tensors, in order
 
 
 OPS: dict[str, OpSpec] = {}
@@ -165,7 +171,7 @@ def select(spec: OpSpec, tensors: Sequence[torch.Tensor]) -> Backend:
         return forced
     device_type = tensors[0].device.type
     if device_type == "cuda":
-        candidates = PREFERENCE
+        candidates = spec.auto_order
     elif device_type == "cpu" and triton_interpreting():
         # Interpreter mode (tests): Triton serves CPU tensors so that its kernels are exercised.
         candidates = (Backend.TRITON, Backend.TORCH)

@@ -15,9 +15,11 @@ def test_info_lists_versions_devices_and_each_op_backend(capsys):
     for needle in ("torch", "triton", "nvcc", "CUDA extension", "FUSEDRL_BACKEND", "FUSEDRL_TOKEN_LOGPROBS auto"):
         assert needle in out
     assert dispatch.OPS, "no op registered"
-    for op in dispatch.OPS:
-        assert f"  {op}\n" in out
-        block = out.split(f"  {op}\n", 1)[1]
+    for op, spec in dispatch.OPS.items():
+        order = ", ".join(b.value for b in spec.auto_order if b in spec.backends)
+        header = f"  {op}  (auto: {order})\n"
+        assert header in out
+        block = out.split(header, 1)[1]
         for backend in ("torch", "triton", "cuda"):
             line = next(li for li in block.splitlines() if li.strip().startswith(backend))
             verdict = line.split(None, 1)[1]

@@ -208,6 +208,27 @@ def test_seeded_sample_equals_diffusers_randn_tensor(backend, use_backend):
     torch.testing.assert_close(out.prev_sample, out.mean + scale.view(-1, 1, 1, 1) * z, rtol=1e-6, atol=1e-6)
 
 
+def test_auto_dispatch_on_cuda_tensors_follows_each_ops_measured_order(monkeypatch):
+    """On CUDA tensors auto-dispatch tries an op's `auto_order`: Triton before the CUDA extension for the ops
+    whose Triton kernels measured faster (diffusion_step, grpo_loss), the CUDA extension first for the others;
+    a backend that cannot serve is passed over, and FUSEDRL_BACKEND still forces one."""
+    import types
+
+    from fusedrl.kernels import grpo_loss  # noqa: F401  (registers its spec)
+
+    monkeypatch.delenv(dispatch.ENV_BACKEND, raising=False)
+    fake = types.SimpleNamespace(device=torch.device("cuda"))  # select reads only .device; why_not is mocked
+    refused: set = set()
+    monkeypatch.setattr(dispatch, "why_not", lambda spec, backend, tensors: "no" if backend in refused else None)
+    for op, first in (("diffusion_step", "triton"), ("grpo_loss", "triton"), ("logprobs_from_logits", "cuda")):
+        assert dispatch.select(dispatch.OPS[op], [fake]).value == first, op
+    refused.add(dispatch.Backend.TRITON)  # e.g. no triton package: the CUDA extension serves
+    assert dispatch.select(dispatch.OPS["diffusion_step"], [fake]) is dispatch.Backend.CUDA
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "cuda")
+    refused.clear()
+    assert dispatch.select(dispatch.OPS["logprobs_from_logits"], [fake]) is dispatch.Backend.CUDA
+
+
 def test_auto_dispatch_picks_triton_under_interpreter(monkeypatch):
     if not INTERPRET:
         pytest.skip("interpreter-mode dispatch")

@@ -21,6 +21,7 @@ SPEC = dispatch.register_op(
     dispatch.OpSpec(
         name="diffusion_step",
         backends=(dispatch.Backend.TORCH, dispatch.Backend.TRITON, dispatch.Backend.CUDA),
+        auto_order=dispatch.TRITON_FIRST,  # measured faster than the CUDA kernels (dispatch.TRITON_FIRST)
     )
 )
 

@@ -18,7 +18,8 @@ COLUMN = {name: i for i, name in enumerate(tk.STATS)}
 
 SPEC = dispatch.register_op(
     dispatch.OpSpec(name="grpo_loss", backends=(dispatch.Backend.TORCH, dispatch.Backend.TRITON,
-                                                    dispatch.Backend.CUDA))
+                                                    dispatch.Backend.CUDA),
+                    auto_order=dispatch.TRITON_FIRST)  # measured faster than the CUDA kernels (dispatch.TRITON_FIRST)
 )
 
 
