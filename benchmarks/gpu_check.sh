@@ -170,7 +170,7 @@ elif [ "$PART" = all ] || [ "$PART" = tests ]; then
     # the kernels' tests (the engine's and the integrations' run on CPUs in CI)
     TESTS=(tests/test_diffusion_step*.py tests/test_logprobs.py tests/test_token_logprobs.py tests/test_grpo_loss.py
            tests/test_fused_linear_grpo.py tests/test_advantages.py tests/test_attention.py
-           tests/test_attention_xformers.py tests/test_checkpointing.py tests/test_checkpointing_stash.py
+           tests/test_attention_xformers.py tests/test_checkpointing.py tests/test_checkpointing_stash.py tests/test_input_offload.py
            tests/test_cuda_build.py tests/test_tiles.py tests/test_peers.py)  # (test_triton_compile: CPU, in CI)
 else
     OPS_ARGS=(--ops "$PART")

@@ -472,6 +472,10 @@ def test_checkpoint_blocks_option_is_checked():
     section.check_block_count(3, "the model")
     with pytest.raises(ConfigError, match="memory.checkpoint_blocks: 3, but the model has 2 blocks"):
         section.check_block_count(2, "the model")
+    for policy in ("none", "offload"):
+        with pytest.raises(ValueError, match=f"offload_block_inputs needs .* recomputes .*, not {policy}"):
+            ckpt.CheckpointingSection(gradient_checkpointing=policy, offload_block_inputs=True)
+    assert ckpt.CheckpointingSection(gradient_checkpointing="save_attention", offload_block_inputs=True)
 
 
 def test_torch_compile_traces_the_wrapped_blocks(model_x):

@@ -302,14 +302,23 @@ def test_nan_log_probs_skip_the_update(tiny_dirs, monkeypatch):
     assert all(p.grad is None for p in trainer.params.values())
 
 
-@pytest.mark.parametrize("blocks", [None, 1])
-def test_gradient_checkpointing_and_background_rewards_give_the_same_step(tiny_dirs, blocks):
-    """Checkpointing every block, or only the first (memory.checkpoint_blocks), changes nothing in the step."""
+@pytest.mark.parametrize(("blocks", "offload"), [(None, True), (1, False)])
+def test_gradient_checkpointing_and_background_rewards_give_the_same_step(tiny_dirs, blocks, offload, monkeypatch):
+    """Checkpointing every block with the inputs that require grad offloaded (memory.offload_block_inputs; CPU
+    tensors count as offloadable here: block 1's), or only the first block (memory.checkpoint_blocks), changes
+    nothing in the step."""
+    from fusedrl.engine import input_offload
+    from fusedrl.engine.checkpointing import iter_wrappers
+
+    monkeypatch.setattr(input_offload, "DEVICE_TYPES", {"cuda", "cpu"})
+    monkeypatch.setattr(input_offload, "MIN_BYTES", 0)
     ref = GRPOTrainer(_cfg(tiny_dirs["sd3"]))
     m_ref = ref.train_step(1)
     other = GRPOTrainer(_cfg(tiny_dirs["sd3"], **{"memory.gradient_checkpointing": "full",
-                                                 "memory.checkpoint_blocks": blocks, "reward.background": True}))
+                                                 "memory.checkpoint_blocks": blocks, "reward.background": True,
+                                                 "memory.offload_block_inputs": offload}))
     assert other.checkpointed == ["transformer_blocks.0", "transformer_blocks.1"][:blocks]
+    assert all(w.offload_inputs == offload for _, w in iter_wrappers(other.policy.denoiser))
     assert other.params.keys() == ref.params.keys()  # names do not depend on the wrappers
     m = other.train_step(1)
     for key in ("reward_mean", "loss", "logp_mean"):

@@ -163,14 +163,20 @@ def test_stop_strings_eos_and_truncation(model_dirs):
 
 
 @pytest.mark.parametrize(("arch", "over"), [
-    ("qwen2", {"lora.enabled": True, "grpo.beta": 0.05, "grpo.loss_type": "grpo"}),
+    ("qwen2", {"lora.enabled": True, "grpo.beta": 0.05, "grpo.loss_type": "grpo",
+               "memory.gradient_checkpointing": "full", "memory.offload_block_inputs": True}),
     ("llama", {"lora.enabled": False, "grpo.beta": 0.05, "grpo.loss_type": "dapo", "grpo.num_iterations": 2}),
     ("gpt2", {"lora.enabled": True, "memory.gradient_checkpointing": "save_attention", "memory.token_budget": 24,
               "memory.checkpoint_blocks": 1, "grpo.loss_type": "bnpo", "grpo.mini_batches": 2, "sampling.stop": ["="]}),
 ])
-def test_one_step(model_dirs, tmp_path, arch, over):
+def test_one_step(model_dirs, tmp_path, arch, over, monkeypatch):
     """One training step through `build` on each architecture: finite metrics, on-policy ratio 1 in the first
-    update, the trainable weights move, the frozen ones do not."""
+    update, the trainable weights move, the frozen ones do not (qwen2: every layer checkpointed, the inputs that
+    require grad offloaded, CPU tensors counting as offloadable here; gpt2: the first layer checkpointed)."""
+    from fusedrl.engine import input_offload
+
+    monkeypatch.setattr(input_offload, "DEVICE_TYPES", {"cuda", "cpu"})
+    monkeypatch.setattr(input_offload, "MIN_BYTES", 0)
     cfg = _cfg(model_dirs[arch], **{"optim.lr": 1e-2, **over})
     torch.manual_seed(0)
     trainer = llm_grpo.build(cfg, tmp_path)

@@ -345,7 +345,8 @@ class GRPOTrainer:
         blocks = set(block_names(self.policy.denoiser))
         m.check_block_count(len(blocks), "the denoiser")
         return apply_checkpointing(self.policy.denoiser, m.gradient_checkpointing,
-                                   predicate=lambda name, _m: name in blocks, limit=m.checkpoint_blocks)
+                                   predicate=lambda name, _m: name in blocks, limit=m.checkpoint_blocks,
+                                   offload_inputs=m.offload_block_inputs)
 
     def _named_trainable(self) -> Iterator[tuple[str, Any]]:
         pol = self.policy

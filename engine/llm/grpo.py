@@ -154,7 +154,7 @@ def build(cfg: LLMGRPOConfig, out_dir: str | os.PathLike | None = None) -> Any:
         cfg.memory.check_block_count(sum(isinstance(mod, GradientCheckpointingLayer) for mod in decoder.modules()),
                                      "the model")
         apply_checkpointing(decoder, cfg.memory.gradient_checkpointing, module_types=GradientCheckpointingLayer,
-                            limit=cfg.memory.checkpoint_blocks)
+                            limit=cfg.memory.checkpoint_blocks, offload_inputs=cfg.memory.offload_block_inputs)
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

@@ -25,7 +25,9 @@ Ops (mode "train": the forward and backward of one optimizer step, without the o
   "trl": TRL 1.16's training path (`add_fused_lm_head`: the backbone's hidden states at the scored positions
   through its chunked `ChunkedLogProbFunction`, log-probs and entropy), the same loss; "fusedrl": the hidden
   states through `fused_linear_grpo_loss` (log-probs, entropy and loss; no [B, T, V] logits);
-  "fusedrl_fused": the same with token_logprobs' fused strategy (the default is chunked on a GPU). Shapes
+  "fusedrl_fused": the same with token_logprobs' fused strategy (the default is chunked on a GPU);
+  "fusedrl_offload": "fusedrl" with fusedrl's own checkpointing of the layers in place of transformers' ("full",
+  the layers' inputs kept in pinned CPU memory between forward and backward: memory.offload_block_inputs). Shapes
   (B x P x T x hidden size): default Qwen2.5-1.5B-shaped at 8 x 256 x 1024 and Llama-3.1-8B-shaped at
   8 x 256 x 4096 (issue 7's 40 GB target); small: a 2-layer width-64 Llama, 4 x 16 x 48.
 
@@ -55,7 +57,7 @@ DIFFUSION_PROVIDERS = (EAGER, "fusedrl", "fusedrl_save_attention", "fusedrl_full
 DIFFUSION_POLICIES = {"fusedrl_save_attention": ("save_attention", False), "fusedrl_full": ("full", False),
                       "fusedrl_full_half": ("full", True)}
 BACKPROP_PROVIDERS = (EAGER, "fusedrl")
-LLM_PROVIDERS = (EAGER, "trl", "fusedrl", "fusedrl_fused")
+LLM_PROVIDERS = (EAGER, "trl", "fusedrl", "fusedrl_fused", "fusedrl_offload")
 NOISE_LEVEL = 0.7
 CLIP = 1e-4
 
@@ -329,9 +331,30 @@ def _llm_setup(name: str, B: int, P: int, T: int, dtype: torch.dtype, device: to
     mask = torch.ones((B, T), device=device)
     adv = torch.randn((B,), generator=g).to(device)
     base = model.get_base_model()
+    offloading = {"on": False}
+
+    def use_offload(on: bool) -> None:
+        """fusedrl's checkpointing with the layers' inputs offloaded, or transformers' (TRL's default) back."""
+        if on == offloading["on"]:
+            return
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        from fusedrl.engine.checkpointing import apply_checkpointing, remove_checkpointing
+
+        if on:
+            if device.type == "cuda":
+                model.gradient_checkpointing_disable()
+            apply_checkpointing(base.model, "full", module_types=GradientCheckpointingLayer, offload_inputs=True)
+        else:
+            remove_checkpointing(base.model)
+            if device.type == "cuda":
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        offloading["on"] = on
 
     def impl(provider: str) -> Impl:
         from fusedrl.kernels import fused_linear_grpo_loss
+
+        use_offload(provider == "fusedrl_offload")
 
         if provider == "trl":
             ChunkedLogProbFunction = trl_peer.chunked_logprob_function()
