@@ -336,7 +336,7 @@ def checkpoint(fn: Callable, *args: Any, policy: str | Callable = "save_attentio
             # Route the tensors that SAC saves through the caller's saved-tensors hooks (e.g. an outer
             # save_on_cpu), as autograd's own saved tensors are; torch will default to this later.
             options["respect_saved_tensors_hooks"] = True
-    if offload_inputs and not compiling:
+    if offload_inputs and not compiling:  # (under torch.compile the inputs stay: the run's summary line says so)
         options.update((k, kwargs.pop(k)) for k in _TORCH_CHECKPOINT_KEYWORDS if k in kwargs)
         return input_offload.run_offloaded(torch.utils.checkpoint.checkpoint, fn, args, kwargs, use_reentrant=False,
                                            preserve_rng_state=preserve_rng_state, **options)

@@ -6,16 +6,23 @@ block's inputs: the hidden states between blocks (an 8B LM at 8 x 4096 tokens: 3
 block's recompute, as Unsloth's offloaded gradient checkpointing and DeepSpeed's cpu_checkpointing do.
 
 On a CUDA device:
-- forward: each offloaded input is copied to pinned memory on a side stream that first waits for the
-  compute stream (the copy overlaps the block's forward); the block runs on the live tensor, and the
-  region drops its reference when the block's forward returns, so the tensor is freed once the model's
-  forward moves on (checkpointing keeps nothing else of it).
-- backward: the recompute asks for its inputs; regions are chained in forward order, and asking for
-  region k's inputs starts the copy back of region k-1's on the side stream, which then overlaps region
-  k's recompute and backward; the compute stream waits for a copy's event only when it needs its tensor.
+- forward: each offloaded input is copied to pinned memory (same strides) on a side stream that first waits
+  for the compute stream, so the copy overlaps the block's forward; the block runs on the live tensor. When
+  the block's forward returns, the compute stream waits for the copy (nothing queued later, an in-place
+  change included, can race it) and the region drops its reference, so the tensor is freed once the
+  model's forward moves on (checkpointing keeps nothing else of it).
+- backward: the recompute asks for its inputs: their copy back is queued on the side stream, then that of
+  the region run before it in the forward (regions are chained in forward order, and backward meets them in
+  reverse), which then overlaps this region's recompute and backward; the compute stream waits for a copy's
+  event only when it needs its tensor. A copy brought back that the backward never used (a partial
+  backward) is dropped when that backward ends.
 Offloaded: the CUDA tensors among the region's arguments (positional, and keyword values) that require
-grad, are not parameters and hold at least MIN_BYTES - the activations; masks, rotary tables, timestep
-embeddings and weights stay where they are. Not under torch.compile, and nothing on the CPU.
+grad, are not leaves (a leaf is held by its owner anyway), are not parameters and hold at least MIN_BYTES -
+the activations; masks, rotary tables, timestep embeddings and weights stay where they are; a tensor passed
+twice is copied once. Not under torch.compile, and nothing on the CPU.
+Host memory: pinned, from torch's caching host allocator, which rounds each block up to a power of two and
+keeps it for reuse (up to ~2x the inputs' bytes; `PYTORCH_CUDA_ALLOC_CONF=pinned_max_round_threshold_mb:N`
+limits the rounding).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ MIN_BYTES = 1 << 20
 DEVICE_TYPES = {"cuda"}
 
 _side_streams: dict[torch.device, Any] = {}
+_totals = {"tensors": 0, "bytes": 0}  # offloaded in this process, for the runs' summary line
 _chain = threading.local()  # .last: weakref to the newest region of this thread
 
 
@@ -44,7 +52,7 @@ def _side_stream(device: torch.device):
 
 def _eligible(value: Any) -> bool:
     return (isinstance(value, torch.Tensor) and value.device.type in DEVICE_TYPES and value.requires_grad
-            and not isinstance(value, nn.Parameter) and not isinstance(getattr(value, "_base", None), nn.Parameter)
+            and not value.is_leaf and not isinstance(getattr(value, "_base", None), nn.Parameter)
             and value.numel() * value.element_size() >= MIN_BYTES)
 
 
@@ -58,15 +66,31 @@ class _Input:
         self.requires_grad = t.requires_grad
         self.back: torch.Tensor | None = None
         self.ready = None
+        self.copied = None
+        _totals["tensors"] += 1
+        _totals["bytes"] += t.numel() * t.element_size()
         if t.device.type == "cuda":
             stream = _side_stream(t.device)
             stream.wait_stream(torch.cuda.current_stream(t.device))
             with torch.cuda.stream(stream):
-                self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                self.host = torch.empty_like(t, device="cpu", pin_memory=True)  # the same strides
                 self.host.copy_(t, non_blocking=True)
+                self.copied = torch.cuda.Event()
+                self.copied.record(stream)
             t.record_stream(stream)  # its memory is not reused before the copy has read it
         else:
             self.host = t.detach().clone()
+
+    def settle(self) -> None:
+        """After the block's forward: the compute stream waits for the copy out, then the live tensor is dropped."""
+        if self.copied is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.copied)
+            self.copied = None
+        self.live = None
+
+    def drop_unused(self) -> None:
+        """A copy brought back that no recompute took (the end of a partial backward): free it."""
+        self.back = self.ready = None
 
     def fetch(self) -> None:
         """Start the copy back (on the side stream), unless the tensor is live or already on its way."""
@@ -96,43 +120,71 @@ class _Input:
 
 
 class Region:
-    """The arguments of one checkpointed call, with its activation inputs offloaded (`args()` / `kwargs()`
-    give them back: live in the forward, from the host in the recompute)."""
+    """The arguments of one checkpointed call, with its activation inputs offloaded (`open()` gives them back:
+    live in the forward, from the host in the recompute)."""
 
     def __init__(self, args: tuple, kwargs: dict) -> None:
-        self._args = [_Input(a) if _eligible(a) else a for a in args]
-        self._kwargs = {k: _Input(v) if _eligible(v) else v for k, v in kwargs.items()}
-        self.offloaded = [v for v in (*self._args, *self._kwargs.values()) if isinstance(v, _Input)]
-        last = getattr(_chain, "last", None)
-        self._previous = last  # weakref to the region run before this one (its inputs are needed after ours)
-        _chain.last = weakref.ref(self)
+        made: dict[int, _Input] = {}  # a tensor passed twice: one copy, the aliasing kept
+
+        def wrap(value: Any) -> Any:
+            if not _eligible(value):
+                return value
+            if id(value) not in made:
+                made[id(value)] = _Input(value)
+            return made[id(value)]
+
+        self._args = [wrap(a) for a in args]
+        self._kwargs = {k: wrap(v) for k, v in kwargs.items()}
+        self.offloaded = list(made.values())
+        # weakref to the region that offloaded before this one (in backward its inputs are needed after ours)
+        self._previous = getattr(_chain, "last", None)
+        if self.offloaded:
+            _chain.last = weakref.ref(self)
 
     def release(self) -> None:
         """After the forward: drop the live tensors (their host copies stay). A region that changed one of them in
         place cannot be offloaded: its copy may hold either value."""
         changed = [item for item in self.offloaded if item.live is not None and item.live._version != item.version]
         for item in self.offloaded:
-            item.live = None
+            item.settle()
         if changed:
             raise RuntimeError("offload_inputs: the checkpointed block changed an input in place during its forward "
                                f"(shape {tuple(changed[0].host.shape)}), so its copy to the CPU may have read either "
                                "value; turn offloading off for this block (memory.offload_block_inputs)")
 
-    def _open(self, value: Any) -> Any:
-        return value.get() if isinstance(value, _Input) else value
+    def open(self) -> tuple[list, dict]:
+        """(args, kwargs) for the block: in the recompute, this region's inputs are brought back first, then the
+        previous region's start on their way (in backward it comes next)."""
+        if not any(item.live is not None for item in self.offloaded):  # the recompute
+            for item in self.offloaded:
+                item.fetch()
+            self._prefetch_previous()
+        opened = {id(item): item.get() for item in self.offloaded}  # an aliased input: one tensor
 
-    def args(self) -> list:
-        self._prefetch_previous()
-        return [self._open(a) for a in self._args]
+        def value(v: Any) -> Any:
+            return opened[id(v)] if isinstance(v, _Input) else v
 
-    def kwargs(self) -> dict:
-        return {k: self._open(v) for k, v in self._kwargs.items()}
+        return [value(a) for a in self._args], {k: value(v) for k, v in self._kwargs.items()}
 
     def _prefetch_previous(self) -> None:
         previous = self._previous() if self._previous is not None else None
-        if previous is not None and not any(item.live is not None for item in self.offloaded):
-            for item in previous.offloaded:  # in backward: the region before this one comes next
-                item.fetch()
+        if previous is None:
+            return
+        for item in previous.offloaded:
+            item.fetch()
+        if torch._C._current_graph_task_id() != -1:  # inside a backward: drop what it will not use when it ends
+            items = list(previous.offloaded)
+            torch.autograd.Variable._execution_engine.queue_callback(
+                lambda: [item.drop_unused() for item in items])
+
+
+def summary() -> str:
+    """A line for train.log: how much went to the CPU in this process, or why offloading may have done nothing."""
+    if not _totals["tensors"]:
+        return ("offload_block_inputs: no block input was offloaded (they were on the CPU, under 1 MiB, did not "
+                "require grad, or ran under torch.compile)")
+    return (f"offload_block_inputs: {_totals['tensors']} block inputs, {_totals['bytes'] / 2**30:.2f} GiB in all, "
+            "waited in CPU memory between forward and backward")
 
 
 def run_offloaded(checkpoint_fn, fn, args: tuple, kwargs: dict, **options: Any) -> Any:
@@ -146,7 +198,8 @@ def run_offloaded(checkpoint_fn, fn, args: tuple, kwargs: dict, **options: Any) 
         return checkpoint_fn(fn, *args, **options, **kwargs)
 
     def body(_marker: torch.Tensor):
-        return fn(*region.args(), **region.kwargs())
+        args_, kwargs_ = region.open()
+        return fn(*args_, **kwargs_)
 
     try:
         return checkpoint_fn(body, torch.empty(0, device=region.offloaded[0].device), **options)

@@ -121,32 +121,54 @@ def test_backward_brings_the_previous_blocks_inputs_back_first(on_cpu, monkeypat
     ckpt.apply_checkpointing(model, "full", module_types=Block, offload_inputs=True)
     x = torch.randn(4, 9, 32, requires_grad=True)
     model(x).sum().backward()
-    # inputs 0, 1, 2 of blocks 0, 1, 2. Backward recomputes block 2 first: it starts bringing back block 1's
-    # input, then fetches its own (not prefetched: the first); block 1's recompute finds its input on its way
-    # (no fetch of its own) and starts block 0's.
-    assert log == [("fetch", 1), ("get", 2), ("fetch", 2), ("fetch", 0), ("get", 1), ("get", 0)]
+    # inputs 0 and 1 of blocks 1 and 2 (block 0's input x is a leaf: its owner holds it anyway). Backward
+    # recomputes block 2 first: it fetches its own input, then starts bringing back block 1's, which block 1's
+    # recompute then finds on its way.
+    assert log == [("fetch", 1), ("fetch", 0), ("get", 1), ("get", 0)]
 
 
-def test_keyword_activations_are_offloaded_and_small_or_frozen_inputs_are_not(on_cpu, monkeypatch):
+def test_keyword_activations_are_offloaded_and_small_frozen_or_leaf_inputs_are_not(on_cpu, monkeypatch):
     block = Block()
-    x = torch.randn(4, 9, 32, requires_grad=True)
-    scale = torch.randn(32, requires_grad=True)
+    x0 = torch.randn(4, 9, 32, requires_grad=True)
+    s0 = torch.randn(32, requires_grad=True)
+    x, scale = x0 * 1.0, s0 * 1.0  # activations (non-leaf)
     frozen = torch.randn(4, 9, 32)
-    region = input_offload.Region((frozen,), {"x": x, "scale": scale, "flag": True})
-    assert [type(v).__name__ for v in (*region._args, *region._kwargs.values())] == ["Tensor", "_Input", "_Input",
-                                                                                    "bool"]
+    region = input_offload.Region((frozen, x0), {"x": x, "scale": scale, "flag": True, "again": x})
+    kinds = [type(v).__name__ for v in (*region._args, *region._kwargs.values())]
+    assert kinds == ["Tensor", "Tensor", "_Input", "_Input", "bool", "_Input"]
+    assert len(region.offloaded) == 2 and region._kwargs["again"] is region._kwargs["x"]  # one copy of x
     monkeypatch.setattr(input_offload, "MIN_BYTES", 1 << 10)  # scale (128 bytes) is below it now
     region = input_offload.Region((x,), {"scale": scale, "weight": block.fc1.weight})
     assert [type(v).__name__ for v in (*region._args, *region._kwargs.values())] == ["_Input", "Tensor",
                                                                                     "Parameter"]
     monkeypatch.setattr(input_offload, "MIN_BYTES", 0)
     torch.manual_seed(0)
-    want = block(x, scale=scale).sum()
-    want_grads = torch.autograd.grad(want, (x, scale))
+    want_grads = torch.autograd.grad(block(x, scale=scale).sum(), (x0, s0))
     torch.manual_seed(0)
-    got = ckpt.checkpoint(block, policy="full", offload_inputs=True, x=x, scale=scale).sum()  # all by keyword
-    for g, w in zip(torch.autograd.grad(got, (x, scale)), want_grads):
+    got = ckpt.checkpoint(block, policy="full", offload_inputs=True, x=x0 * 1.0, scale=s0 * 1.0).sum()  # keywords
+    for g, w in zip(torch.autograd.grad(got, (x0, s0)), want_grads):
         torch.testing.assert_close(g, w)
+
+
+def test_a_copy_brought_back_but_not_used_is_dropped_when_the_backward_ends(on_cpu, monkeypatch):
+    """Graph A is still alive when graph B runs: B's backward starts bringing back A's last block input (the
+    region offloaded before B's first); A's backward does not run then, so that copy is dropped when B's
+    backward ends."""
+    dropped = []
+    drop = input_offload._Input.drop_unused
+    monkeypatch.setattr(input_offload._Input, "drop_unused", lambda self: (dropped.append(self.back is not None),
+                                                                           drop(self)))
+    torch.manual_seed(0)
+    model = Model(depth=3)
+    ckpt.apply_checkpointing(model, "full", module_types=Block, offload_inputs=True)
+    x = torch.randn(4, 9, 32, requires_grad=True)
+    y_a = model(x)
+    last_of_a = input_offload._chain.last()
+    model(x).sum().backward()
+    assert last_of_a.offloaded and all(item.back is None for item in last_of_a.offloaded)
+    assert True in dropped  # one was on its way, and dropped
+    y_a.sum().backward()  # A still trains: its inputs come back from the host
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_a_block_that_changes_its_input_in_place_is_refused(on_cpu):
@@ -202,3 +224,12 @@ def test_on_a_gpu_inputs_leave_the_device_and_gradients_stay_exact():
     assert held[False] - held[True] >= (depth - 1) * per_input * 0.9, held  # blocks 1..5: activations
     for got, want in zip(grads[True], grads[False]):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_the_runs_summary_line_says_what_was_offloaded(on_cpu, monkeypatch):
+    monkeypatch.setattr(input_offload, "_totals", {"tensors": 0, "bytes": 0})
+    assert "no block input was offloaded" in input_offload.summary()
+    model = Model(depth=3)
+    ckpt.apply_checkpointing(model, "full", module_types=Block, offload_inputs=True)
+    model(torch.randn(4, 9, 32, requires_grad=True)).sum().backward()
+    assert input_offload.summary().startswith("offload_block_inputs: 2 block inputs, 0.00 GiB in all")

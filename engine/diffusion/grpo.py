@@ -839,6 +839,10 @@ class GRPOTrainer:
         if summary:
             run.info(summary)
         run.info_peak_memory(self.device)
+        if cfg.memory.offload_block_inputs:
+            from .. import input_offload
+
+            run.info(input_offload.summary())
 
 
 def reward_summary(metrics_csv: Path, key: str = "reward_mean") -> str | None:
