@@ -27,7 +27,9 @@ Ops (mode "train": the forward and backward of one optimizer step, without the o
   states through `fused_linear_grpo_loss` (log-probs, entropy and loss; no [B, T, V] logits);
   "fusedrl_fused": the same with token_logprobs' fused strategy (the default is chunked on a GPU);
   "fusedrl_offload": "fusedrl" with fusedrl's own checkpointing of the layers in place of transformers' ("full",
-  the layers' inputs kept in pinned CPU memory between forward and backward: memory.offload_block_inputs). Shapes
+  the layers' inputs kept in pinned CPU memory between forward and backward: memory.offload_block_inputs). Every
+  forward passes use_cache=False (without transformers' checkpointing a training forward would build a KV cache
+  of every layer, as the engine's does not). Shapes
   (B x P x T x hidden size): default Qwen2.5-1.5B-shaped at 8 x 256 x 1024 and Llama-3.1-8B-shaped at
   8 x 256 x 4096 (issue 7's 40 GB target); small: a 2-layer width-64 Llama, 4 x 16 x 48.
 
@@ -362,17 +364,18 @@ def _llm_setup(name: str, B: int, P: int, T: int, dtype: torch.dtype, device: to
         def fn():
             model.zero_grad(set_to_none=True)
             if provider == EAGER:  # the logits [B, T, V] in fp32, log_softmax and gather
-                logits = model(input_ids=ids).logits[:, P - 1:-1].float()
+                logits = model(input_ids=ids, use_cache=False).logits[:, P - 1:-1].float()
                 loss = _dapo(torch.log_softmax(logits, dim=-1).gather(-1, labels[..., None]).squeeze(-1), adv, mask)
             elif provider == "trl":  # TRL 1.16's fused LM head (add_fused_lm_head): its chunked kernel on the
-                hidden = base.model(input_ids=ids).last_hidden_state[:, P - 1:-1]  # scored positions, + entropy
+                # scored positions, + entropy
+                hidden = base.model(input_ids=ids, use_cache=False).last_hidden_state[:, P - 1:-1]
                 keep = mask.bool()
                 out = ChunkedLogProbFunction.apply(hidden[keep], base.lm_head.weight, None, labels[keep], 1.0,
                                                    TRL_CHUNK, None, 1.0, ("entropy",))
                 logp = torch.zeros(mask.shape, dtype=out[0].dtype, device=device).masked_scatter(keep, out[0])
                 loss = _dapo(logp.float(), adv, mask)
             else:
-                hidden = base.model(input_ids=ids).last_hidden_state[:, P - 1:-1]
+                hidden = base.model(input_ids=ids, use_cache=False).last_hidden_state[:, P - 1:-1]
                 loss = fused_linear_grpo_loss(hidden, base.lm_head.weight, labels, adv, mask, with_entropy=True,
                                               loss_type="dapo")[0]
             loss.backward()
