@@ -27,7 +27,8 @@ Ops (mode "train": the forward and backward of one optimizer step, without the o
   states through `fused_linear_grpo_loss` (log-probs, entropy and loss; no [B, T, V] logits);
   "fusedrl_fused": the same with token_logprobs' fused strategy (the default is chunked on a GPU);
   "fusedrl_offload": "fusedrl" with fusedrl's own checkpointing of the layers in place of transformers' ("full",
-  the layers' inputs kept in pinned CPU memory between forward and backward: memory.offload_block_inputs). Every
+  the layers' inputs kept in pinned CPU memory between forward and backward: memory.offload_block_inputs; on the
+  CPU, where the other providers run without checkpointing, it checkpoints and offloads nothing). Every
   forward passes use_cache=False (without transformers' checkpointing a training forward would build a KV cache
   of every layer, as the engine's does not). Shapes
   (B x P x T x hidden size): default Qwen2.5-1.5B-shaped at 8 x 256 x 1024 and Llama-3.1-8B-shaped at
