@@ -173,11 +173,13 @@ elif [ "$PART" = all ] || [ "$PART" = tests ]; then
            tests/test_attention_xformers.py tests/test_checkpointing.py tests/test_checkpointing_stash.py tests/test_input_offload.py
            tests/test_cuda_build.py tests/test_tiles.py tests/test_peers.py)  # (test_triton_compile: CPU, in CI)
 else
-    OPS_ARGS=(--ops "$PART")
-    PART_TESTS=1
-    for entry in "${PART_PLAN[@]}"; do  # these parts name their ops in their options
-        IFS='|' read -r op _ _ with_tests _ <<<"$entry"
-        [ "$op" = "$PART" ] && OPS_ARGS=() && PART_TESTS=$with_tests
+    # a case module by default; a part of PART_PLAN names its ops in its options and has its own settings
+    OPS_ARGS=(--ops "$PART") PART_TESTS=1 cap=45 reserve=12 options="" compile_pass=1
+    for entry in "${PART_PLAN[@]}"; do
+        IFS='|' read -r op c r t o <<<"$entry"
+        if [ "$op" = "$PART" ]; then
+            OPS_ARGS=() PART_TESTS=$t cap=$c reserve=$r options=$o compile_pass=0
+        fi
     done
     shopt -s nullglob
     # the part's own tests, the CUDA extension's (its kernels vs Triton's on the GPU), the runner's
@@ -264,11 +266,6 @@ if [ "$PART" = all ]; then
             --csv "$OUT/bench.csv" || FAILED+=("bench_$op")
     done
 else
-    cap=45 reserve=12 options="" compile_pass=1
-    for entry in "${PART_PLAN[@]}"; do
-        IFS='|' read -r op c r _ o <<<"$entry"
-        [ "$op" = "$PART" ] && cap=$c reserve=$r options=$o compile_pass=0
-    done
     # shellcheck disable=SC2086  # options are words
     step bench_fused bench.log "$cap" "$reserve" "$PY" -m fusedrl bench "${OPS_ARGS[@]}" --no-compile $options \
         --csv "$OUT/bench.csv" || FAILED+=("bench_fused")

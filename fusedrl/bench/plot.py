@@ -96,19 +96,19 @@ def draw_charts(csv_path: str | Path, out_dir: str | Path, device: str | None = 
             shapes = sorted({r.shape for r in group}, key=lambda s: min(r.work for r in group if r.shape == s))
             x_of = {s: i for i, s in enumerate(shapes)}
             providers = sorted({r.provider for r in group})
+            bars = len(shapes) <= BAR_MAX_SHAPES  # providers side by side at each shape
             width = 0.8 / len(providers)
             for k, provider in enumerate(providers):
                 line = sorted((r for r in group if r.provider == provider), key=lambda r: x_of[r.shape])
                 xs = [x_of[r.shape] for r in line]
                 for ax, values in zip(ax_row, ([r.median_ms for r in line], [r.percent for r in line],
                                                [r.peak_mb for r in line])):
-                    if len(shapes) <= BAR_MAX_SHAPES:  # providers side by side at each shape
+                    if bars:
                         ax.bar([x - 0.4 + (k + 0.5) * width for x in xs], values, width, label=provider,
                                color=color[provider], hatch="" if is_fusedrl(provider) else "//")
                     else:
                         ax.plot(xs, values, marker="o", label=provider, color=color[provider],
                                 linestyle="-" if is_fusedrl(provider) else "--")
-            bars = len(shapes) <= BAR_MAX_SHAPES
             for ax, label in zip(ax_row, ("median ms" if bars else "median ms (log)", "% of ceiling", "peak MB")):
                 ax.set_title(f"{op} {mode} {dtype}: {label}", fontsize=9)
                 ax.set_xticks(range(len(shapes)), shapes, rotation=20, ha="right", fontsize=7)
