@@ -34,7 +34,8 @@ BENCH_PLAN=(
     "rewards|12|8|--reps 3"
     "grpo_loss|4|6|--reps 50"
     "diffusion_step|5|3|--reps 50"
-    "logprobs|4|1|--reps 50"
+    "logprobs|4|4|--reps 50"
+    "backbone|4|1|--dtypes bf16 --reps 50"
 )
 
 # Parts with their own bench cap and options ("part|cap %|reserve %|tests|fusedrl bench options", the options
@@ -171,7 +172,7 @@ elif [ "$PART" = all ] || [ "$PART" = tests ]; then
     TESTS=(tests/test_diffusion_step*.py tests/test_logprobs.py tests/test_token_logprobs.py tests/test_grpo_loss.py
            tests/test_fused_linear_grpo.py tests/test_advantages.py tests/test_attention.py
            tests/test_attention_xformers.py tests/test_checkpointing.py tests/test_checkpointing_stash.py tests/test_input_offload.py
-           tests/test_cuda_build.py tests/test_tiles.py tests/test_peers.py)  # (test_triton_compile: CPU, in CI)
+           tests/test_cuda_build.py tests/test_tiles.py tests/test_peers.py tests/test_backbone*.py)  # (test_triton_compile: CPU, in CI)
 else
     # a case module by default; a part of PART_PLAN names its ops in its options and has its own settings
     OPS_ARGS=(--ops "$PART") PART_TESTS=1 cap=45 reserve=12 options="" compile_pass=1

@@ -1,13 +1,17 @@
 """TRL's GRPOTrainer with fusedrl's fused log-prob and GRPO-loss kernels.
 
-Your TRL training script stays as it is; two lines are added before the trainer is built:
+Your TRL training script stays as it is; two lines are added before the trainer is built, one after:
 
     from fusedrl.integrations.trl import patch_grpo_trainer
     patch_grpo_trainer(loss=True)   # log-probs + entropies (and the loss) through fusedrl.kernels
+    trainer = GRPOTrainer(...)
+    fusedrl.patch_backbone(trainer.model)   # the model's RMSNorms, SwiGLU MLPs and LoRA linears fused
 
-The patch replaces the one call inside TRL 1.16's GRPOTrainer that turns hidden states into per-token
+The first patch replaces the one call inside TRL 1.16's GRPOTrainer that turns hidden states into per-token
 log-probs (policy, old policy and reference model), so the [tokens, vocab] logits are never built, and,
 with loss=True, the loss (same numbers as TRL's, same logged metrics). `unpatch_grpo_trainer()` undoes it.
+The second runs the decoder's own elementwise work on fused kernels (the trainer's model: TRL adds the LoRA
+adapter when it builds the trainer; before accelerate wraps it, which happens in train()).
 
 Run it:
 
@@ -32,6 +36,7 @@ import transformers
 from transformers import PrinterCallback, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
+import fusedrl
 from fusedrl.integrations.trl import patch_grpo_trainer, unpatch_grpo_trainer
 
 TINY_VOCAB = 300
@@ -56,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--loss-type", default="dapo", help="TRL loss_type: grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo")
     p.add_argument("--no-fused-loss", action="store_true",
                    help="patch only the log-probs; keep TRL's own loss code")
+    p.add_argument("--no-backbone", action="store_true",
+                   help="leave the model's RMSNorms, SwiGLU MLPs and LoRA linears stock (no fusedrl.patch_backbone)")
     p.add_argument("--no-patch", action="store_true", help="run plain TRL (to compare speed and memory)")
     p.add_argument("--target", default=None, help="the rewarded substring (default: '7' for --tiny, else 'yes')")
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (on a GPU)")
@@ -149,6 +156,8 @@ def main(argv=None) -> dict:
                                   train_dataset=datasets.Dataset.from_dict({"prompt": prompts * 2}),
                                   processing_class=tokenizer, callbacks=[printer])
             trainer.remove_callback(PrinterCallback)  # it prints each logged dict in full; PrintMetrics: one line
+            if not (args.no_patch or args.no_backbone):
+                print(fusedrl.patch_backbone(trainer.model).summary())  # <- the other fusedrl line
             initial = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
             trainer.train()
     finally:

@@ -20,8 +20,11 @@ else:
     from .fused_linear_grpo import fused_linear_grpo_loss
     from .grpo_loss import grpo_loss
     from .logprobs import logprobs_from_logits, token_logprobs
+    from .rms_norm import rms_norm
+    from .rotary import apply_rotary
+    from .swiglu import silu_mul
 
     __all__ = [
-        "StepOutput", "ddim_step", "flash_attention", "flow_sde_step", "fused_linear_grpo_loss", "grpo_loss",
-        "logprobs_from_logits", "token_logprobs",
+        "StepOutput", "apply_rotary", "ddim_step", "flash_attention", "flow_sde_step", "fused_linear_grpo_loss",
+        "grpo_loss", "logprobs_from_logits", "rms_norm", "silu_mul", "token_logprobs",
     ]

@@ -96,8 +96,10 @@ def test_trl_grpo_fused(monkeypatch, tmp_path, capsys):
     # policy + reference log-probs each step, and the loss each step, through fusedrl
     assert len(calls["token_logprobs"]) >= 4 and len(calls["grpo_loss"]) == 2
     assert fused_trl.patched_state() is None  # the script unpatches TRL when done
-    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    out = capsys.readouterr().out.splitlines()
+    printed = [line for line in out if line.startswith("step ")]
     assert len(printed) == 2 and "reward" in printed[0]
+    assert "fused backbone: 5 rms_norm, 2 swiglu, 2 rotary" in out  # the tiny Qwen2: 2 layers, fully fine-tuned
 
 
 @pytest.mark.slow

@@ -411,3 +411,30 @@ def test_prompt_plus_completion_longer_than_context_is_refused(model_dirs, tmp_p
         llm_grpo.build(_cfg(model_dirs["qwen2"], **{"prompts.train": str(tmp_path / "p.jsonl"),
                                                     "prompts.max_prompt_length": 58,
                                                     "sampling.max_completion_length": 8}), tmp_path)
+
+
+def test_fused_backbone_step_equals_the_stock_step(model_dirs, tmp_path):
+    """model.fused_backbone (the default) changes speed, not the step: one GRPO step with LoRA gives the loss and
+    the adapter update of the stock model's step (the same rollouts: one seed, log-probs equal to rounding).
+    AdamW's eps is set to 1 so that its first update is about lr x gradient: with the default eps it is
+    lr x sign(gradient), which turns rounding-level differences of near-zero gradients into whole steps."""
+    results = []
+    for fused in (True, False):
+        cfg = _cfg(model_dirs["qwen2"], **{"lora.enabled": True, "grpo.beta": 0.05, "optim.lr": 1e-2,
+                                           "optim.eps": 1.0, "model.fused_backbone": fused})
+        torch.manual_seed(0)
+        trainer = llm_grpo.build(cfg, tmp_path)
+        model = trainer.policy.model
+        assert any("forward" in m.__dict__ for m in model.modules()) == fused
+        trainer.records = _records()
+        trainer.terms.append(RewardTerm("ones", count_ones, 0.5))
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        metrics = trainer.step(1)
+        results.append((metrics, {n: p.detach() - before[n] for n, p in model.named_parameters() if p.requires_grad}))
+    (fused_m, fused_d), (stock_m, stock_d) = results
+    for key in ("loss", "kl", "reward_mean", "completion_length"):
+        assert fused_m[key] == pytest.approx(stock_m[key], rel=1e-4, abs=1e-7), key
+    scale = max(d.abs().max().item() for d in stock_d.values())
+    assert scale > 0
+    for name in stock_d:
+        assert (fused_d[name] - stock_d[name]).abs().max().item() <= 1e-3 * scale, name

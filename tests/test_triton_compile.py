@@ -288,3 +288,59 @@ def _attention_jobs() -> list[dict]:
 def test_attention_kernels_compile_for_sm90():
     failures = compile_kernels(_attention_jobs())
     assert not failures, "\n".join(f"{f['job']['kernel']} {f['job']['constexprs']}: {f['error']}" for f in failures)
+
+
+def _backbone_jobs() -> list[dict]:
+    """RMSNorm at the row widths of real models (Qwen3's head dim 128 to 16384), SwiGLU's gate and the rotary
+    embedding (2 to 64 heads of 64 to 256 dims), in every dtype
+    they take and with the warps their launchers pass, the weight fp32 or the data's dtype; no register spills up
+    to H = 8192 (Llama-70B). At 16384 (Llama-405B) the backward holds 32 values per thread of each row it reads
+    and of the dw accumulator: it compiles and spills (as it did with 32 warps, where a thread has 64 registers)."""
+    from fusedrl.kernels.rms_norm import triton_kernels as rms
+    from fusedrl.kernels.swiglu import triton_kernels as swiglu
+
+    jobs = []
+    widths = (128, 1536, 4096, 8192, 16384)
+    for data, weight, H in itertools.product(("bf16", "fp16", "fp32"), ("same", "fp32"), widths):
+        w = data if weight == "same" else "fp32"
+        y = "fp32" if "fp32" in (data, w) else data
+        options = dict(num_warps=rms.num_warps(H))
+        jobs.append(dict(module="fusedrl.kernels.rms_norm.triton_kernels", kernel="_rms_norm_fwd_kernel",
+                         types=dict(x_ptr=f"*{data}", w_ptr=f"*{w}", y_ptr=f"*{y}", rstd_ptr="*fp32", H="i32",
+                                    stride_x="i32", stride_y="i32", eps="fp32"),
+                         constexprs=dict(BLOCK_H=rms.block_h(H)), options=options, max_stack=0))
+        for has_dw in (True, False):
+            jobs.append(dict(module="fusedrl.kernels.rms_norm.triton_kernels", kernel="_rms_norm_bwd_kernel",
+                             types=dict(dy_ptr=f"*{y}", x_ptr=f"*{data}", w_ptr=f"*{w}", rstd_ptr="*fp32",
+                                        dx_ptr=f"*{data}", dw_ptr="*fp32", N="i32", H="i32", ROWS="i32",
+                                        stride_dy="i32", stride_x="i32"),
+                             constexprs=dict(HAS_DW=has_dw, BLOCK_H=rms.block_h(H)), options=options,
+                             max_stack=None if H > 8192 else 0))
+    for data in ("bf16", "fp16", "fp32"):
+        options = dict(num_warps=swiglu.NUM_WARPS)
+        jobs.append(dict(module="fusedrl.kernels.swiglu.triton_kernels", kernel="_silu_mul_fwd_kernel",
+                         types=dict(g_ptr=f"*{data}", u_ptr=f"*{data}", y_ptr=f"*{data}", n="i64"),
+                         constexprs=dict(BLOCK=swiglu.BLOCK), options=options, max_stack=0))
+        jobs.append(dict(module="fusedrl.kernels.swiglu.triton_kernels", kernel="_silu_mul_bwd_kernel",
+                         types=dict(dy_ptr=f"*{data}", g_ptr=f"*{data}", u_ptr=f"*{data}", dg_ptr=f"*{data}",
+                                    du_ptr=f"*{data}", n="i64"),
+                         constexprs=dict(BLOCK=swiglu.BLOCK), options=options, max_stack=0))
+    from fusedrl.kernels.rotary import triton_kernels as rotary
+
+    strides = ("sx_b", "sx_h", "sx_s", "sy_b", "sy_h", "sy_s", "sc_b", "sc_s")
+    for data, H, D in itertools.product(("bf16", "fp16", "fp32"), (2, 12, 32, 64), (64, 128, 256)):
+        block_h, block_d2 = rotary.blocks(H, D)
+        types = dict(x_ptr=f"*{data}", cos_ptr=f"*{data}", sin_ptr=f"*{data}", y_ptr=f"*{data}", S="i32", H="i32",
+                     D2="i32", **{name: "i32" for name in strides})
+        for backward in (False, True):
+            jobs.append(dict(module="fusedrl.kernels.rotary.triton_kernels", kernel="_rotary_kernel", types=types,
+                             constexprs=dict(BACKWARD=backward, BLOCK_H=block_h, BLOCK_D2=block_d2),
+                             options=dict(num_warps=rotary.num_warps(H, D)), max_stack=0))
+    return [dict(job, arch=90, divisible=[n for n in job["types"] if n.endswith("_ptr")]) for job in jobs]
+
+
+@pytest.mark.slow
+def test_backbone_kernels_compile_for_sm90_without_spills():
+    failures = compile_kernels(_backbone_jobs())
+    assert not failures, "\n".join(f"{f['job']['kernel']} {f['job']['constexprs']} {f['job']['types']}: {f['error']}"
+                                   for f in failures)

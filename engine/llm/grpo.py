@@ -147,6 +147,10 @@ def build(cfg: LLMGRPOConfig, out_dir: str | os.PathLike | None = None) -> Any:
         from fusedrl.attention import patch_attention
 
         patch_attention(policy.model)
+    if m.fused_backbone:  # before FSDP shards the weights (the patch probes each module on two rows)
+        from fusedrl.backbone import patch_backbone
+
+        patch_backbone(policy.model)
     if cfg.memory.gradient_checkpointing != "none":
         from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -224,6 +228,10 @@ def _run(cfg: LLMGRPOConfig, run) -> int | None:
              f"{sum(p.numel() for p in trainer.params) * (world if policy.strategy == 'fsdp' else 1):,} trainable "
              f"parameters ({'LoRA' if lora else 'full'}), {len(trainer.records)} prompts, {cfg.prompts.per_step} x "
              f"{cfg.sampling.group_size} completions per step, loss {cfg.grpo.loss_type}, lr {trainer.lr:g}")
+    if cfg.model.fused_backbone:
+        from fusedrl.backbone import patch_backbone
+
+        run.info(patch_backbone(policy.model).summary())  # the patch build() made (patching again returns it)
     for step in run.steps():
         metrics = trainer.step(step)
         if run.every(step, cfg.run.log_every):

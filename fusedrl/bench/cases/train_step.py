@@ -28,7 +28,9 @@ Ops (mode "train": the forward and backward of one optimizer step, without the o
   "fusedrl_fused": the same with token_logprobs' fused strategy (the default is chunked on a GPU);
   "fusedrl_offload": "fusedrl" with fusedrl's own checkpointing of the layers in place of transformers' ("full",
   the layers' inputs kept in pinned CPU memory between forward and backward: memory.offload_block_inputs; on the
-  CPU, where the other providers run without checkpointing, it checkpoints and offloads nothing). Every
+  CPU, where the other providers run without checkpointing, it checkpoints and offloads nothing);
+  "fusedrl_backbone" / "fusedrl_backbone_offload": "fusedrl" / "fusedrl_offload" with the decoder's RMSNorms,
+  SwiGLU MLPs and LoRA linears fused (`fusedrl.patch_backbone`, the engine's default: model.fused_backbone). Every
   forward passes use_cache=False (without transformers' checkpointing a training forward would build a KV cache
   of every layer, as the engine's does not). Shapes
   (B x P x T x hidden size): default Qwen2.5-1.5B-shaped at 8 x 256 x 1024 and Llama-3.1-8B-shaped at
@@ -60,7 +62,9 @@ DIFFUSION_PROVIDERS = (EAGER, "fusedrl", "fusedrl_save_attention", "fusedrl_full
 DIFFUSION_POLICIES = {"fusedrl_save_attention": ("save_attention", False), "fusedrl_full": ("full", False),
                       "fusedrl_full_half": ("full", True)}
 BACKPROP_PROVIDERS = (EAGER, "fusedrl")
-LLM_PROVIDERS = (EAGER, "trl", "fusedrl", "fusedrl_fused", "fusedrl_offload")
+LLM_PROVIDERS = (EAGER, "trl", "fusedrl", "fusedrl_fused", "fusedrl_offload", "fusedrl_backbone",
+                 "fusedrl_backbone_offload")
+LLM_OFFLOAD = ("fusedrl_offload", "fusedrl_backbone_offload")
 NOISE_LEVEL = 0.7
 CLIP = 1e-4
 
@@ -355,9 +359,14 @@ def _llm_setup(name: str, B: int, P: int, T: int, dtype: torch.dtype, device: to
         offloading["on"] = on
 
     def impl(provider: str) -> Impl:
+        from fusedrl.backbone import patch_backbone, unpatch_backbone
         from fusedrl.kernels import fused_linear_grpo_loss
 
-        use_offload(provider == "fusedrl_offload")
+        use_offload(provider in LLM_OFFLOAD)
+        if provider.startswith("fusedrl_backbone"):
+            patch_backbone(model)
+        else:
+            unpatch_backbone(model)
 
         if provider == "trl":
             ChunkedLogProbFunction = trl_peer.chunked_logprob_function()

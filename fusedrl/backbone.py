@@ -1,0 +1,104 @@
+"""`fusedrl.patch_backbone(model)`: run a transformers causal LM's RMSNorms, SwiGLU MLPs, rotary embeddings and peft
+LoRA linears on fused code, and `fusedrl.unpatch_backbone(model)` to go back.
+
+    import fusedrl
+    patch = fusedrl.patch_backbone(model)   # transformers PreTrainedModel, also under PEFT / DDP / torch.compile
+    print(patch.summary())                  # fused backbone: 57 rms_norm, 28 swiglu, 28 rotary, 112 lora
+    patch.undo()
+
+What changes is speed and memory: each module's fused forward computes what its stock one does (checked on two
+rows of input when the model is patched), see `fusedrl.integrations.transformers_backbone`. The LM head is not
+touched: `fusedrl.kernels.token_logprobs` / `fused_linear_grpo_loss` replace it in the loss.
+
+This module imports neither transformers nor peft until it is called.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .attention import _unwrap
+
+__all__ = ["BackbonePatch", "patch_backbone", "unpatch_backbone"]
+
+_patches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> BackbonePatch
+
+
+@dataclass
+class BackbonePatch:
+    """What `patch_backbone` did to a model, and how to undo it.
+
+    patched: kind ("rms_norm", "swiglu", "rotary", "lora") -> modules now fused (rotary: attention modules).
+    skipped: module name -> why it was left alone.
+    """
+
+    patched: dict[str, int]
+    skipped: dict[str, str]
+    _undo: Callable[[object], None] = field(repr=False)
+    _model: weakref.ref | None = field(repr=False, default=None)
+    active: bool = True
+
+    def summary(self) -> str:
+        """One line for a log: what was fused, and how many modules were left alone (the first reason)."""
+        done = ", ".join(f"{n} {kind}" for kind, n in self.patched.items() if n) or "nothing"
+        if not self.skipped:
+            return f"fused backbone: {done}"
+        name, why = next(iter(self.skipped.items()))
+        return f"fused backbone: {done}; {len(self.skipped)} module(s) left alone, e.g. {name}: {why}"
+
+    def undo(self) -> None:
+        """Restore every patched module's stock forward. Idempotent."""
+        if not self.active:
+            return
+        model = self._model() if self._model is not None else None
+        if model is not None:
+            self._undo(model)
+            if _patches.get(model) is self:
+                del _patches[model]
+        self.active = False
+
+
+def patch_backbone(model, *, rms_norm: bool = True, swiglu: bool = True, rotary: bool = True,
+                   lora: bool = True) -> BackbonePatch:
+    """Run `model`'s RMSNorms, SwiGLU MLPs, rotary embeddings and peft LoRA linears on fusedrl's fused code.
+
+    Args:
+        model: a torch module holding a transformers decoder (a causal LM, its PEFT wrapper, ...). Patch before
+            FSDP sharding; DDP, activation checkpointing and torch.compile may come before or after.
+        rms_norm, swiglu, rotary, lora: which kinds of module to patch. The rotary embedding is rebound in its
+            modeling module (see `fusedrl.integrations.transformers_backbone`): every model of that architecture
+            in the process uses the fused one while a patch holds it.
+
+    Returns:
+        A `BackbonePatch` (what was patched and what was left alone, with why); patching a patched model returns
+        the existing patch.
+
+    Raises:
+        TypeError: `model` is not a torch module.
+    """
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"patch_backbone takes a torch.nn.Module, got {type(model).__module__}.{type(model).__name__}")
+    base = _unwrap(model)
+    existing = _patches.get(base)
+    if existing is not None and existing.active:
+        return existing
+    from fusedrl.integrations import transformers_backbone as integration
+
+    kinds = tuple(kind for kind, on in zip(integration.KINDS, (rms_norm, swiglu, rotary, lora)) if on)
+    patched, skipped, undo = integration.patch_model(base, kinds)
+    patch = BackbonePatch(patched=patched, skipped=skipped, _undo=undo, _model=weakref.ref(base))
+    _patches[base] = patch
+    return patch
+
+
+def unpatch_backbone(model) -> bool:
+    """Undo `patch_backbone(model)`. Returns False when the model was not patched."""
+    patch = _patches.get(_unwrap(model))
+    if patch is None or not patch.active:
+        return False
+    patch.undo()
+    return True

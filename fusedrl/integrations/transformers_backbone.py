@@ -1,0 +1,289 @@
+"""The modules of a transformers causal LM's decoder that `fusedrl.patch_backbone` runs on fused code, and how.
+
+- RMSNorm (Llama, Qwen2/3, Mistral, ... and the per-head q/k norms of Qwen3): `fusedrl.kernels.rms_norm`, one pass
+  per row instead of seven elementwise kernels and their fp32 temporaries.
+- SwiGLU MLPs (`down_proj(act_fn(gate_proj(x)) * up_proj(x))` with silu): `fusedrl.kernels.silu_mul`, one pass, and
+  no silu(gate) tensor kept for the backward.
+- rotary embeddings (the modeling module's `apply_rotary_pos_emb`, transformers' half-split form):
+  `fusedrl.kernels.apply_rotary`, one pass over the queries and one over the keys instead of ten elementwise
+  kernels (rotate_half's slices, negation and concatenation included).
+- peft LoRA linears (plain LoRA, one active adapter): the update added to the base layer's output by the GEMM that
+  computes it (`torch.addmm(base(x), (x A^T), B^T, alpha=scaling)`, in the base layer's dtype, as autocast would)
+  instead of peft's fp32 product, scaling and add over the layer's whole output. Calls peft handles otherwise
+  (adapters disabled, as for the KL reference; merged; several active adapters; mixed-batch adapter names; DoRA
+  and other variants; lora_bias) run peft's own forward.
+
+A module qualifies by what it has (names, an activation, a peft class) and by a probe: its stock forward and the
+fused one run on two rows of random input and must agree (to 1% of the output's scale: a different formula, such
+as Gemma's (1 + weight) norm or a GELU MLP, misses by far more; rounding differences do not). Modules whose
+weights cannot be probed (meta device, sharded) are left alone; patch before sharding.
+
+Patching sets `module.forward` on the instance (the class is untouched, so other models are not affected);
+`undo` deletes it. The rotary embedding is called by name from the attention's code, so that name in the modeling
+module is rebound to a function that runs the fused kernel inside the patched model's attention modules (hooks on
+them set a context variable) and the stock function everywhere else; the last patch undone (or its model
+collected) restores the stock function.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import sys
+import types
+import weakref
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KINDS = ("rms_norm", "swiglu", "rotary", "lora")
+ROTARY_NAME = "apply_rotary_pos_emb"
+PROBE_TOLERANCE = 1e-2  # of the output's largest magnitude
+
+
+def _eps_attribute(module: nn.Module) -> str | None:
+    for name in ("variance_epsilon", "eps"):
+        value = getattr(module, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return name
+    return None
+
+
+def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    from fusedrl.kernels import rms_norm
+
+    return rms_norm(hidden_states, self.weight, getattr(self, self._fusedrl_eps))
+
+
+def _swiglu_forward(self, x: torch.Tensor) -> torch.Tensor:
+    from fusedrl.kernels import silu_mul
+
+    return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+def _fused_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    """transformers' `apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)` on the fused kernel."""
+    from fusedrl.kernels import apply_rotary
+
+    return apply_rotary(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+
+
+# True while a patched model's attention module runs (its forward, or its recomputation under checkpointing)
+_IN_PATCHED_ATTENTION = contextvars.ContextVar("fusedrl_in_patched_attention", default=False)
+# modeling module name -> [its stock apply_rotary_pos_emb, how many active patches hold the dispatcher there]
+_ROTARY_HOLDS: dict[str, list] = {}
+
+
+def _rotary_dispatcher(stock: Callable) -> Callable:
+    """The modeling module's new apply_rotary_pos_emb: fused inside patched attention modules, else `stock`."""
+
+    @functools.wraps(stock)
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        if _IN_PATCHED_ATTENTION.get() and not args and set(kwargs) <= {"unsqueeze_dim"}:
+            return _fused_rotary_pos_emb(q, k, cos, sin, **kwargs)
+        return stock(q, k, cos, sin, *args, **kwargs)
+
+    return apply_rotary_pos_emb
+
+
+def _enter_attention(module, args) -> None:
+    _IN_PATCHED_ATTENTION.set(True)
+
+
+def _leave_attention(module, args, output) -> None:
+    _IN_PATCHED_ATTENTION.set(False)
+
+
+def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    active = [name for name in self.active_adapters if name in self.lora_A]
+    if args or kwargs or self.disable_adapters or self.merged or len(active) != 1 or active[0] in self.lora_variant:
+        return type(self).forward(self, x, *args, **kwargs)
+    name = active[0]
+    lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+    if lora_A.bias is not None or lora_B.bias is not None:
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
+    dtype = result.dtype
+    xa = F.linear(self.lora_dropout[name](x).to(dtype), lora_A.weight.to(dtype))  # [..., r]
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), xa.reshape(-1, xa.shape[-1]), lora_B.weight.to(dtype).t(),
+                      alpha=self.scaling[name])
+    return out.view(result.shape)
+
+
+def _lora_linear_class():
+    try:
+        from peft.tuners.lora.layer import Linear
+    except ImportError:
+        return None
+    return Linear
+
+
+def _probe_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device] | str:
+    """The dtype and device of the module's stock weights, or why it cannot be probed."""
+    weights = [p for p in module.parameters() if not p.requires_grad] or list(module.parameters())
+    if not weights:
+        return "it has no weights"
+    w = weights[0]
+    if w.device.type == "meta":
+        return "its weights are on the meta device"
+    if type(w).__name__ == "DTensor" or type(w.data).__name__ == "DTensor":
+        return "its weights are sharded (patch before FSDP)"
+    return w.dtype, w.device
+
+
+def _agree(module: nn.Module, fused: Callable, width: int) -> str | None:
+    """Run the stock forward and the fused one on the same two rows; None when they agree, else why not."""
+    where = _probe_dtype_device(module)
+    if isinstance(where, str):
+        return where
+    dtype, device = where
+    modes = {m: m.training for m in module.modules()}
+    module.eval()  # no dropout in the probe
+    try:
+        gen = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn((2, width), generator=gen, device=device).to(dtype)
+        with torch.no_grad():
+            expected = type(module).forward(module, x)
+            got = fused(module, x)
+    except Exception as exc:  # a module whose forward takes other inputs: not what we patch
+        return f"its forward could not be probed ({type(exc).__name__}: {exc})"
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    if not isinstance(expected, torch.Tensor) or expected.shape != got.shape or expected.dtype != got.dtype:
+        return "its forward returns something else than the fused one"
+    err = (got.double() - expected.double()).abs().max().item()
+    scale = expected.double().abs().max().item()
+    if not err <= PROBE_TOLERANCE * scale + 1e-6:
+        return f"its forward computes another formula (probe differs by {err:.3g} at scale {scale:.3g})"
+    return None
+
+
+def _rotary_agrees(stock: Callable, attention: nn.Module) -> str | None:
+    """Probe a modeling module's rotary function against the fused one on an attention module's head dim."""
+    where = _probe_dtype_device(attention)
+    if isinstance(where, str):
+        return where
+    dtype, device = where
+    D = getattr(attention, "head_dim", None)
+    if not isinstance(D, int) or D % 2:
+        return f"the attention's head_dim is {D!r}"
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, cos, sin = (torch.randn(shape, generator=gen, device=device).to(dtype)
+                      for shape in ((1, 2, 3, D), (1, 1, 3, D), (1, 3, D), (1, 3, D)))
+    try:
+        with torch.no_grad():
+            expected, got = stock(q, k, cos, sin), _fused_rotary_pos_emb(q, k, cos, sin)
+    except Exception as exc:
+        return f"its {ROTARY_NAME} could not be probed ({type(exc).__name__}: {exc})"
+    if not (isinstance(expected, tuple) and len(expected) == 2 and all(
+            isinstance(e, torch.Tensor) and e.shape == g.shape for e, g in zip(expected, got))):
+        return f"its {ROTARY_NAME} returns something else than (q, k)"
+    err = max((g.double() - e.double()).abs().max().item() for e, g in zip(expected, got))
+    scale = max(e.double().abs().max().item() for e in expected)
+    if not err <= PROBE_TOLERANCE * scale + 1e-6:
+        return f"its {ROTARY_NAME} computes another formula (probe differs by {err:.3g} at scale {scale:.3g})"
+    return None
+
+
+def patch_rotary(model: nn.Module) -> tuple[int, dict[str, str], Callable[[], None]]:
+    """Put the rotary dispatcher in the modeling modules of the model's attention classes and hook the attention
+    modules. Returns (attention modules now on the fused rotary, {module name: why not}, release)."""
+    by_module: dict[str, list[tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules():
+        modeling = sys.modules.get(type(module).__module__)
+        if type(module).__name__.endswith("Attention") and callable(getattr(modeling, ROTARY_NAME, None)):
+            by_module.setdefault(modeling.__name__, []).append((name, module))
+    covered, skipped, held, hooks = 0, {}, [], []
+    for mod_name, attentions in by_module.items():
+        modeling = sys.modules[mod_name]
+        hold = _ROTARY_HOLDS.get(mod_name)
+        if hold is None:
+            stock = getattr(modeling, ROTARY_NAME)
+            reason = _rotary_agrees(stock, attentions[0][1])
+            if reason is not None:
+                for name, _ in attentions:
+                    skipped[name] = f"rotary: {reason}"
+                continue
+            hold = _ROTARY_HOLDS[mod_name] = [stock, 0]
+            setattr(modeling, ROTARY_NAME, _rotary_dispatcher(stock))
+        hold[1] += 1
+        held.append(mod_name)
+        for _, attention in attentions:
+            hooks.append(attention.register_forward_pre_hook(_enter_attention))
+            hooks.append(attention.register_forward_hook(_leave_attention, always_call=True))
+        covered += len(attentions)
+    return covered, skipped, weakref.finalize(model, _release_rotary, held, hooks)
+
+
+def _release_rotary(held: list[str], hooks: list) -> None:
+    for hook in hooks:
+        hook.remove()
+    for mod_name in held:
+        hold = _ROTARY_HOLDS[mod_name]
+        hold[1] -= 1
+        if hold[1] == 0:
+            setattr(sys.modules[mod_name], ROTARY_NAME, hold[0])
+            del _ROTARY_HOLDS[mod_name]
+
+
+def candidates(model: nn.Module, kinds: tuple[str, ...]) -> list[tuple[str, str, nn.Module, Callable, str | None]]:
+    """(module name, kind, module, fused forward, reason it is left alone or None) for every module of a kind."""
+    lora_cls = _lora_linear_class() if "lora" in kinds else None
+    found = []
+    for name, module in model.named_modules():
+        if "rms_norm" in kinds and type(module).__name__.endswith("RMSNorm"):
+            weight, eps = getattr(module, "weight", None), _eps_attribute(module)
+            if not isinstance(weight, torch.Tensor) or weight.ndim != 1 or eps is None:
+                found.append((name, "rms_norm", module, _rms_norm_forward, "no 1-D weight and eps attribute"))
+                continue
+            module._fusedrl_eps = eps
+            found.append((name, "rms_norm", module, _rms_norm_forward,
+                          _agree(module, _rms_norm_forward, weight.shape[0])))
+        elif "swiglu" in kinds and all(isinstance(getattr(module, p, None), nn.Module)
+                                       for p in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            act = type(module.act_fn).__name__
+            reason = None if act in ("SiLU", "SiLUActivation") else f"its activation is {act}, not silu"
+            width = getattr(module.gate_proj, "in_features", None)
+            if reason is None and not isinstance(width, int):
+                reason = "gate_proj has no in_features"
+            found.append((name, "swiglu", module, _swiglu_forward,
+                          reason or _agree(module, _swiglu_forward, width)))
+        elif lora_cls is not None and type(module) is lora_cls:
+            base = module.get_base_layer()  # GPT-2's Conv1D (fan_in_fan_out) among others: not ours
+            reason = None if type(base) is nn.Linear else f"its base layer is {type(base).__name__}, not nn.Linear"
+            found.append((name, "lora", module, _lora_forward,
+                          reason or _agree(module, _lora_forward, base.in_features)))
+    return found
+
+
+def patch_model(model: nn.Module, kinds: tuple[str, ...]) -> tuple[dict[str, int], dict[str, str], Callable]:
+    """Patch every qualifying module. Returns (kind -> modules patched, module name -> why it was left alone, undo)."""
+    patched = {kind: 0 for kind in kinds}
+    skipped: dict[str, str] = {}
+    done: list[nn.Module] = []
+    release_rotary: Callable[[], object] = lambda: None
+    if "rotary" in kinds:
+        patched["rotary"], rotary_skipped, release_rotary = patch_rotary(model)
+        skipped.update(rotary_skipped)
+    for name, kind, module, forward, reason in candidates(model, kinds):
+        if "forward" in module.__dict__:
+            reason = reason or "its forward is already replaced on the instance"
+        if reason is not None:
+            skipped[name or type(module).__name__] = f"{kind}: {reason}"
+            continue
+        module.forward = types.MethodType(forward, module)
+        module._fusedrl_backbone = True
+        patched[kind] += 1
+        done.append(module)
+
+    def undo(_model) -> None:
+        release_rotary()  # once: a weakref.finalize, also run when the model is collected
+        for module in done:
+            if module.__dict__.get("_fusedrl_backbone"):
+                del module.forward
+                del module._fusedrl_backbone
+
+    return patched, skipped, undo

@@ -1,0 +1,235 @@
+"""`fusedrl.patch_backbone`: the fused RMSNorm, SwiGLU and LoRA forwards give a transformers model's outputs and
+gradients (Llama-, Qwen2- and Qwen3-shaped, with and without LoRA, LoRA dropout included); peft's own paths
+(adapter disabled, merged) still run; what it cannot fuse is left alone and named; undo restores the model.
+Under TRITON_INTERPRET=1 (the tests' setting) the fused ops run their Triton kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import fusedrl  # noqa: E402
+
+TINY = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=211, head_dim=12)
+ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def _model(arch: str, lora: dict | None = None, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    cls = getattr(transformers, ARCHS[arch])
+    model = cls(getattr(transformers, ARCHS[arch].replace("ForCausalLM", "Config"))(**TINY))
+    with torch.no_grad():  # weights away from their init (norms at 1, LoRA B at 0) so every term shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.3 * torch.randn_like(p))
+    if lora is not None:
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **lora))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.2)
+    return model
+
+
+def _step(model, ids, seed=0):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # LoRA dropout draws the same masks
+    logits = model(input_ids=ids, use_cache=False).logits
+    logits.double().pow(2).mean().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(a, b, rtol=1e-4):
+    (la, ga), (lb, gb) = a, b
+    torch.testing.assert_close(la, lb, rtol=rtol, atol=1e-5)
+    assert ga.keys() == gb.keys() and ga
+    for name in ga:
+        scale = gb[name].abs().max().item() + 1e-12
+        assert (ga[name] - gb[name]).abs().max().item() <= rtol * scale + 1e-7, name
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("lora", [None, {}, {"lora_dropout": 0.3}], ids=["full", "lora", "lora-dropout"])
+def test_patched_model_equals_stock(arch, lora):
+    model = _model(arch, lora)
+    model.train()
+    ids = torch.randint(0, TINY["vocab_size"], (2, 13))
+    stock = _step(model, ids)
+    patch = fusedrl.patch_backbone(model)
+    layers, norms_per_layer = TINY["num_hidden_layers"], 4 if arch == "qwen3" else 2  # Qwen3: q_norm, k_norm
+    assert patch.patched == {"rms_norm": layers * norms_per_layer + 1, "swiglu": layers, "rotary": layers,
+                             "lora": 0 if lora is None else 7 * layers}, patch.skipped
+    assert not patch.skipped
+    _assert_same(_step(model, ids), stock)
+    assert patch.summary().startswith(f"fused backbone: {patch.patched['rms_norm']} rms_norm")
+    patch.undo()
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    torch.testing.assert_close(_step(model, ids)[0], stock[0], rtol=0, atol=0)
+
+
+def test_peft_paths_the_fused_forward_does_not_take_run_peft():
+    """Adapter disabled (the KL reference), merged adapters, and a mixed-batch call with adapter names."""
+    model = _model("qwen2", {}).eval()  # peft takes adapter_names in eval mode only
+    ids = torch.randint(0, TINY["vocab_size"], (2, 9))
+    with torch.no_grad():
+        with model.disable_adapter():
+            base_out = model(input_ids=ids).logits
+        lora_out = model(input_ids=ids).logits
+        fusedrl.patch_backbone(model)
+        with model.disable_adapter():
+            torch.testing.assert_close(model(input_ids=ids).logits, base_out)
+        torch.testing.assert_close(model(input_ids=ids).logits, lora_out, rtol=1e-5, atol=1e-5)
+        mixed = model(input_ids=ids, adapter_names=["default", "__base__"]).logits
+        torch.testing.assert_close(mixed[0], lora_out[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mixed[1], base_out[1], rtol=1e-5, atol=1e-5)
+        model.merge_adapter()
+        torch.testing.assert_close(model(input_ids=ids).logits, lora_out, rtol=1e-4, atol=1e-4)
+
+
+class OffsetRMSNorm(nn.Module):  # Gemma's form: (1 + weight), not a Llama RMSNorm
+    def __init__(self, width):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(width))
+        self.eps = 1e-6
+
+    def forward(self, x):
+        h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(width, 8), nn.Linear(width, 8), nn.Linear(8, width)
+        self.act_fn = nn.GELU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SiluOtherMLP(GeluMLP):  # silu, the right names, another formula
+    def __init__(self, width):
+        super().__init__(width)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) + self.up_proj(x))
+
+
+def test_modules_of_another_formula_are_left_alone_and_named():
+    model = nn.Sequential(OffsetRMSNorm(6), GeluMLP(6), SiluOtherMLP(6))
+    x = torch.randn(3, 6)
+    expected = model(x)
+    patch = fusedrl.patch_backbone(model)
+    assert patch.patched == {"rms_norm": 0, "swiglu": 0, "rotary": 0, "lora": 0}
+    assert "another formula" in patch.skipped["0"] and patch.skipped["0"].startswith("rms_norm: ")
+    assert "its activation is GELU, not silu" in patch.skipped["1"]
+    assert "another formula" in patch.skipped["2"]
+    assert "3 module(s) left alone" in patch.summary()
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def test_gpt2_lora_is_left_alone():
+    """GPT-2: LayerNorm and a GELU MLP (nothing to fuse), LoRA on its Conv1D layers left to peft."""
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=97))
+    model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    patch = fusedrl.patch_backbone(model)
+    assert patch.patched == {"rms_norm": 0, "swiglu": 0, "rotary": 0, "lora": 0}
+    assert list(patch.skipped.values()) == ["lora: its base layer is Conv1D, not nn.Linear"]
+
+
+def test_weights_that_cannot_be_probed_are_left_alone():
+    with torch.device("meta"):
+        model = _model("llama")
+    patch = fusedrl.patch_backbone(model)
+    assert sum(patch.patched.values()) == 0
+    assert all("meta device" in why for why in patch.skipped.values())
+
+
+def test_patching_is_idempotent_selective_and_reversible():
+    model = _model("llama", {})
+    patch = fusedrl.patch_backbone(model, swiglu=False, rotary=False, lora=False)
+    assert patch.patched == {"rms_norm": 5}
+    assert fusedrl.patch_backbone(model) is patch  # the existing patch
+    assert fusedrl.unpatch_backbone(model) and not patch.active
+    assert not fusedrl.unpatch_backbone(model)
+    patch.undo()  # idempotent
+    assert fusedrl.patch_backbone(model).patched == {"rms_norm": 5, "swiglu": 2, "rotary": 2, "lora": 14}
+    with pytest.raises(TypeError, match="patch_backbone takes a torch.nn.Module, got builtins.str"):
+        fusedrl.patch_backbone("Qwen/Qwen2.5-0.5B")
+
+
+def test_a_forward_replaced_by_someone_else_is_kept():
+    model = _model("llama")
+    norm = model.model.norm
+    norm.forward = lambda x: x  # e.g. accelerate's device-map hooks
+    patch = fusedrl.patch_backbone(model)
+    assert patch.skipped == {"model.norm": "rms_norm: its forward is already replaced on the instance"}
+    patch.undo()
+    assert "forward" in norm.__dict__
+
+
+def _counting_rotary(monkeypatch) -> list[int]:
+    import fusedrl.kernels
+
+    calls, real = [], fusedrl.kernels.apply_rotary
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fusedrl.kernels, "apply_rotary", counted)
+    return calls
+
+
+def test_rotary_is_fused_in_the_patched_model_only(monkeypatch):
+    """The modeling module's function is shared: a second model of the architecture keeps the stock rotary, the
+    patched one uses the fused one (in checkpointing's recomputation too); undo and collection restore it."""
+    import gc
+
+    from transformers.models.llama import modeling_llama
+
+    gc.collect()  # models of earlier tests: their patches released
+    stock = modeling_llama.apply_rotary_pos_emb
+    calls = _counting_rotary(monkeypatch)
+    patched, other = _model("llama"), _model("llama", seed=1)
+    patched.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    patched.train()
+    ids = torch.randint(0, TINY["vocab_size"], (2, 7))
+    expected = _step(patched, ids)
+    patch = fusedrl.patch_backbone(patched)
+    assert modeling_llama.apply_rotary_pos_emb is not stock
+    calls.clear()  # the patch's probe
+    other(input_ids=ids)
+    assert not calls  # the unpatched model: stock rotary
+    _assert_same(_step(patched, ids), expected)
+    layers = TINY["num_hidden_layers"]
+    assert len(calls) == 2 * layers  # each layer's forward and its recomputation in the backward
+    patch.undo()
+    assert modeling_llama.apply_rotary_pos_emb is stock
+    fusedrl.patch_backbone(other)
+    assert modeling_llama.apply_rotary_pos_emb is not stock
+    del other
+    gc.collect()
+    assert modeling_llama.apply_rotary_pos_emb is stock  # the collected model's patch let go
+
+
+def test_rotary_of_another_formula_is_left_alone(monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    def interleaved(q, k, cos, sin, unsqueeze_dim=1):  # GPT-J's pairs, not transformers' halves
+        def rot(x):
+            return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        return q * cos + rot(q) * sin, k * cos + rot(k) * sin
+
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", interleaved)
+    patch = fusedrl.patch_backbone(_model("llama"))
+    assert patch.patched["rotary"] == 0 and modeling_llama.apply_rotary_pos_emb is interleaved
+    assert "rotary: its apply_rotary_pos_emb computes another formula" in patch.skipped["model.layers.0.self_attn"]
