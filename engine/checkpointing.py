@@ -247,14 +247,10 @@ def _checkpoint_accepts_respect_hooks() -> bool:
 
 # ---- offload -------------------------------------------------------------------------------------
 
-def _is_parameter(t: torch.Tensor) -> bool:
-    return isinstance(t, nn.Parameter) or isinstance(getattr(t, "_base", None), nn.Parameter)
-
-
 def _offload_pack(t: torch.Tensor):
     """Copy a saved tensor to (pinned, when CUDA is available) CPU memory; tensors already on the CPU
     and parameters (which stay on the device anyway) are kept as they are."""
-    if t.device.type == "cpu" or _is_parameter(t):
+    if t.device.type == "cpu" or input_offload.is_parameter(t):
         return (None, t)
     pin = torch.cuda.is_available() and not t.is_sparse
     packed = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=pin)

@@ -50,10 +50,14 @@ def _side_stream(device: torch.device):
     return _side_streams[device]
 
 
+def is_parameter(t: torch.Tensor) -> bool:
+    """A parameter or a view of one: it stays on the device anyway (also for checkpointing's "offload" policy)."""
+    return isinstance(t, nn.Parameter) or isinstance(getattr(t, "_base", None), nn.Parameter)
+
+
 def _eligible(value: Any) -> bool:
     return (isinstance(value, torch.Tensor) and value.device.type in DEVICE_TYPES and value.requires_grad
-            and not value.is_leaf and not isinstance(getattr(value, "_base", None), nn.Parameter)
-            and value.numel() * value.element_size() >= MIN_BYTES)
+            and not value.is_leaf and not is_parameter(value) and value.numel() * value.element_size() >= MIN_BYTES)
 
 
 class _Input:

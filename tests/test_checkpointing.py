@@ -285,7 +285,7 @@ def test_offload_packs_saved_tensors_to_cpu(model_x, monkeypatch):
     assert packed, "no saved tensor went through the offload hooks"
     assert all(out[1].device.type == "cpu" for _, out in packed)
     # Parameters (and views of them, as linear saves weight.t()) are never copied.
-    weights = [out for t, out in packed if ckpt._is_parameter(t)]
+    weights = [out for t, out in packed if ckpt.input_offload.is_parameter(t)]
     assert weights and all(out[0] is None for out in weights)
     assert counts[CPU_FLASH] == 0  # no recompute
     assert_same_grads(got, ref)
