@@ -233,3 +233,35 @@ def test_rotary_of_another_formula_is_left_alone(monkeypatch):
     patch = fusedrl.patch_backbone(_model("llama"))
     assert patch.patched["rotary"] == 0 and modeling_llama.apply_rotary_pos_emb is interleaved
     assert "rotary: its apply_rotary_pos_emb computes another formula" in patch.skipped["model.layers.0.self_attn"]
+
+
+def test_diffusers_sd3_qk_norms_and_lora():
+    """diffusers: SD3.5's q/k RMSNorms (diffusers' RMSNorm) and the LoRA on its attention projections, as the
+    diffusion trainers patch them; Flux's norms are the same class."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16,
+        pos_embed_max_size=8, qk_norm="rms_norm", dual_attention_layers=(0,))
+    model.requires_grad_(False)
+    model.add_adapter(peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights="gaussian",
+                                      target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm_q" in name or "norm_k" in name or "lora_B" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8), timestep=torch.tensor([500.0, 200.0]),
+                  encoder_hidden_states=torch.randn(2, 5, 16), pooled_projections=torch.randn(2, 16))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(**inputs, return_dict=False)[0]
+        out.double().pow(2).mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    stock = step()
+    patch = fusedrl.patch_backbone(model)
+    norms = sum(type(m).__name__ == "RMSNorm" for m in model.modules())
+    assert norms and patch.patched["rms_norm"] == norms and patch.patched["lora"] > 0, patch.skipped
+    _assert_same(step(), stock)

@@ -322,7 +322,7 @@ class GRPOTrainer:
                                  reference_copy=lora is None and cfg.grpo.beta > 0,
                                  offload_text_encoders=m.offload_text_encoders, offload_vae=m.offload_vae,
                                  max_sequence_length=m.max_sequence_length, patch_attention=m.patch_attention,
-                                 **kwargs)
+                                 fused_backbone=m.fused_backbone, **kwargs)
         except Exception as exc:
             if _is_oom(exc):
                 raise DiffusionGRPOOutOfMemory(_oom_message("loading the model", cfg)) from exc
@@ -824,6 +824,8 @@ class GRPOTrainer:
                  f"{cfg.sampling.steps} sampling steps, reward {' + '.join(cfg.reward.names)}"
                  + (f", gradient checkpointing {cfg.memory.gradient_checkpointing} on {len(self.checkpointed)} "
                     "blocks" if self.checkpointed else ""))
+        if self.policy.backbone_patch is not None:
+            run.info(self.policy.backbone_patch.summary())
         if run.start_step == 0 and cfg.run.eval_every > 0:
             run.log(0, self._guarded(self.evaluate, 0))
         for step in run.steps():

@@ -233,6 +233,7 @@ class DiffusionPolicy:
         offload_vae: bool = False,
         defaults: dict | None = None,
         patch_attention: bool = False,
+        fused_backbone: bool = False,
     ) -> None:
         cls_name = type(pipe).__name__
         if cls_name not in PIPELINE_FAMILIES:
@@ -314,6 +315,11 @@ class DiffusionPolicy:
             from fusedrl.attention import patch_attention as _patch
 
             _patch(self.denoiser)
+        self.backbone_patch = None  # what fusedrl.patch_backbone fused in the denoiser (its summary() for a log)
+        if fused_backbone:
+            from fusedrl.backbone import patch_backbone
+
+            self.backbone_patch = patch_backbone(self.denoiser)
 
     # ------------------------------------------------------------------ parameters and modes
 
@@ -744,6 +750,7 @@ def load_policy(
     offload_vae: bool = False,
     max_sequence_length: int | None = None,
     patch_attention: bool = False,
+    fused_backbone: bool = False,
     **from_pretrained_kwargs: Any,
 ) -> DiffusionPolicy:
     """Load a diffusers pipeline as a `DiffusionPolicy`.
@@ -765,6 +772,7 @@ def load_policy(
         max_sequence_length: T5 tokens for SD3 / Flux (default: the pipeline's, or the model folder's
             fusedrl_policy.json).
         patch_attention: run the denoiser's attention on fusedrl's flash attention (`fusedrl.attention`).
+        fused_backbone: run the denoiser's RMSNorms and LoRA linears on fused code (`fusedrl.patch_backbone`).
         from_pretrained_kwargs: passed to `from_pretrained` (revision, variant, token, ...).
     """
     if isinstance(lora, bool):
@@ -804,4 +812,5 @@ def load_policy(
         defaults["max_sequence_length"] = max_sequence_length
     return DiffusionPolicy(pipe, device=device, dtype=dtype, vae_dtype=vae_dtype, lora=lora,
                            reference_copy=reference_copy, offload_text_encoders=offload_text_encoders,
-                           offload_vae=offload_vae, defaults=defaults, patch_attention=patch_attention)
+                           offload_vae=offload_vae, defaults=defaults, patch_attention=patch_attention,
+                           fused_backbone=fused_backbone)

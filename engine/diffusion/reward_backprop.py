@@ -500,7 +500,8 @@ def build_policy(cfg: RewardBackpropConfig, resolved: Resolved | None = None, *,
     return load_policy(cfg.model, device=device if device is not None else cfg.device,
                        dtype=None if cfg.dtype == "auto" else cfg.dtype, lora=lora,
                        offload_text_encoders=cfg.memory.offload_text_encoders, offload_vae=cfg.memory.offload_vae,
-                       patch_attention=cfg.memory.patch_attention, **kwargs)
+                       patch_attention=cfg.memory.patch_attention, fused_backbone=cfg.memory.fused_backbone,
+                       **kwargs)
 
 
 def oom_advice(cfg: RewardBackpropConfig, step: int) -> str:
@@ -572,6 +573,8 @@ def _train(cfg: RewardBackpropConfig, run: Run) -> int:
     run.info(f"reward-backprop: method={cfg.method} model={cfg.model or 'embedded tiny SD3'} lr={resolved.lr} "
              f"lora_targets={list(resolved.lora_targets) if cfg.lora.enabled else 'full fine-tuning'} "
              f"rewards={cfg.reward.names} device={device}{procs}")
+    if trainer.policy.backbone_patch is not None:
+        run.info(trainer.policy.backbone_patch.summary())
     ckpt = run.load_checkpoint()
     if ckpt is not None:
         trainer.load_state(ckpt.tensors, ckpt.objects, ckpt.state)

@@ -122,6 +122,9 @@ class MemoryConfig:
     offload_text_encoders: bool = field(True, "keep frozen text encoders on the CPU except while encoding")
     offload_vae: bool = field(False, "keep the VAE on the CPU except while decoding (no-grad decodes only)")
     patch_attention: bool = field(False, "run the denoiser's attention on fusedrl's flash attention")
+    fused_backbone: bool = field(True, "run the denoiser's RMSNorms (SD3.5 / Flux q-k norms) and LoRA linears on "
+                                 "fused code (fusedrl.patch_backbone); modules it does not recognize stay stock, "
+                                 "named in train.log")
 
 
 @dataclass

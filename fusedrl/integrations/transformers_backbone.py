@@ -1,15 +1,17 @@
 """The modules of a transformers causal LM's decoder that `fusedrl.patch_backbone` runs on fused code, and how.
 
-- RMSNorm (Llama, Qwen2/3, Mistral, ... and the per-head q/k norms of Qwen3): `fusedrl.kernels.rms_norm`, one pass
-  per row instead of seven elementwise kernels and their fp32 temporaries.
+- RMSNorm (Llama, Qwen2/3, Mistral, ... the per-head q/k norms of Qwen3, and diffusers' `RMSNorm`, SD3.5's and
+  Flux's q/k norms): `fusedrl.kernels.rms_norm`, one pass per row instead of seven elementwise kernels and their fp32
+  temporaries.
 - SwiGLU MLPs (`down_proj(act_fn(gate_proj(x)) * up_proj(x))` with silu): `fusedrl.kernels.silu_mul`, one pass, and
   no silu(gate) tensor kept for the backward.
 - rotary embeddings (the modeling module's `apply_rotary_pos_emb`, transformers' half-split form):
   `fusedrl.kernels.apply_rotary`, one pass over the queries and one over the keys instead of ten elementwise
   kernels (rotate_half's slices, negation and concatenation included).
-- peft LoRA linears (plain LoRA, one active adapter): the update added to the base layer's output by the GEMM that
-  computes it (`torch.addmm(base(x), (x A^T), B^T, alpha=scaling)`, in the base layer's dtype, as autocast would)
-  instead of peft's fp32 product, scaling and add over the layer's whole output. Calls peft handles otherwise
+- peft LoRA linears (plain LoRA, one active adapter; in transformers' and diffusers' models alike): the update
+  added to the base layer's output by the GEMM that computes it (`torch.addmm(base(x), (x A^T), B^T,
+  alpha=scaling)`, in the base layer's dtype, as autocast would) instead of peft's fp32 product, scaling and add
+  over the layer's whole output. Calls peft handles otherwise
   (adapters disabled, as for the KL reference; merged; several active adapters; mixed-batch adapter names; DoRA
   and other variants; lora_bias) run peft's own forward.
 
@@ -238,6 +240,9 @@ def candidates(model: nn.Module, kinds: tuple[str, ...]) -> list[tuple[str, str,
             weight, eps = getattr(module, "weight", None), _eps_attribute(module)
             if not isinstance(weight, torch.Tensor) or weight.ndim != 1 or eps is None:
                 found.append((name, "rms_norm", module, _rms_norm_forward, "no 1-D weight and eps attribute"))
+                continue
+            if getattr(module, "bias", None) is not None:  # diffusers' RMSNorm can add one (zeros at init)
+                found.append((name, "rms_norm", module, _rms_norm_forward, "it adds a bias"))
                 continue
             module._fusedrl_eps = eps
             found.append((name, "rms_norm", module, _rms_norm_forward,

@@ -10,14 +10,17 @@ Ops (mode "train": the forward and backward of one optimizer step, without the o
   (`reference.flow_sde_step`), the clipped loss in torch ops. "fusedrl": `flow_sde_step` and `grpo_loss`;
   "fusedrl_save_attention" / "fusedrl_full": with those checkpointing policies on the transformer blocks;
   "fusedrl_full_half": "full" on the first half of the blocks only (`memory.checkpoint_blocks`), the other half
-  keeping their activations: the memory-for-time trade between "fusedrl" and "fusedrl_full".
+  keeping their activations: the memory-for-time trade between "fusedrl" and "fusedrl_full";
+  "fusedrl_backbone" / "fusedrl_backbone_save_attention": "fusedrl" / "fusedrl_save_attention" with the LoRA
+  linears (and the q-k RMSNorms) on `fusedrl.patch_backbone`, the trainers' default (model.fused_backbone).
   Shapes: default SD3.5-Medium-sized (24 layers, width 1536, dual attention in the first 13) at 512 px
   (64 x 64 latents), B = 8 (one group), T = 2; small: a 2-layer width-32 model, 16 x 16 latents, B = 2, T = 2.
 - reward_backprop_step: DRaFT-K on an SD1.5-shaped UNet (LoRA) with DDIM (eta 1, CFG 7.5 as one call of 2B):
   K denoising steps with gradient from noise, the loss the mean of the final latents' squares (the reward's
   place), backward through all K. "eager": the plain loop, DDPO's formula in eager ops, no checkpointing
   (memory grows with K; at real size it may not fit, and its row says so); "fusedrl": the `ddim_step` kernel,
-  every step checkpointed ("full"), as `engine.diffusion.differentiable` runs it. Shapes: default SD1.5-sized
+  every step checkpointed ("full"), as `engine.diffusion.differentiable` runs it; "fusedrl_backbone": the same with
+  the LoRA linears on `fusedrl.patch_backbone`. Shapes: default SD1.5-sized
   (860M) at 512 px, B = 1, K = 50 (DRaFT through all 50 steps); small: a 2-level width-16 UNet, B = 1, K = 4.
 - llm_grpo_step: the GRPO ("dapo") loss of B completions of T tokens after a P-token prompt, on a causal LM with
   LoRA on the attention projections (and, on a GPU, activation checkpointing of every layer: TRL's default),
@@ -57,14 +60,26 @@ from ..providers import EAGER, Impl, Skip
 from . import Case, CaseConfig
 
 # "eager" is the plain PyTorch loop (the baseline of the "vs eager" column)
-DIFFUSION_PROVIDERS = (EAGER, "fusedrl", "fusedrl_save_attention", "fusedrl_full", "fusedrl_full_half")
+DIFFUSION_PROVIDERS = (EAGER, "fusedrl", "fusedrl_save_attention", "fusedrl_full", "fusedrl_full_half",
+                       "fusedrl_backbone", "fusedrl_backbone_save_attention")
 # provider -> (checkpointing policy, checkpoint only the first half of the blocks)
 DIFFUSION_POLICIES = {"fusedrl_save_attention": ("save_attention", False), "fusedrl_full": ("full", False),
-                      "fusedrl_full_half": ("full", True)}
-BACKPROP_PROVIDERS = (EAGER, "fusedrl")
+                      "fusedrl_full_half": ("full", True), "fusedrl_backbone_save_attention": ("save_attention", False)}
+BACKPROP_PROVIDERS = (EAGER, "fusedrl", "fusedrl_backbone")
+BACKBONE = "fusedrl_backbone"  # providers named so also run on fusedrl.patch_backbone (the engines' default)
 LLM_PROVIDERS = (EAGER, "trl", "fusedrl", "fusedrl_fused", "fusedrl_offload", "fusedrl_backbone",
                  "fusedrl_backbone_offload")
 LLM_OFFLOAD = ("fusedrl_offload", "fusedrl_backbone_offload")
+
+
+def _use_backbone(model, provider: str) -> None:
+    """The fused backbone on `model` for providers named fusedrl_backbone*, the stock modules for the others."""
+    from fusedrl.backbone import patch_backbone, unpatch_backbone
+
+    if provider.startswith(BACKBONE):
+        patch_backbone(model)
+    else:
+        unpatch_backbone(model)
 NOISE_LEVEL = 0.7
 CLIP = 1e-4
 
@@ -217,6 +232,7 @@ def _diffusion_setup(size: str, dtype: torch.dtype, device: torch.device) -> Cal
     applied: dict[str, tuple[str, bool]] = {"policy": ("none", False)}
 
     def impl(provider: str) -> Impl:
+        _use_backbone(model, provider)
         policy, half = DIFFUSION_POLICIES.get(provider, ("none", False))
         if (policy, half) != applied["policy"]:
             from fusedrl.engine.checkpointing import apply_checkpointing, remove_checkpointing
@@ -279,6 +295,8 @@ def _backprop_setup(size: str, dtype: torch.dtype, device: torch.device) -> Call
         return st.mean + st.std.view(-1, 1, 1, 1) * noise[i]
 
     def impl(provider: str) -> Impl:
+        _use_backbone(model, provider)
+
         def fn():
             model.zero_grad(set_to_none=True)
             x = x0
@@ -359,14 +377,10 @@ def _llm_setup(name: str, B: int, P: int, T: int, dtype: torch.dtype, device: to
         offloading["on"] = on
 
     def impl(provider: str) -> Impl:
-        from fusedrl.backbone import patch_backbone, unpatch_backbone
         from fusedrl.kernels import fused_linear_grpo_loss
 
         use_offload(provider in LLM_OFFLOAD)
-        if provider.startswith("fusedrl_backbone"):
-            patch_backbone(model)
-        else:
-            unpatch_backbone(model)
+        _use_backbone(model, provider)
 
         if provider == "trl":
             ChunkedLogProbFunction = trl_peer.chunked_logprob_function()
