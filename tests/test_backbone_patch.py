@@ -265,3 +265,18 @@ def test_diffusers_sd3_qk_norms_and_lora():
     norms = sum(type(m).__name__ == "RMSNorm" for m in model.modules())
     assert norms and patch.patched["rms_norm"] == norms and patch.patched["lora"] > 0, patch.skipped
     _assert_same(step(), stock)
+
+
+@pytest.mark.slow
+def test_patch_adds_no_graph_breaks_under_torch_compile():
+    """torch.compile traces the patched modules (custom ops, the rotary hooks' flag) without new graph breaks."""
+    import torch._dynamo
+
+    model = _model("qwen2", {})
+    ids = torch.randint(0, TINY["vocab_size"], (2, 7))
+    stock = torch._dynamo.explain(model)(input_ids=ids).graph_break_count
+    torch._dynamo.reset()
+    fusedrl.patch_backbone(model)
+    explained = torch._dynamo.explain(model)(input_ids=ids)
+    torch._dynamo.reset()
+    assert explained.graph_break_count <= stock, [str(r.reason)[:200] for r in explained.break_reasons]

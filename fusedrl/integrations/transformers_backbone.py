@@ -23,13 +23,12 @@ weights cannot be probed (meta device, sharded) are left alone; patch before sha
 Patching sets `module.forward` on the instance (the class is untouched, so other models are not affected);
 `undo` deletes it. The rotary embedding is called by name from the attention's code, so that name in the modeling
 module is rebound to a function that runs the fused kernel inside the patched model's attention modules (hooks on
-them set a context variable) and the stock function everywhere else; the last patch undone (or its model
+them set a flag) and the stock function everywhere else; the last patch undone (or its model
 collected) restores the stock function.
 """
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import sys
 import types
@@ -72,8 +71,10 @@ def _fused_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
     return apply_rotary(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
 
 
-# True while a patched model's attention module runs (its forward, or its recomputation under checkpointing)
-_IN_PATCHED_ATTENTION = contextvars.ContextVar("fusedrl_in_patched_attention", default=False)
+# [True] while a patched model's attention module runs (its forward, or its recomputation under checkpointing).
+# A plain global rather than a ContextVar: torch.compile traces a global's mutation (a ContextVar.set breaks the
+# graph); a thread running an unpatched model meanwhile would at worst get the fused rotary, the same numbers.
+_IN_PATCHED_ATTENTION = [False]
 # modeling module name -> [its stock apply_rotary_pos_emb, how many active patches hold the dispatcher there]
 _ROTARY_HOLDS: dict[str, list] = {}
 
@@ -83,7 +84,7 @@ def _rotary_dispatcher(stock: Callable) -> Callable:
 
     @functools.wraps(stock)
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        if _IN_PATCHED_ATTENTION.get() and not args and set(kwargs) <= {"unsqueeze_dim"}:
+        if _IN_PATCHED_ATTENTION[0] and not args and set(kwargs) <= {"unsqueeze_dim"}:
             return _fused_rotary_pos_emb(q, k, cos, sin, **kwargs)
         return stock(q, k, cos, sin, *args, **kwargs)
 
@@ -91,11 +92,11 @@ def _rotary_dispatcher(stock: Callable) -> Callable:
 
 
 def _enter_attention(module, args) -> None:
-    _IN_PATCHED_ATTENTION.set(True)
+    _IN_PATCHED_ATTENTION[0] = True
 
 
 def _leave_attention(module, args, output) -> None:
-    _IN_PATCHED_ATTENTION.set(False)
+    _IN_PATCHED_ATTENTION[0] = False
 
 
 def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
