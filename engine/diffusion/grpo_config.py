@@ -63,7 +63,7 @@ class ModelSection:
     patch_attention: bool = field(False, "run the denoiser's attention on fusedrl's flash attention")
     fused_backbone: bool = field(True, "run the denoiser's RMSNorms (SD3.5 / Flux q-k norms) and LoRA linears on "
                                  "fused code (fusedrl.patch_backbone); modules it does not recognize stay stock, "
-                                 "named in train.log")
+                                 "named in train.log (speed and memory only: may change on --resume)", resume_ok=True)
     cpu_threads: int | None = field(None, "torch CPU threads while training (none: 1 for the embedded tiny model, "
                                     "whose ops are too small to share out, else torch's default)", check=gt(0),
                                     resume_ok=True)

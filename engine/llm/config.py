@@ -68,7 +68,7 @@ class ModelSection:
                                   "(fusedrl.patch_attention)")
     fused_backbone: bool = field(True, "run the model's RMSNorms, SwiGLU MLPs, rotary embedding and LoRA linears "
                                  "on fused code (fusedrl.patch_backbone); modules it does not recognize stay stock, "
-                                 "named in train.log")
+                                 "named in train.log (speed and memory only: may change on --resume)", resume_ok=True)
     disable_dropout: bool = field(True, "set every dropout probability to 0 (as TRL does), so that the log-probs "
                                   "recomputed in training equal those recorded at sampling")
     tiny_arch: Literal["qwen2", "llama", "gpt2"] = field("qwen2", "embedded default: the architecture of the tiny "

@@ -23,10 +23,11 @@ def block_h(H: int) -> int:
 
 
 def num_warps(H: int) -> int:
-    """Warps per row: one row of BLOCK_H values over 32 x warps threads, 16 values each (4 at H = 128) up to 16
-    warps, 32 values each at H = 16384, where the backward spills registers on sm_90 (tests/test_triton_compile.py;
-    32 warps cap a thread at 64 registers: they spilled from H = 8192)."""
-    return max(1, min(16, block_h(H) // 512))
+    """Warps per row: one row of BLOCK_H values over 32 x warps threads, 8 values each up to H = 4096 (4 at
+    H = 128), then 16 warps: 16 values each at H = 8192, 32 at 16384, where the backward spills registers on sm_90
+    (tests/test_triton_compile.py: 4 warps of 16 values each spilled at H = 2048 with Triton 3.6; 32 warps cap a
+    thread at 64 registers and spilled from H = 8192)."""
+    return max(1, min(16, block_h(H) // 256))
 
 
 @triton.jit
