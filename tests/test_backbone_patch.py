@@ -333,3 +333,62 @@ def test_a_patched_layer_keeps_less_for_its_backward():
     fusedrl.patch_backbone(model)
     fused = _saved_bytes(decoder.layers[0], x, position_embeddings=rotary, attention_mask=None)
     assert fused <= 0.6 * stock, (fused, stock)
+
+
+def _tiny(cls_name: str, **extra) -> nn.Module:
+    torch.manual_seed(0)
+    config = getattr(transformers, cls_name.replace("ForCausalLM", "Config"))(**{**TINY, **extra})
+    return getattr(transformers, cls_name)(config)
+
+
+def test_partial_rotary_runs_the_stock_function():
+    """Phi-3 style partial rotary (cos narrower than the head): the patched model's calls go to the stock
+    function, which rotates the first cos.shape[-1] dims only."""
+    model = _tiny("Phi3ForCausalLM", partial_rotary_factor=0.5, pad_token_id=0)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 7))
+    expected = _step(model, ids)
+    patch = fusedrl.patch_backbone(model)
+    assert patch.patched["rotary"] == TINY["num_hidden_layers"] and patch.patched["rms_norm"] > 0
+    _assert_same(_step(model, ids), expected)
+
+
+def test_fp32_rotary_tables_over_bf16_queries_run_the_stock_function():
+    """Olmo2 keeps cos / sin in fp32 and casts the rotated q, k back to their dtype: the stock function serves
+    (the fused one would return fp32 queries next to bf16 values)."""
+    model = _tiny("Olmo2ForCausalLM").to(torch.bfloat16)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 7))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        fusedrl.patch_backbone(model)
+        got = model(input_ids=ids).logits
+    assert got.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+class ClampedSwiGLU(GeluMLP):  # DeepSeek-V4 / GLM-5-Next: silu, the usual names, gate and up clamped to +-10
+    def __init__(self, width):
+        super().__init__(width)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x).clamp(max=10.0)) * self.up_proj(x).clamp(-10.0, 10.0))
+
+
+class CastBackRMSNorm(nn.Module):  # Olmo2's form: weight times the fp32 row, then cast back to the input's dtype
+    def __init__(self, width):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x):
+        h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (self.weight * h).to(x.dtype)
+
+
+def test_formulas_that_differ_only_off_the_common_inputs_are_left_alone():
+    """A SwiGLU that clamps (seen on large inputs) and an RMSNorm that casts back to the input's dtype (seen with
+    fp32 weights over bf16 activations, as under autocast)."""
+    model = nn.Sequential(ClampedSwiGLU(6), CastBackRMSNorm(6))
+    patch = fusedrl.patch_backbone(model)
+    assert patch.patched["swiglu"] == 0 and "another formula" in patch.skipped["0"]
+    assert patch.patched["rms_norm"] == 0 and "other shapes or dtypes" in patch.skipped["1"]

@@ -438,3 +438,12 @@ def test_fused_backbone_step_equals_the_stock_step(model_dirs, tmp_path):
     assert scale > 0
     for name in stock_d:
         assert (fused_d[name] - stock_d[name]).abs().max().item() <= 1e-3 * scale, name
+
+
+def test_full_fine_tuning_reference_copy_is_patched_too(model_dirs, tmp_path):
+    """The frozen reference of full fine-tuning runs on the fused backbone as the policy does (same numbers: a zero
+    KL at the first step, and the same speed and memory)."""
+    cfg = _cfg(model_dirs["llama"], **{"lora.enabled": False, "grpo.beta": 0.05})
+    trainer = llm_grpo.build(cfg, tmp_path)
+    for model in (trainer.policy.model, trainer.policy.ref_model):
+        assert sum("forward" in m.__dict__ for m in model.modules()) == 5 + 2  # 5 RMSNorms, 2 SwiGLU MLPs

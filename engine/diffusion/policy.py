@@ -320,6 +320,8 @@ class DiffusionPolicy:
             from fusedrl.backbone import patch_backbone
 
             self.backbone_patch = patch_backbone(self.denoiser)
+            if self._reference_model is not None:  # the reference too: same numbers, same speed and memory
+                patch_backbone(self._reference_model)
 
     # ------------------------------------------------------------------ parameters and modes
 

@@ -150,7 +150,9 @@ def build(cfg: LLMGRPOConfig, out_dir: str | os.PathLike | None = None) -> Any:
     if m.fused_backbone:  # before FSDP shards the weights (the patch probes each module on two rows)
         from fusedrl.backbone import patch_backbone
 
-        patch_backbone(policy.model)
+        for model in (policy.model, policy.ref_model):  # the reference too: same numbers, same speed and memory
+            if model is not None:
+                patch_backbone(model)
     if cfg.memory.gradient_checkpointing != "none":
         from transformers.modeling_layers import GradientCheckpointingLayer
 

@@ -52,10 +52,15 @@ def _eps_attribute(module: nn.Module) -> str | None:
     return None
 
 
-def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    from fusedrl.kernels import rms_norm
+def _rms_norm_forward(eps_name: str) -> Callable:
+    """The fused forward of an RMSNorm whose epsilon is the attribute `eps_name`."""
 
-    return rms_norm(hidden_states, self.weight, getattr(self, self._fusedrl_eps))
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        from fusedrl.kernels import rms_norm
+
+        return rms_norm(hidden_states, self.weight, getattr(self, eps_name))
+
+    return forward
 
 
 def _swiglu_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,11 +89,19 @@ def _rotary_dispatcher(stock: Callable) -> Callable:
 
     @functools.wraps(stock)
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        if _IN_PATCHED_ATTENTION[0] and not args and set(kwargs) <= {"unsqueeze_dim"}:
+        if _IN_PATCHED_ATTENTION[0] and not args and set(kwargs) <= {"unsqueeze_dim"} and _full_rotary(q, k, cos, sin):
             return _fused_rotary_pos_emb(q, k, cos, sin, **kwargs)
         return stock(q, k, cos, sin, *args, **kwargs)
 
     return apply_rotary_pos_emb
+
+
+def _full_rotary(q, k, cos, sin) -> bool:
+    """Calls the fused rotary computes as the stock one: every head dim rotated (Phi-3's and Qwen3-Next's partial
+    rotary rotate the first cos.shape[-1] only) and one dtype throughout (Olmo2 keeps fp32 tables and casts the
+    result back to q's dtype)."""
+    return (q.ndim == k.ndim == 4 and cos.ndim == sin.ndim == 3 and cos.shape[-1] == q.shape[-1]
+            and q.dtype == k.dtype == cos.dtype == sin.dtype)
 
 
 def _enter_attention(module, args) -> None:
@@ -136,31 +149,49 @@ def _probe_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device] |
     return w.dtype, w.device
 
 
-def _agree(module: nn.Module, fused: Callable, width: int) -> str | None:
-    """Run the stock forward and the fused one on the same two rows; None when they agree, else why not."""
+def _agree(module: nn.Module, fused: Callable, width: int, scales: tuple[float, ...] = (1.0,),
+           low_precision_input: bool = False) -> str | None:
+    """Run the stock forward and the fused one on the same two rows, at each input scale (an MLP that clamps its
+    gate shows only on large inputs), and with low_precision_input also on bf16 rows when the weights are fp32 (a
+    norm that casts its output back to the input's dtype shows only there); None when they agree, else why not."""
     where = _probe_dtype_device(module)
     if isinstance(where, str):
         return where
     dtype, device = where
+    trials = [(scale, dtype) for scale in scales]
+    if low_precision_input and dtype == torch.float32:
+        trials.append((1.0, torch.bfloat16))
     modes = {m: m.training for m in module.modules()}
     module.eval()  # no dropout in the probe
     try:
-        gen = torch.Generator(device=device).manual_seed(0)
-        x = torch.randn((2, width), generator=gen, device=device).to(dtype)
-        with torch.no_grad():
-            expected = type(module).forward(module, x)
-            got = fused(module, x)
+        for scale, x_dtype in trials:
+            gen = torch.Generator(device=device).manual_seed(0)
+            x = (scale * torch.randn((2, width), generator=gen, device=device)).to(x_dtype)
+            with torch.no_grad():
+                expected = type(module).forward(module, x)
+                got = fused(module, x)
+            reason = _differs(expected, got, "its forward")
+            if reason is not None:
+                return reason
     except Exception as exc:  # a module whose forward takes other inputs: not what we patch
         return f"its forward could not be probed ({type(exc).__name__}: {exc})"
     finally:
         for m, mode in modes.items():
             m.training = mode
-    if not isinstance(expected, torch.Tensor) or expected.shape != got.shape or expected.dtype != got.dtype:
-        return "its forward returns something else than the fused one"
-    err = (got.double() - expected.double()).abs().max().item()
-    scale = expected.double().abs().max().item()
+    return None
+
+
+def _differs(expected, got, what: str) -> str | None:
+    """Why the fused outputs `got` are not the stock ones (shape, dtype, or values past PROBE_TOLERANCE), or None."""
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    got = got if isinstance(got, tuple) else (got,)
+    if len(expected) != len(got) or not all(isinstance(e, torch.Tensor) and e.shape == g.shape and e.dtype == g.dtype
+                                            for e, g in zip(expected, got)):
+        return f"{what} returns other shapes or dtypes than the fused one"
+    err = max((g.double() - e.double()).abs().max().item() for e, g in zip(expected, got))
+    scale = max(e.double().abs().max().item() for e in expected)
     if not err <= PROBE_TOLERANCE * scale + 1e-6:
-        return f"its forward computes another formula (probe differs by {err:.3g} at scale {scale:.3g})"
+        return f"{what} computes another formula (probe differs by {err:.3g} at scale {scale:.3g})"
     return None
 
 
@@ -181,14 +212,7 @@ def _rotary_agrees(stock: Callable, attention: nn.Module) -> str | None:
             expected, got = stock(q, k, cos, sin), _fused_rotary_pos_emb(q, k, cos, sin)
     except Exception as exc:
         return f"its {ROTARY_NAME} could not be probed ({type(exc).__name__}: {exc})"
-    if not (isinstance(expected, tuple) and len(expected) == 2 and all(
-            isinstance(e, torch.Tensor) and e.shape == g.shape for e, g in zip(expected, got))):
-        return f"its {ROTARY_NAME} returns something else than (q, k)"
-    err = max((g.double() - e.double()).abs().max().item() for e, g in zip(expected, got))
-    scale = max(e.double().abs().max().item() for e in expected)
-    if not err <= PROBE_TOLERANCE * scale + 1e-6:
-        return f"its {ROTARY_NAME} computes another formula (probe differs by {err:.3g} at scale {scale:.3g})"
-    return None
+    return _differs(expected, got, f"its {ROTARY_NAME}")
 
 
 def patch_rotary(model: nn.Module) -> tuple[int, dict[str, str], Callable[[], None]]:
@@ -232,7 +256,10 @@ def _release_rotary(held: list[str], hooks: list) -> None:
             del _ROTARY_HOLDS[mod_name]
 
 
-def candidates(model: nn.Module, kinds: tuple[str, ...]) -> list[tuple[str, str, nn.Module, Callable, str | None]]:
+Candidate = tuple[str, str, nn.Module, "Callable | None", "str | None"]
+
+
+def candidates(model: nn.Module, kinds: tuple[str, ...]) -> list[Candidate]:
     """(module name, kind, module, fused forward, reason it is left alone or None) for every module of a kind."""
     lora_cls = _lora_linear_class() if "lora" in kinds else None
     found = []
@@ -240,14 +267,14 @@ def candidates(model: nn.Module, kinds: tuple[str, ...]) -> list[tuple[str, str,
         if "rms_norm" in kinds and type(module).__name__.endswith("RMSNorm"):
             weight, eps = getattr(module, "weight", None), _eps_attribute(module)
             if not isinstance(weight, torch.Tensor) or weight.ndim != 1 or eps is None:
-                found.append((name, "rms_norm", module, _rms_norm_forward, "no 1-D weight and eps attribute"))
+                found.append((name, "rms_norm", module, None, "no 1-D weight and eps attribute"))
                 continue
             if getattr(module, "bias", None) is not None:  # diffusers' RMSNorm can add one (zeros at init)
-                found.append((name, "rms_norm", module, _rms_norm_forward, "it adds a bias"))
+                found.append((name, "rms_norm", module, None, "it adds a bias"))
                 continue
-            module._fusedrl_eps = eps
-            found.append((name, "rms_norm", module, _rms_norm_forward,
-                          _agree(module, _rms_norm_forward, weight.shape[0])))
+            forward = _rms_norm_forward(eps)
+            found.append((name, "rms_norm", module, forward,
+                          _agree(module, forward, weight.shape[0], low_precision_input=True)))
         elif "swiglu" in kinds and all(isinstance(getattr(module, p, None), nn.Module)
                                        for p in ("gate_proj", "up_proj", "down_proj", "act_fn")):
             act = type(module.act_fn).__name__
@@ -255,8 +282,9 @@ def candidates(model: nn.Module, kinds: tuple[str, ...]) -> list[tuple[str, str,
             width = getattr(module.gate_proj, "in_features", None)
             if reason is None and not isinstance(width, int):
                 reason = "gate_proj has no in_features"
+            # x 100: gates far past the limits of the MLPs that clamp them (DeepSeek-V4, GLM-5-Next: 10)
             found.append((name, "swiglu", module, _swiglu_forward,
-                          reason or _agree(module, _swiglu_forward, width)))
+                          reason or _agree(module, _swiglu_forward, width, scales=(1.0, 100.0))))
         elif lora_cls is not None and type(module) is lora_cls:
             base = module.get_base_layer()  # GPT-2's Conv1D (fan_in_fan_out) among others: not ours
             reason = None if type(base) is nn.Linear else f"its base layer is {type(base).__name__}, not nn.Linear"
@@ -274,7 +302,12 @@ def patch_model(model: nn.Module, kinds: tuple[str, ...]) -> tuple[dict[str, int
     if "rotary" in kinds:
         patched["rotary"], rotary_skipped, release_rotary = patch_rotary(model)
         skipped.update(rotary_skipped)
-    for name, kind, module, forward, reason in candidates(model, kinds):
+    try:
+        found = candidates(model, kinds)
+    except BaseException:
+        release_rotary()
+        raise
+    for name, kind, module, forward, reason in found:
         if "forward" in module.__dict__:
             reason = reason or "its forward is already replaced on the instance"
         if reason is not None:

@@ -47,7 +47,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
     backend = dispatch.select(SPEC, [x, weight])
-    if backend is dispatch.Backend.TORCH:
+    if backend is dispatch.Backend.TORCH or x.shape[-1] == 0:  # H = 0: an empty result, no rows to view
         return reference.rms_norm(x, weight, float(eps))
     H = x.shape[-1]
     x2 = x.reshape(-1, H)
