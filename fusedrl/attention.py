@@ -20,57 +20,24 @@ This module imports neither diffusers nor transformers until it is called.
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+
+from .model_patch import ModelPatch, PatchRegistry, unwrap
 
 __all__ = ["AttentionPatch", "patch_attention", "unpatch_attention"]
 
-_patches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> AttentionPatch
+_patches = PatchRegistry()
 
 
 @dataclass
-class AttentionPatch:
-    """What `patch_attention` did to a model, and how to undo it.
+class AttentionPatch(ModelPatch):
+    """What `patch_attention` did to a model, and how to undo it (the previous implementation name or processors).
 
     kind: "transformers" or "diffusers". patched: the configs (transformers) or attention processors (diffusers,
     name -> replaced stock class) that now run fusedrl. skipped: name -> why it was left alone.
     """
 
-    kind: str
-    patched: Any
-    skipped: dict[str, str]
-    _undo: Callable[[Any], None] = field(repr=False)  # takes the model: the patch holds it only by weakref
-    _model: Any = field(repr=False, default=None)
-    active: bool = True
-
-    def undo(self) -> None:
-        """Restore the model's previous attention (implementation name or processors). Idempotent."""
-        if not self.active:
-            return
-        model = self._model() if self._model is not None else None
-        if model is not None:
-            self._undo(model)
-            if _patches.get(model) is self:
-                del _patches[model]
-        self.active = False
-
-
-def _unwrap(model):
-    """The model under torch.compile, DDP/FSDP(1) and PEFT wrappers."""
-    for _ in range(8):
-        if hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        elif type(model).__name__ in ("DistributedDataParallel", "FullyShardedDataParallel", "DataParallel") \
-                and hasattr(model, "module"):
-            model = model.module
-        elif hasattr(model, "get_base_model") and callable(model.get_base_model) \
-                and type(model).__module__.startswith("peft"):
-            model = model.get_base_model()
-        else:
-            break
-    return model
+    kind: str = ""
 
 
 def _kind(model) -> str | None:
@@ -102,9 +69,9 @@ def patch_attention(model, *, fallback_log: bool = True) -> AttentionPatch:
     Raises:
         TypeError: `model` is neither, or it has no attention fusedrl can replace.
     """
-    base = _unwrap(model)
-    existing = _patches.get(base)
-    if existing is not None and existing.active:
+    base = unwrap(model)
+    existing = _patches.active(base)
+    if existing is not None:
         return existing
     kind = _kind(base)
     if kind == "transformers":
@@ -117,15 +84,9 @@ def patch_attention(model, *, fallback_log: bool = True) -> AttentionPatch:
                         f"processors (UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel), got "
                         f"{type(model).__module__}.{type(model).__name__}{hint}")
     patched, skipped, undo = integration.patch_model(base, fallback_log=fallback_log)
-    patch = AttentionPatch(kind=kind, patched=patched, skipped=skipped, _undo=undo, _model=weakref.ref(base))
-    _patches[base] = patch
-    return patch
+    return _patches.add(base, AttentionPatch(kind=kind, patched=patched, skipped=skipped, _undo=undo))
 
 
 def unpatch_attention(model) -> bool:
     """Undo `patch_attention(model)`. Returns False when the model was not patched."""
-    patch = _patches.get(_unwrap(model))
-    if patch is None or not patch.active:
-        return False
-    patch.undo()
-    return True
+    return _patches.undo(model)

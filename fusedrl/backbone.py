@@ -15,30 +15,22 @@ This module imports neither transformers nor peft until it is called.
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from .attention import _unwrap
+from .model_patch import ModelPatch, PatchRegistry, unwrap
 
 __all__ = ["BackbonePatch", "patch_backbone", "unpatch_backbone"]
 
-_patches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> BackbonePatch
+_patches = PatchRegistry()
 
 
 @dataclass
-class BackbonePatch:
-    """What `patch_backbone` did to a model, and how to undo it.
+class BackbonePatch(ModelPatch):
+    """What `patch_backbone` did to a model, and how to undo it (every patched module's stock forward back).
 
     patched: kind ("rms_norm", "swiglu", "rotary", "lora") -> modules now fused (rotary: attention modules).
     skipped: module name -> why it was left alone.
     """
-
-    patched: dict[str, int]
-    skipped: dict[str, str]
-    _undo: Callable[[object], None] = field(repr=False)
-    _model: weakref.ref | None = field(repr=False, default=None)
-    active: bool = True
 
     def summary(self) -> str:
         """One line for a log: what was fused, and how many modules were left alone (the first reason)."""
@@ -47,17 +39,6 @@ class BackbonePatch:
             return f"fused backbone: {done}"
         name, why = next(iter(self.skipped.items()))
         return f"fused backbone: {done}; {len(self.skipped)} module(s) left alone, e.g. {name}: {why}"
-
-    def undo(self) -> None:
-        """Restore every patched module's stock forward. Idempotent."""
-        if not self.active:
-            return
-        model = self._model() if self._model is not None else None
-        if model is not None:
-            self._undo(model)
-            if _patches.get(model) is self:
-                del _patches[model]
-        self.active = False
 
 
 def patch_backbone(model, *, rms_norm: bool = True, swiglu: bool = True, rotary: bool = True,
@@ -82,23 +63,17 @@ def patch_backbone(model, *, rms_norm: bool = True, swiglu: bool = True, rotary:
 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"patch_backbone takes a torch.nn.Module, got {type(model).__module__}.{type(model).__name__}")
-    base = _unwrap(model)
-    existing = _patches.get(base)
-    if existing is not None and existing.active:
+    base = unwrap(model)
+    existing = _patches.active(base)
+    if existing is not None:
         return existing
     from fusedrl.integrations import transformers_backbone as integration
 
     kinds = tuple(kind for kind, on in zip(integration.KINDS, (rms_norm, swiglu, rotary, lora)) if on)
     patched, skipped, undo = integration.patch_model(base, kinds)
-    patch = BackbonePatch(patched=patched, skipped=skipped, _undo=undo, _model=weakref.ref(base))
-    _patches[base] = patch
-    return patch
+    return _patches.add(base, BackbonePatch(patched=patched, skipped=skipped, _undo=undo))
 
 
 def unpatch_backbone(model) -> bool:
     """Undo `patch_backbone(model)`. Returns False when the model was not patched."""
-    patch = _patches.get(_unwrap(model))
-    if patch is None or not patch.active:
-        return False
-    patch.undo()
-    return True
+    return _patches.undo(model)

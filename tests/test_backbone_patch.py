@@ -104,14 +104,16 @@ def test_peft_paths_the_fused_forward_does_not_take_run_peft():
 
 
 class OffsetRMSNorm(nn.Module):  # Gemma's form: (1 + weight), not a Llama RMSNorm
-    def __init__(self, width):
+    def __init__(self, width, init: float = 0.0):
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(width))
+        self.weight = nn.Parameter(torch.full((width,), init))
         self.eps = 1e-6
 
+    def normalized(self, x):
+        return x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+
     def forward(self, x):
-        h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return (h * (1.0 + self.weight.float())).to(x.dtype)
+        return (self.normalized(x) * (1.0 + self.weight.float())).to(x.dtype)
 
 
 class GeluMLP(nn.Module):
@@ -374,15 +376,12 @@ class ClampedSwiGLU(GeluMLP):  # DeepSeek-V4 / GLM-5-Next: silu, the usual names
         return self.down_proj(self.act_fn(self.gate_proj(x).clamp(max=10.0)) * self.up_proj(x).clamp(-10.0, 10.0))
 
 
-class CastBackRMSNorm(nn.Module):  # Olmo2's form: weight times the fp32 row, then cast back to the input's dtype
+class CastBackRMSNorm(OffsetRMSNorm):  # Olmo2's form: weight times the fp32 row, then cast back to x's dtype
     def __init__(self, width):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(width))
-        self.variance_epsilon = 1e-6
+        super().__init__(width, init=1.0)
 
     def forward(self, x):
-        h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return (self.weight * h).to(x.dtype)
+        return (self.weight * self.normalized(x)).to(x.dtype)
 
 
 def test_formulas_that_differ_only_off_the_common_inputs_are_left_alone():

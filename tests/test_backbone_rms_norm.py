@@ -12,20 +12,14 @@ import torch
 from fusedrl.kernels import rms_norm
 from fusedrl.kernels.rms_norm import op, reference
 
+from .float_budget import budget, max_err
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
 BACKENDS = ["torch", "triton"]
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 SHAPES = [(1, 1), (3, 127), (2, 5, 1025), (0, 64), (1030, 48)]  # 1030 rows: several rows per backward program
 
-
-def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
-def _budget(base_err: float, exp: torch.Tensor, dtype: torch.dtype) -> float:
-    scale = max(1.0, exp.abs().max().item()) if exp.numel() else 1.0
-    return 4 * base_err + 2 * torch.finfo(dtype).eps * scale + 1e-6 * scale
 
 
 def _run(x, w, dy, eps):
@@ -61,11 +55,11 @@ def test_matches_float64(backend, dtype, shape, weight, use_backend):
     got_y, got_grads = _run(x, w, dy, eps)
 
     assert got_y.dtype == base_y.dtype == out_dtype and got_y.shape == x.shape
-    assert _max_err(got_y, y64) <= _budget(_max_err(base_y, y64), y64, out_dtype)
+    assert max_err(got_y, y64) <= budget(max_err(base_y, y64), y64, out_dtype)
     for name, got, base, exp in zip(["x", "weight"], got_grads, base_grads, exp_grads):
         assert got.dtype == base.dtype and got.shape == base.shape, name
-        err, budget = _max_err(got, exp), _budget(_max_err(base, exp), exp, got.dtype)
-        assert err <= budget, f"grad {name}: err {err:.3g} > {budget:.3g}"
+        err, allowed = max_err(got, exp), budget(max_err(base, exp), exp, got.dtype)
+        assert err <= allowed, f"grad {name}: err {err:.3g} > {allowed:.3g}"
 
 
 def test_the_torch_path_is_transformers_formula():

@@ -12,6 +12,8 @@ import torch
 from fusedrl.kernels import apply_rotary
 from fusedrl.kernels.rotary import op, reference
 
+from .float_budget import budget, max_err
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
 BACKENDS = ["torch", "triton"]
@@ -19,14 +21,6 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" 
 # (B, Hq, Hkv, S, D, cos batch)
 SHAPES = [(2, 6, 2, 9, 6, 2), (1, 4, 4, 1, 128, 1), (3, 5, 1, 17, 64, 1), (2, 3, 3, 0, 8, 2)]
 
-
-def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
-def _budget(base_err: float, exp: torch.Tensor, dtype: torch.dtype) -> float:
-    scale = max(1.0, exp.abs().max().item()) if exp.numel() else 1.0
-    return 4 * base_err + 2 * torch.finfo(dtype).eps * scale + 1e-6 * scale
 
 
 def _tables(cb, S, D, dtype):
@@ -74,8 +68,8 @@ def test_matches_float64(backend, dtype, shape, unsqueeze_dim, use_backend):
                           ("grad q", got_grads[0], base_grads[0], exp_grads[0]),
                           ("grad k", got_grads[1], base_grads[1], exp_grads[1])]:
         assert g.shape == e.shape and g.dtype == dtype, name
-        err, budget = _max_err(g, e), _budget(_max_err(b, e), e, dtype)
-        assert err <= budget, f"{name}: err {err:.3g} > {budget:.3g}"
+        err, allowed = max_err(g, e), budget(max_err(b, e), e, dtype)
+        assert err <= allowed, f"{name}: err {err:.3g} > {allowed:.3g}"
 
 
 def test_the_torch_path_is_transformers_formula():

@@ -11,20 +11,14 @@ import torch
 from fusedrl.kernels import silu_mul
 from fusedrl.kernels.swiglu import op
 
+from .float_budget import budget, max_err
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
 BACKENDS = ["torch", "triton"]
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 SHAPES = [(1,), (3, 127), (2, 5, 1031), (0, 64), (4, 2049)]  # 2049 x 4: past one 2048-element block, ragged
 
-
-def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
-def _budget(base_err: float, exp: torch.Tensor, dtype: torch.dtype) -> float:
-    scale = max(1.0, exp.abs().max().item()) if exp.numel() else 1.0
-    return 4 * base_err + 2 * torch.finfo(dtype).eps * scale + 1e-6 * scale
 
 
 def _run(gate, up, dy):
@@ -52,11 +46,11 @@ def test_matches_float64(backend, dtype, shape, use_backend):
     got_y, got_grads = _run(gate, up, dy)
 
     assert got_y.dtype == dtype and got_y.shape == gate.shape
-    assert _max_err(got_y, y64) <= _budget(_max_err(base_y, y64), y64, dtype)
+    assert max_err(got_y, y64) <= budget(max_err(base_y, y64), y64, dtype)
     for name, got, base, exp in zip(["gate", "up"], got_grads, base_grads, exp_grads):
         assert got.dtype == dtype, name
-        err, budget = _max_err(got, exp), _budget(_max_err(base, exp), exp, dtype)
-        assert err <= budget, f"grad {name}: err {err:.3g} > {budget:.3g}"
+        err, allowed = max_err(got, exp), budget(max_err(base, exp), exp, dtype)
+        assert err <= allowed, f"grad {name}: err {err:.3g} > {allowed:.3g}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
