@@ -50,7 +50,7 @@ PART_PLAN=(
     "token_logprobs|60|0|1|--ops token_logprobs --dtypes bf16 --providers eager,triton,triton_chunked,trl,liger,cce --reps 10"
     "train_step|85|0|0|--ops train_step --reps 3"
     "diffusion_memory|85|0|0|--ops diffusion_grpo_step,reward_backprop_step --reps 3"
-    "llm_vs_trl|85|0|0|--ops llm_grpo_step --reps 3"
+    "llm_vs_trl|85|0|0|--ops llm_grpo_step --reps 3 --providers eager,trl,fusedrl,fusedrl_offload,fusedrl_backbone,fusedrl_backbone_offload"
 )
 
 PART=all
@@ -86,7 +86,8 @@ if [ "$LIST" = 1 ]; then
     echo "  train_step        whole training steps at real size, fusedrl vs the plain loop and TRL, time and whole peak"
     echo "                    memory, 3 reps, no tests, bench <= 85% of the budget (~5 min on an H200); its halves:"
     echo "  diffusion_memory  SD3.5-M-sized GRPO step (group 8, 512 px) and SD1.5-sized DRaFT-50 (issue 6 item 9), ~3 min"
-    echo "  llm_vs_trl        GRPO step on Qwen2.5-1.5B-sized (8 x 1024) and Llama-8B-sized (8 x 4096) models (issue 7), ~2.5 min"
+    echo "  llm_vs_trl        GRPO step on Qwen2.5-1.5B-sized (8 x 1024) and Llama-8B-sized (8 x 4096) models (issue 7): the"
+    echo "                    plain loop, TRL and fusedrl (fused head; + offloaded layer inputs; + fused backbone), ~3.5 min"
     exit 0
 fi
 
