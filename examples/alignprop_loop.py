@@ -11,6 +11,8 @@ those K denoiser calls is bounded by activation checkpointing from `fusedrl.engi
 
 Policies: "none", "full" (plain torch.utils.checkpoint), "save_attention" (keeps each attention's output and
 log-sum-exp, so backward does not rerun the attention forward), "save_attention_and_matmuls", "offload".
+The transformer's LoRA linears (and SD3.5's q-k RMSNorms) run on fused code: `fusedrl.patch_backbone(transformer)`
+once the adapter is added (`--no-backbone` leaves them stock).
 
     python examples/alignprop_loop.py                     # tiny SD3-shaped model + tiny aesthetic reward, CPU
     python examples/alignprop_loop.py --model stabilityai/stable-diffusion-3.5-medium --resolution 512 \\
@@ -30,6 +32,7 @@ import torch
 from diffusers import DiffusionPipeline
 from peft import LoraConfig
 
+import fusedrl
 from fusedrl.engine.checkpointing import POLICIES, apply_checkpointing, checkpoint
 from fusedrl.engine.rewards import load_reward
 
@@ -62,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "with --tiny and no path, a tiny random aesthetic model is built")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lora-rank", type=int, default=4)
+    p.add_argument("--no-backbone", action="store_true",
+                   help="leave the transformer's LoRA linears and RMSNorms stock (no fusedrl.patch_backbone)")
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="model weights (default: bf16 on a GPU, fp32 on the CPU); LoRA weights stay fp32")
@@ -107,6 +112,8 @@ def load_pipeline(args, device, dtype):
     for p in pipe.transformer.parameters():
         if p.requires_grad:
             p.data = p.data.float()  # train the LoRA weights in fp32 (the base weights stay in `dtype`)
+    if not args.no_backbone:  # the LoRA linears (and SD3.5's q-k RMSNorms) on fused code
+        print(fusedrl.patch_backbone(pipe.transformer).summary())
     return pipe
 
 

@@ -1,10 +1,12 @@
 """A Flow-GRPO loop written out plainly, with fusedrl's fused SDE step swapped in.
 
-The only fusedrl-specific line is the import of the step function; everything else is plain diffusers,
-peft and torch, laid out like Flow-GRPO's `train_sd3.py`:
+The fusedrl-specific lines are the import of the step function and, optionally, one call on the transformer
+once its LoRA adapter is added; everything else is plain diffusers, peft and torch, laid out like Flow-GRPO's
+`train_sd3.py`:
 
     # before: from flow_grpo.diffusers_patch.sd3_sde_with_logprob import sde_step_with_logprob
     from fusedrl.integrations.flow_grpo import sde_step_with_logprob
+    fusedrl.patch_backbone(pipe.transformer)   # LoRA linears, SD3.5's q-k RMSNorms: fused (--no-backbone: not)
 
 Each step: (1) sample a group of images per prompt with SDE steps, recording every latent and the log-prob
 of each transition; (2) score the images and turn the rewards into group-normalized advantages; (3) for
@@ -27,6 +29,7 @@ import torch
 from diffusers import DiffusionPipeline
 from peft import LoraConfig
 
+import fusedrl
 from fusedrl.engine.advantages import group_advantages
 from fusedrl.engine.rewards import load_reward
 from fusedrl.integrations.flow_grpo import sde_step_with_logprob  # <- the drop-in
@@ -63,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--inner-epochs", type=int, default=1, help="passes over each sampled batch")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--no-backbone", action="store_true",
+                   help="leave the transformer's LoRA linears and RMSNorms stock (no fusedrl.patch_backbone)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="model weights (default: bf16 on a GPU, fp32 on the CPU); LoRA weights stay fp32")
     p.add_argument("--seed", type=int, default=0)
@@ -90,6 +95,8 @@ def load_pipeline(args, device, dtype):
     for p in pipe.transformer.parameters():
         if p.requires_grad:
             p.data = p.data.float()  # train the LoRA weights in fp32 (the base weights stay in `dtype`)
+    if not args.no_backbone:  # the LoRA linears (and SD3.5's q-k RMSNorms) on fused code
+        print(fusedrl.patch_backbone(pipe.transformer).summary())
     return pipe
 
 

@@ -118,7 +118,8 @@ def test_flow_grpo_loop(monkeypatch, capsys):
     assert len(steps) == 3 * S
     assert sum(call["prev_sample"] is None for call in steps) == S
     assert all(call["noise_level"] == 0.7 and call["sde_type"] == "sde" for call in steps)
-    assert "reward_mean" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "reward_mean" in out and "fused backbone: " in out and " lora" in out  # the LoRA linears fused
 
 
 @pytest.mark.slow
