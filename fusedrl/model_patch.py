@@ -34,7 +34,7 @@ class ModelPatch:
     skipped: dict[str, str]
     _undo: Callable[[Any], None] = field(repr=False)  # takes the model: the patch holds it only by weakref
     _model: Any = field(repr=False, default=None)
-    _registry: PatchRegistry | None = field(repr=False, default=None)
+    _registry: PatchRegistry | None = field(repr=False, compare=False, default=None)
     active: bool = True
 
     def undo(self) -> None:
@@ -54,6 +54,12 @@ class PatchRegistry:
 
     def __init__(self) -> None:
         self._by_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __copy__(self) -> PatchRegistry:  # a copied patch refers to the same registry (and copies no model)
+        return self
+
+    def __deepcopy__(self, memo) -> PatchRegistry:
+        return self
 
     def active(self, base) -> ModelPatch | None:
         patch = self._by_model.get(base)

@@ -391,3 +391,24 @@ def test_formulas_that_differ_only_off_the_common_inputs_are_left_alone():
     patch = fusedrl.patch_backbone(model)
     assert patch.patched["swiglu"] == 0 and "another formula" in patch.skipped["0"]
     assert patch.patched["rms_norm"] == 0 and "other shapes or dtypes" in patch.skipped["1"]
+
+
+def test_fp16_mlp_whose_large_probe_overflows_is_still_fused():
+    """The x100 trial overflows to inf in fp16 in the stock forward too (wide MLPs): it is skipped, not held
+    against the module."""
+    model = nn.Sequential(transformers.models.llama.modeling_llama.LlamaMLP(
+        transformers.LlamaConfig(hidden_size=64, intermediate_size=128)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(0.5)  # gate and up ~ 3200 at x100: their product overflows fp16
+    model.half()
+    x = 100 * torch.ones(2, 64, dtype=torch.float16)
+    assert not torch.isfinite(model(x)).all()
+    assert fusedrl.patch_backbone(model).patched["swiglu"] == 1
+
+
+def test_a_copied_patch_copies_no_model():
+    import copy
+
+    patch = fusedrl.patch_backbone(_model("llama"))
+    assert copy.deepcopy(patch)._registry is patch._registry

@@ -170,6 +170,8 @@ def _agree(module: nn.Module, fused: Callable, width: int, scales: tuple[float, 
             with torch.no_grad():
                 expected = type(module).forward(module, x)
                 got = fused(module, x)
+            if scale != 1.0 and not torch.isfinite(expected).all():
+                continue  # fp16 overflows at x100 in the stock forward too: that trial shows nothing
             reason = _differs(expected, got, "its forward")
             if reason is not None:
                 return reason
