@@ -11,20 +11,22 @@
 - peft LoRA linears (plain LoRA, one active adapter; in transformers' and diffusers' models alike): the update
   added to the base layer's output by the GEMM that computes it (`torch.addmm(base(x), (x A^T), B^T,
   alpha=scaling)`, in the base layer's dtype, as autocast would) instead of peft's fp32 product, scaling and add
-  over the layer's whole output. Calls peft handles otherwise
-  (adapters disabled, as for the KL reference; merged; several active adapters; mixed-batch adapter names; DoRA
-  and other variants; lora_bias) run peft's own forward.
+  over the layer's whole output. Calls peft handles otherwise (adapters disabled, as for the KL reference; merged;
+  several active adapters; mixed-batch adapter names; DoRA and other variants; lora_bias) run peft's own forward.
 
 A module qualifies by what it has (names, an activation, a peft class) and by a probe: its stock forward and the
-fused one run on two rows of random input and must agree (to 1% of the output's scale: a different formula, such
-as Gemma's (1 + weight) norm or a GELU MLP, misses by far more; rounding differences do not). Modules whose
-weights cannot be probed (meta device, sharded) are left alone; patch before sharding.
+fused one run on two rows of random input and must give the same shapes and dtypes and agree to 1% of the output's
+scale (a different formula, such as Gemma's (1 + weight) norm or a GELU MLP, misses by far more; rounding
+differences do not). SwiGLU MLPs are probed at x1 and x100 (MLPs that clamp their gate show only on large
+inputs), norms with fp32 weights also on bf16 rows (norms that cast back to the input's dtype show only there).
+The rotary dispatcher takes only full-width, one-dtype calls (partial rotary and fp32 tables run the stock
+function). Modules whose weights cannot be probed (meta device, sharded) are left alone; patch before sharding.
 
 Patching sets `module.forward` on the instance (the class is untouched, so other models are not affected);
 `undo` deletes it. The rotary embedding is called by name from the attention's code, so that name in the modeling
 module is rebound to a function that runs the fused kernel inside the patched model's attention modules (hooks on
-them set a flag) and the stock function everywhere else; the last patch undone (or its model
-collected) restores the stock function.
+them set a flag) and the stock function everywhere else; the last patch undone (or its model collected) restores
+the stock function.
 """
 
 from __future__ import annotations
