@@ -155,17 +155,24 @@ def test_patch_is_reversible_and_idempotent():
     assert trl_utils._ChunkedLogProbFunction.original is ChunkedLogProbFunction
     assert GRPOTrainer.__dict__["_get_per_token_logps_and_entropies"].__wrapped__ is get_logps
     assert GRPOTrainer.__dict__["_compute_loss"] is compute_loss
-    assert fused_trl.patched_state() == {"loss": False}
+    assert fused_trl.patched_state() == {"loss": False, "backbone": False}
 
     fused_trl.patch_grpo_trainer(loss=True)
     assert GRPOTrainer.__dict__["_compute_loss"].__wrapped__ is compute_loss
-    assert fused_trl.patched_state() == {"loss": True}
+    assert fused_trl.patched_state() == {"loss": True, "backbone": False}
     fused_trl.patch_grpo_trainer(loss=False)
     assert GRPOTrainer.__dict__["_compute_loss"] is compute_loss
 
     with fused_trl.grpo_trainer_patched(loss=True):
-        assert fused_trl.patched_state() == {"loss": True}
-    assert fused_trl.patched_state() == {"loss": False}  # the state before the with-block
+        assert fused_trl.patched_state() == {"loss": True, "backbone": False}
+    assert fused_trl.patched_state() == {"loss": False, "backbone": False}  # the state before the with-block
+
+    init = GRPOTrainer.__dict__["__init__"]
+    fused_trl.patch_grpo_trainer(backbone=True)
+    assert GRPOTrainer.__dict__["__init__"].__wrapped__ is init
+    assert fused_trl.patched_state() == {"loss": False, "backbone": True}
+    fused_trl.patch_grpo_trainer()
+    assert GRPOTrainer.__dict__["__init__"] is init
 
     fused_trl.unpatch_grpo_trainer()
     fused_trl.unpatch_grpo_trainer()
@@ -467,14 +474,13 @@ def baseline_runs(model_dir, tmp_path_factory):
     def get(name):
         if name not in cache:
             fused_trl.unpatch_grpo_trainer()
-            cache[name] = _train(model_dir, tmp_path_factory.mktemp(f"base_{name}"), RUN_CONFIGS[name])
+            cache[name] = _train(make_trainer(model_dir, tmp_path_factory.mktemp(f"base_{name}"), **RUN_CONFIGS[name]))
         return cache[name]
 
     return get
 
 
-def _train(model_dir, output_dir, config):
-    trainer = make_trainer(model_dir, output_dir, **config)
+def _train(trainer):
     trainer.train()
     history = [{k: v for k, v in entry.items() if k not in TIMING_KEYS} for entry in trainer.state.log_history]
     params = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
@@ -483,14 +489,20 @@ def _train(model_dir, output_dir, config):
 
 @needs_trl
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", [False, True], ids=["logprobs", "logprobs+loss"])
+@pytest.mark.parametrize("loss, backbone", [(False, False), (True, False), (True, True)],
+                         ids=["logprobs", "logprobs+loss", "logprobs+loss+backbone"])
 @pytest.mark.parametrize("config", list(RUN_CONFIGS))
-def test_grpo_trainer_run_matches_unpatched(model_dir, tmp_path, baseline_runs, calls, config, loss):
+def test_grpo_trainer_run_matches_unpatched(model_dir, tmp_path, baseline_runs, calls, config, loss, backbone):
     want_history, want_recorded, want_params = baseline_runs(config)
     initial = dict(transformers.AutoModelForCausalLM.from_pretrained(model_dir).named_parameters())
     calls["token_logprobs"] = calls["grpo_loss"] = 0
-    with fused_trl.grpo_trainer_patched(loss=loss):
-        got_history, got_recorded, got_params = _train(model_dir, tmp_path, RUN_CONFIGS[config])
+    with fused_trl.grpo_trainer_patched(loss=loss, backbone=backbone):
+        trainer = make_trainer(model_dir, tmp_path, **RUN_CONFIGS[config])
+        got_history, got_recorded, got_params = _train(trainer)
+    # backbone: the policy and TRL's reference model (full fine-tuning, beta > 0) both on the fused modules (TRL
+    # sets the models' own forward on the instance: its fused LM head)
+    for model in (trainer.model, trainer.ref_model):
+        assert sum(m.__dict__.get("_fusedrl_backbone", False) for m in model.modules()) == (5 + 2 if backbone else 0)
     # Every log-prob call (policy, reference model, old policy) went through fusedrl, and the loss did if asked.
     assert calls["token_logprobs"] >= len(got_recorded) > 0
     assert (calls["grpo_loss"] > 0) == loss

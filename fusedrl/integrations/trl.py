@@ -4,6 +4,7 @@ loss) with fusedrl's fused kernels.
     from fusedrl.integrations.trl import patch_grpo_trainer
     patch_grpo_trainer()             # log-probs and entropies through fusedrl.kernels.token_logprobs
     patch_grpo_trainer(loss=True)    # ... and the loss through fusedrl.kernels.grpo_loss
+    patch_grpo_trainer(loss=True, backbone=True)   # ... and the trainer's model on fusedrl.patch_backbone
     trainer = GRPOTrainer(...)       # before or after creating the trainer, both work
     trainer.train()
     unpatch_grpo_trainer()           # or: with grpo_trainer_patched(loss=True): ...
@@ -31,8 +32,13 @@ KTO, RLOO) keep TRL's kernel. It also hands back to TRL's kernel the calls it ca
 feeds the same log-probs to `fusedrl.kernels.grpo_loss` and keeps TRL's gradient-accumulation
 scaling and logged metrics; configurations it does not cover run TRL's own `_compute_loss`.
 
+With `backbone=True`, `GRPOTrainer.__init__` is wrapped: once TRL has built the trainer (and added the LoRA
+adapter of a peft_config), `fusedrl.patch_backbone` runs on `trainer.model` and on the reference model, when there
+is one, before accelerate wraps them for training (the reference of a DeepSpeed / FSDP run is prepared inside
+`__init__` already: sharded, it is left alone). This applies to trainers created after the patch only.
+
 The patch changes classes and a module attribute, not trainer instances, so it applies to trainers
-created before or after it, and `unpatch_grpo_trainer()` restores TRL exactly.
+created before or after it (the backbone: after), and `unpatch_grpo_trainer()` restores TRL exactly.
 """
 
 from __future__ import annotations
@@ -356,12 +362,28 @@ def _targets():
     return trl_utils, GRPOTrainer
 
 
-def patch_grpo_trainer(*, loss: bool = False) -> None:
-    """Make `trl.GRPOTrainer` compute per-token log-probs and entropies with
-    `fusedrl.kernels.token_logprobs` (and, with `loss=True`, its loss with `fusedrl.kernels.grpo_loss`).
+def _patched_backbone_init(init: Callable) -> Callable:
+    """GRPOTrainer.__init__, then fusedrl.patch_backbone on the trainer's model and reference model."""
 
-    Idempotent; a second call switches the loss patch on or off as `loss` says. Affects existing and
-    future GRPOTrainer instances until `unpatch_grpo_trainer()`.
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        from fusedrl.backbone import patch_backbone
+
+        log.info("fusedrl (TRL GRPOTrainer): %s", patch_backbone(self.model).summary())
+        if getattr(self, "ref_model", None) is not None:
+            patch_backbone(self.ref_model)
+
+    return __init__
+
+
+def patch_grpo_trainer(*, loss: bool = False, backbone: bool = False) -> None:
+    """Make `trl.GRPOTrainer` compute per-token log-probs and entropies with
+    `fusedrl.kernels.token_logprobs` (and, with `loss=True`, its loss with `fusedrl.kernels.grpo_loss`; with
+    `backbone=True`, run the models of the trainers it builds on `fusedrl.patch_backbone`).
+
+    Idempotent; a second call switches the loss and backbone patches on or off as `loss` and `backbone` say.
+    Affects existing and future GRPOTrainer instances until `unpatch_grpo_trainer()` (the backbone: future ones).
 
     Raises:
         RuntimeError: the installed TRL is not in `trl>=1.16,<1.17` (or is laid out differently).
@@ -375,6 +397,10 @@ def patch_grpo_trainer(*, loss: bool = False) -> None:
         _replace(grpo, "_compute_loss", _fused_compute_loss(grpo._compute_loss))
     elif not loss:
         _restore(grpo, "_compute_loss")
+    if backbone and (grpo, "__init__") not in _ORIGINALS:
+        _replace(grpo, "__init__", _patched_backbone_init(grpo.__init__))
+    elif not backbone:
+        _restore(grpo, "__init__")
 
 
 def unpatch_grpo_trainer() -> None:
@@ -384,17 +410,19 @@ def unpatch_grpo_trainer() -> None:
 
 
 def patched_state() -> dict[str, bool] | None:
-    """None when GRPOTrainer is not patched, else {"loss": whether the loss is patched too}."""
+    """None when GRPOTrainer is not patched, else {"loss": whether the loss is patched too, "backbone": whether new
+    trainers' models are patched}."""
     if not _ORIGINALS:
         return None
-    return {"loss": any(name == "_compute_loss" for _, name in _ORIGINALS)}
+    return {"loss": any(name == "_compute_loss" for _, name in _ORIGINALS),
+            "backbone": any(name == "__init__" for _, name in _ORIGINALS)}
 
 
 @contextlib.contextmanager
-def grpo_trainer_patched(*, loss: bool = False) -> Iterator[None]:
-    """`with grpo_trainer_patched(loss=...):` patch_grpo_trainer() inside, the previous state after."""
+def grpo_trainer_patched(*, loss: bool = False, backbone: bool = False) -> Iterator[None]:
+    """`with grpo_trainer_patched(loss=..., backbone=...):` patch_grpo_trainer() inside, the previous state after."""
     previous = patched_state()
-    patch_grpo_trainer(loss=loss)
+    patch_grpo_trainer(loss=loss, backbone=backbone)
     try:
         yield
     finally:
