@@ -106,6 +106,7 @@ __all__ = [
     "ATTENTION_OPS",
     "MATMUL_OPS",
     "POLICIES",
+    "BlockLimitError",
     "CheckpointWrapper",
     "apply_checkpointing",
     "checkpoint",
@@ -481,6 +482,14 @@ def _selector(module_types, predicate) -> Callable[[str, nn.Module], bool]:
     return chosen
 
 
+class BlockLimitError(ValueError):
+    """apply_checkpointing's `limit` asks for more modules than are chosen (`chosen` of them)."""
+
+    def __init__(self, message: str, chosen: int) -> None:
+        super().__init__(message)
+        self.chosen = chosen
+
+
 def apply_checkpointing(model: nn.Module, policy: str | Callable = "save_attention", *,
                         module_types: type | Sequence[type] | None = None,
                         predicate: Callable[[str, nn.Module], bool] | None = None,
@@ -499,7 +508,8 @@ def apply_checkpointing(model: nn.Module, policy: str | Callable = "save_attenti
 
     `limit`: wrap only the first `limit` chosen modules, in the model's order (partial checkpointing:
     each block left out keeps its activations and skips its recomputation, so memory buys time); chosen
-    modules past it are left unwrapped (and unwrapped, if an earlier call wrapped them). ValueError when
+    modules past it are left unwrapped (and unwrapped, if an earlier call wrapped them). BlockLimitError (a
+    ValueError) when
     fewer than `limit` modules are chosen.
 
     Returns: the qualified names of the wrapped (or re-policied) submodules. Raises ValueError when
@@ -526,9 +536,9 @@ def apply_checkpointing(model: nn.Module, policy: str | Callable = "save_attenti
         raise ValueError(f"apply_checkpointing: no submodule of {type(model).__name__} matched module_types="
                          f"{module_types!r} / predicate={predicate!r}")
     if limit is not None and len(found) < limit:
-        raise ValueError(f"apply_checkpointing: limit={limit} (memory.checkpoint_blocks in the trainers) but only "
-                         f"{len(found)} submodules of {type(model).__name__} are chosen "
-                         f"({found[0][2]} ... {found[-1][2]})")
+        raise BlockLimitError(f"apply_checkpointing: limit={limit} (memory.checkpoint_blocks in the trainers) but "
+                              f"only {len(found)} submodules of {type(model).__name__} are chosen "
+                              f"({found[0][2]} ... {found[-1][2]})", len(found))
     done: list[str] = []
     for i, (parent, name, qualified, child) in enumerate(found):
         wrapped = isinstance(child, CheckpointWrapper)
@@ -591,11 +601,20 @@ class CheckpointingSection:
         "waits for backward (an 8B LM at 8 x 4096 tokens: 9 GB less); with full, save_attention or "
         "save_attention_and_matmuls")
 
-    def check_block_count(self, blocks: int, what: str) -> None:
-        """ConfigError when checkpoint_blocks asks for more than the model's `blocks` (`what`: "the denoiser")."""
-        if self.checkpoint_blocks is not None and self.checkpoint_blocks > blocks:
-            raise ConfigError([("memory.checkpoint_blocks", f"{self.checkpoint_blocks}, but {what} has {blocks} blocks "
-                                                            "to checkpoint")])
+    def apply_to(self, model: nn.Module, what: str, *, module_types: type | Sequence[type] | None = None,
+                 predicate: Callable[[str, nn.Module], bool] | None = None) -> list[str]:
+        """`apply_checkpointing` of `model`'s blocks (chosen by module_types / predicate) with these options; [] with
+        gradient_checkpointing none. ConfigError when checkpoint_blocks asks for more blocks than `model` has
+        (`what`: "the denoiser", named in the message)."""
+        if self.gradient_checkpointing == "none":
+            return []
+        try:
+            return apply_checkpointing(model, self.gradient_checkpointing, module_types=module_types,
+                                       predicate=predicate, limit=self.checkpoint_blocks,
+                                       offload_inputs=self.offload_block_inputs)
+        except BlockLimitError as exc:
+            raise ConfigError([("memory.checkpoint_blocks", f"{self.checkpoint_blocks}, but {what} has {exc.chosen} "
+                                                            "blocks to checkpoint")]) from None
 
     def __post_init__(self) -> None:
         if self.checkpoint_blocks is not None and self.gradient_checkpointing == "none":

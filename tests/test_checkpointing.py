@@ -463,15 +463,22 @@ def test_apply_checkpointing_limit_wraps_the_first_blocks(model_x):
 
 
 def test_checkpoint_blocks_option_is_checked():
-    """The trainers' memory.checkpoint_blocks: needs a policy, a positive count, at most the model's blocks."""
+    """The trainers' memory.checkpoint_blocks: needs a policy, a positive count, at most the model's blocks (a
+    ConfigError naming the field, from CheckpointingSection.apply_to)."""
     from fusedrl.engine.config import ConfigError
 
     with pytest.raises(ValueError, match="checkpoint_blocks needs gradient_checkpointing"):
         ckpt.CheckpointingSection(checkpoint_blocks=2)
+    def stack(n: int) -> nn.Module:
+        model = nn.Module()
+        model.blocks = nn.ModuleList(nn.Linear(2, 2) for _ in range(n))
+        return model
+
     section = ckpt.CheckpointingSection(gradient_checkpointing="full", checkpoint_blocks=3)
-    section.check_block_count(3, "the model")
+    assert section.apply_to(stack(3), "the model", module_types=nn.Linear) == ["blocks.0", "blocks.1", "blocks.2"]
     with pytest.raises(ConfigError, match="memory.checkpoint_blocks: 3, but the model has 2 blocks"):
-        section.check_block_count(2, "the model")
+        section.apply_to(stack(2), "the model", module_types=nn.Linear)
+    assert ckpt.CheckpointingSection().apply_to(stack(2), "the model", module_types=nn.Linear) == []
     for policy in ("none", "offload"):
         with pytest.raises(ValueError, match=f"offload_block_inputs needs .* recomputes .*, not {policy}"):
             ckpt.CheckpointingSection(gradient_checkpointing=policy, offload_block_inputs=True)

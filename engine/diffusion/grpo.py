@@ -336,17 +336,11 @@ class GRPOTrainer:
         return policy
 
     def _apply_checkpointing(self) -> list[str]:
-        from ..checkpointing import apply_checkpointing
         from .policy import block_names
 
-        m = self.cfg.memory
-        if m.gradient_checkpointing == "none":
-            return []
         blocks = set(block_names(self.policy.denoiser))
-        m.check_block_count(len(blocks), "the denoiser")
-        return apply_checkpointing(self.policy.denoiser, m.gradient_checkpointing,
-                                   predicate=lambda name, _m: name in blocks, limit=m.checkpoint_blocks,
-                                   offload_inputs=m.offload_block_inputs)
+        return self.cfg.memory.apply_to(self.policy.denoiser, "the denoiser",
+                                        predicate=lambda name, _m: name in blocks)
 
     def _named_trainable(self) -> Iterator[tuple[str, Any]]:
         pol = self.policy

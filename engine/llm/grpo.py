@@ -98,7 +98,6 @@ def build(cfg: LLMGRPOConfig, out_dir: str | os.PathLike | None = None) -> Any:
     import torch
     import transformers
 
-    from ..checkpointing import apply_checkpointing
     from .data import load_prompt_records
     from .generation import tokenize_prompts
     from .policy import LoraSpec, Policy, context_length, decoder_of, load_tokenizer
@@ -156,11 +155,7 @@ def build(cfg: LLMGRPOConfig, out_dir: str | os.PathLike | None = None) -> Any:
     if cfg.memory.gradient_checkpointing != "none":
         from transformers.modeling_layers import GradientCheckpointingLayer
 
-        decoder = decoder_of(policy.model)
-        cfg.memory.check_block_count(sum(isinstance(mod, GradientCheckpointingLayer) for mod in decoder.modules()),
-                                     "the model")
-        apply_checkpointing(decoder, cfg.memory.gradient_checkpointing, module_types=GradientCheckpointingLayer,
-                            limit=cfg.memory.checkpoint_blocks, offload_inputs=cfg.memory.offload_block_inputs)
+        cfg.memory.apply_to(decoder_of(policy.model), "the model", module_types=GradientCheckpointingLayer)
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
