@@ -146,12 +146,8 @@ def build(cfg: LLMGRPOConfig, out_dir: str | os.PathLike | None = None) -> Any:
         from fusedrl.attention import patch_attention
 
         patch_attention(policy.model)
-    if m.fused_backbone:  # before FSDP shards the weights (the patch probes each module on two rows)
-        from fusedrl.backbone import patch_backbone
-
-        for model in (policy.model, policy.ref_model):  # the reference too: same numbers, same speed and memory
-            if model is not None:
-                patch_backbone(model)
+    if m.fused_backbone:
+        policy.fuse_backbone()
     if cfg.memory.gradient_checkpointing != "none":
         from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -225,10 +221,8 @@ def _run(cfg: LLMGRPOConfig, run) -> int | None:
              f"{sum(p.numel() for p in trainer.params) * (world if policy.strategy == 'fsdp' else 1):,} trainable "
              f"parameters ({'LoRA' if lora else 'full'}), {len(trainer.records)} prompts, {cfg.prompts.per_step} x "
              f"{cfg.sampling.group_size} completions per step, loss {cfg.grpo.loss_type}, lr {trainer.lr:g}")
-    if cfg.model.fused_backbone:
-        from fusedrl.backbone import patch_backbone
-
-        run.info(patch_backbone(policy.model).summary())  # the patch build() made (patching again returns it)
+    if policy.backbone_patch is not None:
+        run.info(policy.backbone_patch.summary())
     for step in run.steps():
         metrics = trainer.step(step)
         if run.every(step, cfg.run.log_every):

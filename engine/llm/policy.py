@@ -165,6 +165,16 @@ class Policy:
         self.engine: nn.Module = self.forward_module  # or its DDP wrapper (parallelize)
         self.strategy: str | None = None
         self.world_size = 1
+        self.backbone_patch = None  # what fuse_backbone() fused in the model (its summary() for a log)
+
+    def fuse_backbone(self) -> None:
+        """Run the model, and the reference copy of full fine-tuning, on `fusedrl.patch_backbone` (same numbers,
+        same speed and memory for both). Before `parallelize`: the patch probes each module on two rows."""
+        from fusedrl.backbone import patch_backbone
+
+        self.backbone_patch = patch_backbone(self.model)
+        if self.ref_model is not None:
+            patch_backbone(self.ref_model)
 
     # ------------------------------------------------------------------------------------------ building
 
