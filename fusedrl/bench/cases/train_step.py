@@ -70,6 +70,8 @@ BACKBONE = "fusedrl_backbone"  # providers named so also run on fusedrl.patch_ba
 LLM_PROVIDERS = (EAGER, "trl", "fusedrl", "fusedrl_fused", "fusedrl_offload", "fusedrl_backbone",
                  "fusedrl_backbone_offload")
 LLM_OFFLOAD = ("fusedrl_offload", "fusedrl_backbone_offload")
+NOISE_LEVEL = 0.7
+CLIP = 1e-4
 
 
 def _use_backbone(model, provider: str) -> None:
@@ -80,8 +82,7 @@ def _use_backbone(model, provider: str) -> None:
         patch_backbone(model)
     else:
         unpatch_backbone(model)
-NOISE_LEVEL = 0.7
-CLIP = 1e-4
+
 
 SD3_CONFIGS = {
     "default": dict(sample_size=64, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
