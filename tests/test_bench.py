@@ -4,6 +4,7 @@ columns, timed rows hold numbers, skipped rows hold a reason; plus the CSV and r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import math
 import os
@@ -166,6 +167,46 @@ def test_warm_up_stops_early_on_slow_calls(monkeypatch):
     assert len(calls) == 5
     result = timing.measure(lambda: None, torch.device("cpu"), reps=3, warmup=1)
     assert result.reps == 3 and math.isnan(result.resident_mb)  # no allocator on the CPU
+
+
+def test_cuda_host_time_is_taken_with_the_gpu_idle(monkeypatch):
+    """host_ms comes from calls started after a synchronize, not from the held ones: under the hold, a call
+    that queues more launches than the queue takes waits for the hold to end (simulated: a held call's
+    issue takes 100 ms, an unheld one 1 ms), and that wait is not the call's issue time."""
+    clock = [0.0]
+    held = [False]
+    cuda = timing.torch.cuda
+
+    class FakeEvent:
+        def __init__(self, enable_timing):
+            self.t = 0.0
+
+        def record(self):
+            self.t = clock[0]
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3
+
+    def sleep(cycles):
+        held[0] = True
+
+    def synchronize(device=None):
+        held[0] = False
+
+    def fn():
+        clock[0] += 0.1 if held[0] else 1e-3
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    fakes = dict(synchronize=synchronize, _sleep=sleep, Event=FakeEvent, device=lambda d: contextlib.nullcontext(),
+                 memory_allocated=lambda d: 0, max_memory_allocated=lambda d: 0, reset_peak_memory_stats=lambda d: None)
+    for name, value in fakes.items():
+        monkeypatch.setattr(cuda, name, value)
+    device = torch.device("cuda")
+    monkeypatch.setitem(timing._flush_buffers, device, torch.empty(0))
+    monkeypatch.setitem(timing._sleep_cycles_per_s, device, 1e9)
+    times, host, _, _ = timing._cuda_times(fn, device, reps=3)
+    assert host == pytest.approx([1.0] * 3)  # ms, the unheld calls'
+    assert times == pytest.approx([100.0] * 3)  # the held calls' events bracket the whole blocked issue here
 
 
 def test_cli_wires_bench_options():

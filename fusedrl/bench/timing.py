@@ -9,8 +9,11 @@
   forward + backward: Python and launch overhead, with the GPU mostly idle. A 256 MiB
   buffer is zeroed before each call, evicting the L2 (50-60 MiB on H100/H200), so every call reads its
   inputs from HBM as it would in a real step.
-  `host_ms` is the CPU time to issue one call (Python, checks, dispatch, launches). When it exceeds
-  `median_ms`, the call is launch-bound when it runs alone.
+  `host_ms` is the CPU time to issue one call (Python, checks, dispatch, launches), taken on calls that
+  start with the GPU idle, not on the held ones: under the hold a call that queues more kernels than
+  the launch queue takes (about a thousand) blocks until the GPU drains it, so its issue time would count the hold
+  (an H200 run of token_logprobs' chunked backward read 144 ms against 61 ms of GPU time that way).
+  When `host_ms` exceeds `median_ms`, the call is launch-bound when it runs alone.
 - CPU: `time.perf_counter` around each call; `host_ms` equals `median_ms`.
 
 Warm-up: up to `warmup` untimed calls, fewer when they take long: it stops once WARMUP_ENOUGH_S have been
@@ -120,9 +123,10 @@ def _cycles_per_second(device: torch.device) -> float:
     return _sleep_cycles_per_s[device]
 
 
-def _host_seconds(fn: Callable[[], object], device: torch.device, calls: int = 3) -> float:
-    """The CPU time to issue one call, GPU work excluded (median of a few calls; only one when twice its
-    issue time reaches MAX_HOLD_S: the hold is then capped at MAX_HOLD_S whatever the median)."""
+def _host_seconds(fn: Callable[[], object], device: torch.device, calls: int = 3) -> list[float]:
+    """The CPU time to issue each of a few calls, each started with the GPU idle (a call past the launch
+    queue's depth waits for the GPU: that wait is what it costs alone). Only one call when twice its issue
+    time reaches MAX_HOLD_S: the hold is then capped at MAX_HOLD_S whatever the median."""
     times = []
     for _ in range(calls):
         torch.cuda.synchronize(device)
@@ -131,7 +135,8 @@ def _host_seconds(fn: Callable[[], object], device: torch.device, calls: int = 3
         times.append(time.perf_counter() - start)
         if 2 * times[-1] >= MAX_HOLD_S:
             break
-    return percentile(times, 50)
+    torch.cuda.synchronize(device)
+    return times
 
 
 def _cuda_times(fn: Callable[[], object], device: torch.device,
@@ -141,11 +146,11 @@ def _cuda_times(fn: Callable[[], object], device: torch.device,
         flush = _flush_buffers.get(device)
         if flush is None:
             flush = _flush_buffers[device] = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device)
-        hold_s = min(2 * _host_seconds(fn, device) + HOLD_MARGIN_S, MAX_HOLD_S)
+        host = _host_seconds(fn, device)
+        hold_s = min(2 * percentile(host, 50) + HOLD_MARGIN_S, MAX_HOLD_S)
         hold_cycles = int(hold_s * _cycles_per_second(device))
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        host = []
         for i, (start, end) in enumerate(zip(starts, ends)):
             torch.cuda.synchronize(device)
             if i == reps - 1:  # the last call also gives the peak: nothing below allocates but fn
@@ -154,14 +159,13 @@ def _cuda_times(fn: Callable[[], object], device: torch.device,
             torch.cuda._sleep(hold_cycles)
             flush.zero_()
             start.record()
-            t0 = time.perf_counter()
             fn()
-            host.append((time.perf_counter() - t0) * 1e3)
             end.record()
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - base
     resident = base - flush.numel() * flush.element_size()
-    return [start.elapsed_time(end) for start, end in zip(starts, ends)], host, peak / 2**20, resident / 2**20
+    return ([start.elapsed_time(end) for start, end in zip(starts, ends)], [t * 1e3 for t in host], peak / 2**20,
+            resident / 2**20)
 
 
 def _tensors(obj: object) -> Iterable[torch.Tensor]:
