@@ -616,6 +616,15 @@ class CheckpointingSection:
             raise ConfigError([("memory.checkpoint_blocks", f"{self.checkpoint_blocks}, but {what} has {exc.chosen} "
                                                             "blocks to checkpoint")]) from None
 
+    def offload_summary(self) -> str | None:
+        """With offload_block_inputs, train.log's line on what this process offloaded (or why nothing was); else
+        None."""
+        if not self.offload_block_inputs:
+            return None
+        from . import input_offload
+
+        return input_offload.summary()
+
     def __post_init__(self) -> None:
         if self.checkpoint_blocks is not None and self.gradient_checkpointing == "none":
             raise ValueError("checkpoint_blocks needs gradient_checkpointing (now none): set a policy such as full "

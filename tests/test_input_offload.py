@@ -233,3 +233,6 @@ def test_the_runs_summary_line_says_what_was_offloaded(on_cpu, monkeypatch):
     ckpt.apply_checkpointing(model, "full", module_types=Block, offload_inputs=True)
     model(torch.randn(4, 9, 32, requires_grad=True)).sum().backward()
     assert input_offload.summary().startswith("offload_block_inputs: 2 block inputs, 0.00 GiB in all")
+    section = ckpt.CheckpointingSection(gradient_checkpointing="full", offload_block_inputs=True)
+    assert section.offload_summary() == input_offload.summary()  # the line the GRPO trainers write to train.log
+    assert ckpt.CheckpointingSection(gradient_checkpointing="full").offload_summary() is None

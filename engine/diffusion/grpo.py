@@ -835,10 +835,8 @@ class GRPOTrainer:
         if summary:
             run.info(summary)
         run.info_peak_memory(self.device)
-        if cfg.memory.offload_block_inputs:
-            from .. import input_offload
-
-            run.info(input_offload.summary())
+        if offloaded := cfg.memory.offload_summary():
+            run.info(offloaded)
 
 
 def reward_summary(metrics_csv: Path, key: str = "reward_mean") -> str | None:

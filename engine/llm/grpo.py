@@ -245,10 +245,8 @@ def _run(cfg: LLMGRPOConfig, run) -> int | None:
 
             run.save_checkpoint(step, tensors, trainer.state_dict(), {"optim": optim}, write_extra=extra)
     run.info_peak_memory(trainer.device)
-    if cfg.memory.offload_block_inputs:
-        from .. import input_offload
-
-        run.info(input_offload.summary())
+    if offloaded := cfg.memory.offload_summary():
+        run.info(offloaded)
     state = policy.full_state() if policy.strategy == "fsdp" else None
     if run.is_main:
         final = _write_final(trainer, run.out_dir, state)
