@@ -179,12 +179,18 @@ def test_patching_is_idempotent_selective_and_reversible():
         fusedrl.patch_backbone("Qwen/Qwen2.5-0.5B")
 
 
-def test_a_forward_replaced_by_someone_else_is_kept():
+def test_a_forward_replaced_by_someone_else_is_kept(monkeypatch):
+    """... and not probed first."""
+    from fusedrl.integrations import transformers_backbone as tb
+
     model = _model("llama")
     norm = model.model.norm
     norm.forward = lambda x: x  # e.g. accelerate's device-map hooks
+    probed, real = [], tb._probe_dtype_device
+    monkeypatch.setattr(tb, "_probe_dtype_device", lambda module: probed.append(module) or real(module))
     patch = fusedrl.patch_backbone(model)
     assert patch.skipped == {"model.norm": "rms_norm: its forward is already replaced on the instance"}
+    assert probed and all(module is not norm for module in probed)
     patch.undo()
     assert "forward" in norm.__dict__
 

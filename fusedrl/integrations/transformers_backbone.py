@@ -151,11 +151,17 @@ def _probe_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device] |
     return w.dtype, w.device
 
 
+ALREADY_REPLACED = "its forward is already replaced on the instance"
+
+
 def _agree(module: nn.Module, fused: Callable, width: int, scales: tuple[float, ...] = (1.0,),
            low_precision_input: bool = False) -> str | None:
     """Run the stock forward and the fused one on the same two rows, at each input scale (an MLP that clamps its
     gate shows only on large inputs), and with low_precision_input also on bf16 rows when the weights are fp32 (a
-    norm that casts its output back to the input's dtype shows only there); None when they agree, else why not."""
+    norm that casts its output back to the input's dtype shows only there); None when they agree, else why not.
+    A module whose forward another library replaced on the instance is left alone unprobed."""
+    if "forward" in module.__dict__:
+        return ALREADY_REPLACED
     where = _probe_dtype_device(module)
     if isinstance(where, str):
         return where
@@ -312,8 +318,6 @@ def patch_model(model: nn.Module, kinds: tuple[str, ...]) -> tuple[dict[str, int
         release_rotary()
         raise
     for name, kind, module, forward, reason in found:
-        if "forward" in module.__dict__:
-            reason = reason or "its forward is already replaced on the instance"
         if reason is not None:
             skipped[name or type(module).__name__] = f"{kind}: {reason}"
             continue
