@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check: environment report, install, CUDA extension build, GPU tests, then `fusedrl bench`.
 #
-#   benchmarks/gpu_check.sh [--part NAME] [--budget SECONDS] [--no-tests | --tests FILE[::TEST] ...] [--list]
+#   benchmarks/gpu_check.sh [--part NAME] [--budget SECONDS] [--no-tests | --tests FILE[::TEST] ...] [--profile] [--list]
 #
 # Run from the repository root on the GPU machine (no internet). NAME is a case module of
 # fusedrl/bench/cases (e.g. diffusion_step: its tests are tests/test_NAME*.py and tests/test_bench.py),
@@ -21,7 +21,9 @@
 # and carry .whl. Tests run in parallel (pytest-xdist) when it is installed. --list prints the parts
 # and their time caps for the budget given. --no-tests skips the test step (a second part in the same device
 # call, after `--part tests` has run them); --tests (repeatable) runs only the tests named instead of the part's
-# (e.g. the ones that failed in the last run: `--part tests --tests tests/test_cuda_build.py`).
+# (e.g. the ones that failed in the last run: `--part tests --tests tests/test_cuda_build.py`). --profile runs each
+# provider of the first pass once more under torch.profiler: where its GPU time goes, by kind of kernel, in
+# $OUT/profile/ (profile.csv and a report per call; `fusedrl bench --profile`).
 set -uo pipefail
 
 # The first pass of `--part all`, op by op: "case module|cap %|reserve %|options". bf16 at the sizes
@@ -58,6 +60,7 @@ BUDGET=420
 LIST=0
 RUN_TESTS=1
 ONLY_TESTS=()
+PROFILE=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --part) PART="$2"; shift 2 ;;
@@ -65,7 +68,8 @@ while [ $# -gt 0 ]; do
         --list) LIST=1; shift ;;
         --no-tests) RUN_TESTS=0; shift ;;
         --tests) ONLY_TESTS+=("$2"); shift 2 ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        --profile) PROFILE=1; shift ;;
+        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -93,6 +97,8 @@ fi
 
 cd "$(dirname "$0")/.." || exit 2
 OUT="${OUT:-$PWD/gpu_out}"
+PROFILE_ARGS=()
+[ "$PROFILE" = 1 ] && PROFILE_ARGS=(--profile "$OUT/profile")
 mkdir -p "$OUT"
 PY="${PYTHON:-python}"
 START=$SECONDS
@@ -265,12 +271,12 @@ if [ "$PART" = all ]; then
         IFS='|' read -r op cap reserve options <<<"$entry"
         # shellcheck disable=SC2086  # options are words
         step "bench_$op" bench.log "$cap" "$reserve" "$PY" -m fusedrl bench --ops "$op" --no-compile $options \
-            --csv "$OUT/bench.csv" || FAILED+=("bench_$op")
+            "${PROFILE_ARGS[@]}" --csv "$OUT/bench.csv" || FAILED+=("bench_$op")
     done
 else
     # shellcheck disable=SC2086  # options are words
     step bench_fused bench.log "$cap" "$reserve" "$PY" -m fusedrl bench "${OPS_ARGS[@]}" --no-compile $options \
-        --csv "$OUT/bench.csv" || FAILED+=("bench_fused")
+        "${PROFILE_ARGS[@]}" --csv "$OUT/bench.csv" || FAILED+=("bench_fused")
 fi
 # The compile pass gets whatever time is left; running out of it is no failure (its rows so far are kept).
 # Parts of PART_PLAN have no torch.compile provider (whole training steps).

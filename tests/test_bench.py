@@ -231,6 +231,62 @@ def test_every_case_module_runs_on_cpu(tmp_path):
     assert all(r["median_ms"] and int(r["bytes"]) > 0 for r in timed)
 
 
+def test_profile_writes_where_the_time_goes(tmp_path, capsys):
+    """--profile: one more call per timed provider under torch.profiler; its time by category in profile.csv
+    (shares summing to 1), a report with the top ops, and the one-line summary in the row's note."""
+    from fusedrl.bench import kernel_profile
+
+    out, prof = tmp_path / "r.csv", tmp_path / "prof"
+    rc = run(_args("--device", "cpu", "--sizes", "small", "--reps", "1", "--ops", "llm_grpo_step",
+                   "--providers", "eager,fusedrl", "--csv", str(out), "--profile", str(prof)))
+    assert rc == 0
+    _, rows = _read(out)
+    timed = [r for r in rows if r["op"] == "llm_grpo_step"]
+    assert len(timed) == 2 and all(r["note"].startswith("profile: ") and "matmul" in r["note"] for r in timed)
+    with (prof / "profile.csv").open() as fh:
+        cats = list(csv.DictReader(fh))
+    for provider in ("eager", "fusedrl"):
+        mine = [r for r in cats if r["provider"] == provider]
+        categories = {r["category"] for r in mine}
+        assert categories <= set(kernel_profile.CATEGORIES) and "matmul" in categories
+        assert sum(float(r["share"]) for r in mine) == pytest.approx(1.0, abs=1e-3)
+        report = (prof / f"llm_grpo_step_train_{timed[0]['shape']}_fp32_{provider}.txt").read_text()
+        assert "aten::mm" in report and "top 25 by time" in report
+    assert "profile: " in capsys.readouterr().err
+
+
+def test_profile_categories_of_gpu_kernel_names():
+    """Names as the CUDA profiler reports them (H100 / H200 builds of torch, cuDNN, cuBLAS, Triton)."""
+    from fusedrl.bench.kernel_profile import categorize
+
+    ours = {"_rms_norm_fwd_kernel"}
+    expected = {
+        "nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTN": "matmul",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_kernel__5x_cublas":
+            "matmul",
+        "void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16, float>(...)": "matmul",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128_4x1x1_kernel0_0":
+            "attention",
+        "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<...>": "attention",
+        "fmha_cutlassF_bf16_aligned_64x64_rf_sm80": "attention",
+        "_rms_norm_fwd_kernel": "fusedrl triton",
+        "triton_poi_fused_add_mul_0": "inductor",
+        "triton_red_fused_sum_1": "inductor",
+        "_chunked_logprob_fwd_kernel": "other triton",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>, ...>":
+            "elementwise",
+        "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, ...> >(...)": "elementwise",
+        "Memcpy HtoD (Pinned -> Device)": "memcpy",
+        "Memset (Device)": "memcpy",
+        "ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)": "other",
+    }
+    for name, category in expected.items():
+        assert categorize(name, ours, on_cpu=False) == category, name
+    assert categorize("aten::addmm", ours, on_cpu=True) == "matmul"
+    assert categorize("aten::view", ours, on_cpu=True) == "other"
+    assert categorize("aten::mul", ours, on_cpu=True) == "elementwise"
+
+
 def test_attention_cases_count_flops():
     """4 B H N^2 D per forward, halved when causal; forward + backward counts 3.5 forwards."""
     config = CaseConfig(device=torch.device("cpu"), sizes="small", dtypes=(torch.float32,))

@@ -21,6 +21,7 @@ def test_syntax_help_and_list():
     assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, timeout=60).returncode == 0
     help_text = _run("--help")
     assert help_text.returncode == 0 and "--tests FILE[::TEST]" in help_text.stdout and "--no-tests" in help_text.stdout
+    assert "--profile runs each" in help_text.stdout
     listed = _run("--list", "--budget", "500")
     assert listed.returncode == 0, listed.stderr
     for part in ("tests", "all", "engine", "token_logprobs", "train_step", "diffusion_memory", "llm_vs_trl"):

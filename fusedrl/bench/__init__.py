@@ -50,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="draw one PNG per op into DIR (time, %% of ceiling and peak memory vs shape, a line per "
                         "provider) from the CSV's rows of this device, and print a Markdown summary (needs "
                         "matplotlib)")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="after timing each provider, run it once more under torch.profiler and write where the "
+                        "time goes (matmul, attention, fusedrl's Triton kernels, elementwise, ...) to DIR/profile.csv "
+                        "and a report with the top kernels per call")
     parser.add_argument("--from-csv", default=None, metavar="CSV",
                         help="with --plot: draw the charts of this CSV (e.g. benchmarks/results/*.csv) without "
                         "running anything")

@@ -147,8 +147,22 @@ def _score(result: Result, case: registry.Case, c: Ceilings, eager_ms: float | N
         result.speedup_vs_eager = eager_ms / result.timing.median_ms
 
 
+def _profile(case: registry.Case, impl, result: Result, device: torch.device, out_dir: str) -> str:
+    """One more call under torch.profiler (`kernel_profile`); the console's line about it."""
+    from . import kernel_profile
+
+    try:
+        kernels = kernel_profile.profile_call(impl.fn, device)
+        row = {"op": case.op, "provider": result.provider, "mode": case.mode, "shape": case.shape_str,
+               "dtype": result.dtype, "device": device.type}
+        path = kernel_profile.write(out_dir, row, kernels, result.timing.median_ms)
+    except Exception as exc:  # the timing stands; the profile is a diagnosis
+        return f"profile failed: {_summary(exc)}"
+    return f"profile: {kernel_profile.one_line(kernels)} ({path.name})"
+
+
 def _run_provider(case: registry.Case, impl_for, provider: str, *, device: torch.device, reps: int,
-                  warmup: int, min_time_s: float, no_compile: bool) -> Result:
+                  warmup: int, min_time_s: float, no_compile: bool, profile_dir: str | None = None) -> Result:
     dtype = DTYPE_NAMES.get(case.dtype, str(case.dtype))
     result = Result(case.op, provider, case.mode, case.shape_str, dtype, bytes=case.bytes)
     if provider == COMPILE and no_compile:
@@ -165,10 +179,12 @@ def _run_provider(case: registry.Case, impl_for, provider: str, *, device: torch
     try:
         with _environ(impl.env):
             result.timing = measure(impl.fn, device, reps, warmup, impl.inputs, min_time_s)
+            profiled = _profile(case, impl, result, device, profile_dir) if profile_dir else None
         resident = result.timing.resident_mb
         if impl.report_resident and not math.isnan(resident):
             result.note = (f"whole peak {resident + result.timing.peak_mb:.0f} MB "
                            f"({resident:.0f} MB resident before the call)")
+        result.note = "; ".join(part for part in (result.note, profiled) if part)
     except Exception as exc:  # one failing provider must not end the run; its row says what happened
         if impl.error_is_skip:
             result.note = f"{provider} failed: {_summary(exc)}"
@@ -297,12 +313,15 @@ def run_bench(args) -> int:
             print(f"{label} ...", end="", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
             result = _run_provider(case, impl_for, provider, device=device, reps=reps, warmup=warmup,
-                                   min_time_s=min_time_s, no_compile=args.no_compile or quick)
+                                   min_time_s=min_time_s, no_compile=args.no_compile or quick,
+                                   profile_dir=getattr(args, "profile", None))
             if result.timing is not None:
                 if provider == EAGER:
                     eager_ms = result.timing.median_ms
                 _score(result, case, ceilings, eager_ms)
                 outcome = f"{result.timing.median_ms:.4g} ms, peak {result.timing.peak_mb:.0f} MB"
+                if getattr(args, "profile", None) and result.note:
+                    outcome += f"\n    {result.note}"
             else:
                 outcome = result.note if result.failed else f"skipped ({result.note})"
             print(f" {outcome}  [{time.perf_counter() - t0:.1f} s]", file=sys.stderr, flush=True)
