@@ -176,14 +176,20 @@ def optimizer_state(optimizer: torch.optim.Optimizer, sharded_model: torch.nn.Mo
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict,
                          sharded_model: torch.nn.Module | None = None) -> None:
-    """Restore what `optimizer_state` returned (with `sharded_model`, each process takes its shards)."""
+    """Restore what `optimizer_state` returned (with `sharded_model`, each process takes its shards): the state
+    (moments, step counts) comes from the checkpoint, while the hyperparameters (lr, betas, eps, weight decay) stay
+    those `optimizer` was built with, i.e. the run's config, which `--resume --allow-change optim.lr` may have
+    changed (a plain `load_state_dict` would put the saved ones back)."""
+    built_with = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
     if sharded_model is None:
         optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    else:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(sharded_model, optimizer, optim_state_dict=state,
-                             options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(sharded_model, optimizer, optim_state_dict=state,
+                                 options=StateDictOptions(full_state_dict=True))
+    for group, values in zip(optimizer.param_groups, built_with, strict=True):
+        group.update(values)
 
 
 @contextlib.contextmanager

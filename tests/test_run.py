@@ -173,6 +173,24 @@ def test_resume_refuses_a_changed_config_unless_allowed(tmp_path):
     assert "lr: 0.2" in (tmp_path / "config.yaml").read_text()
 
 
+def test_a_resumed_optimizer_keeps_its_state_and_takes_the_configs_hyperparameters():
+    """`--resume --allow-change optim.lr`: the moments and step counts come from the checkpoint, the learning rate
+    (and betas, eps, weight decay) from the config the optimizer is built from now, not the saved one."""
+    from fusedrl.engine.distributed import load_optimizer_state
+
+    w = torch.nn.Parameter(torch.ones(3))
+    saved_opt = torch.optim.AdamW([w], lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    w.grad = torch.tensor([1.0, -2.0, 3.0])
+    saved_opt.step()
+    saved = saved_opt.state_dict()
+    opt = torch.optim.AdamW([w], lr=5e-3, betas=(0.8, 0.9), weight_decay=0.0)
+    load_optimizer_state(opt, saved)
+    group = opt.param_groups[0]
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (5e-3, (0.8, 0.9), 0.0)
+    state = opt.state[w]
+    assert torch.equal(state["exp_avg"], saved_opt.state[w]["exp_avg"]) and float(state["step"]) == 1.0
+
+
 def test_resume_without_checkpoint_restarts(tmp_path):
     with Run(tmp_path, _cfg()) as run:
         run.log(1, {"x": 1})
