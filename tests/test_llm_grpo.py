@@ -134,6 +134,45 @@ def test_on_policy_ratio_is_one(model_dirs, arch, lora):
     assert ro.old_logp[m].min() < -0.5  # real sampled tokens, not a trivially certain model
 
 
+def test_the_checkpoints_generation_config_does_not_change_sampling(model_dirs):
+    """A generation_config.json with no_repeat_ngram_size / min_new_tokens / suppress_tokens / min_p (transformers
+    fills the fields a passed config leaves unset from the model's): sampling stays the plain distribution, so the
+    recorded log-probs still equal the recomputed ones, masked positions hold 0, and the model's config is back
+    after generation."""
+    torch.manual_seed(0)
+    policy = Policy.from_pretrained(str(model_dirs["qwen2"]))
+    own = policy.model.generation_config
+    own.no_repeat_ngram_size, own.min_new_tokens, own.min_p = 1, 6, 0.3
+    own.suppress_tokens = list(range(5, 40))
+    ro = generate_completions(policy.model.eval(), policy.tokenizer, PROMPTS, group_size=3, max_new_tokens=6)
+    assert policy.model.generation_config is own and own.no_repeat_ngram_size == 1
+    logp = policy.logprobs(_batch(ro))
+    m = ro.completion_mask.bool()
+    assert (logp[m] - ro.old_logp[m]).abs().max() <= 1e-5
+    assert torch.isfinite(ro.old_logp).all() and (ro.old_logp[~m] == 0).all()
+
+
+def test_masked_positions_of_old_logp_are_zero_even_after_a_nan(model_dirs, monkeypatch):
+    """Rows that ended keep being scored until the batch ends; a NaN there (log_softmax of an all -inf row) must not
+    survive as NaN * 0 in the masked positions, where the trainer's guard does not look."""
+    from fusedrl.engine.llm import generation
+
+    real = generation._LogprobRecorder.finish
+
+    def finish(self, seq):
+        out = real(self, seq)
+        out[:, -1] = float("nan")
+        return out
+
+    monkeypatch.setattr(generation._LogprobRecorder, "finish", finish)
+    torch.manual_seed(3)
+    policy = Policy.from_pretrained(str(model_dirs["qwen2"]))
+    ro = generate_completions(policy.model.eval(), policy.tokenizer, PROMPTS, group_size=4, max_new_tokens=8,
+                              stop=["=", "5"])
+    masked = ~ro.completion_mask.bool()
+    assert masked[:, -1].any() and (ro.old_logp[masked] == 0).all()
+
+
 def test_stop_strings_eos_and_truncation(model_dirs):
     """A completion ends after the token that completes a stop string (kept in the text) or after EOS; rows that
     do neither are flagged truncated; tokens after the end are masked out."""

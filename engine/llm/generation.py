@@ -13,7 +13,8 @@ completion mask covers the tokens up to and including that token, or the first E
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -133,10 +134,37 @@ def _generation_config(model, *, max_new_tokens: int, temperature: float, top_p:
     from transformers import GenerationConfig
 
     # Built fresh, not from model.generation_config: a checkpoint's repetition penalty or default top_k would
-    # change the sampling distribution away from the one the loss's log-probs describe.
+    # change the sampling distribution away from the one the loss's log-probs describe (and `generate` runs under
+    # `_neutral_model_generation_configs`, since transformers fills this config's unset fields from the model's).
     return GenerationConfig(do_sample=True, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                             top_k=top_k, pad_token_id=pad_id, eos_token_id=eos_ids or None, use_cache=True,
                             repetition_penalty=1.0, num_beams=1, renormalize_logits=False)
+
+
+@contextlib.contextmanager
+def _neutral_model_generation_configs(model) -> Iterator[None]:
+    """Inside, every `generation_config` in `model` (the causal LM's, also inside a peft or FSDP wrapper) is a
+    default one keeping only the token ids. transformers' `generate` fills each field the passed config leaves
+    unset from the model's own: a checkpoint's generation_config.json with no_repeat_ngram_size, min_new_tokens,
+    suppress_tokens, min_p or bad_words_ids would add logits processors, so the completions would no longer be
+    samples of the distribution whose log-probs the loss uses (and banning every token gives NaN log-probs)."""
+    from transformers import GenerationConfig
+
+    swapped = []
+    for module in model.modules():
+        config = module.__dict__.get("generation_config")
+        if isinstance(config, GenerationConfig):
+            ids = {key: getattr(config, key, None) for key in TOKEN_ID_FIELDS}
+            swapped.append((module, config))
+            module.generation_config = GenerationConfig(**{k: v for k, v in ids.items() if v is not None})
+    try:
+        yield
+    finally:
+        for module, config in swapped:
+            module.generation_config = config
+
+
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -204,9 +232,10 @@ def generate_completions(
         if stop:
             stopper = _StopStrings(tokenizer, stop, ids.shape[1], len(chunk), device)
             criteria.append(stopper)
-        seq = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
-                             logits_processor=LogitsProcessorList([recorder]), stopping_criteria=criteria,
-                             synced_gpus=synced_gpus)
+        with _neutral_model_generation_configs(model):
+            seq = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
+                                 logits_processor=LogitsProcessorList([recorder]), stopping_criteria=criteria,
+                                 synced_gpus=synced_gpus)
         completion = seq[:, ids.shape[1]:]
         logp = recorder.finish(seq)
         c_mask, truncated = _completion_mask(completion, eos_ids, stopper)
@@ -245,7 +274,7 @@ def _assemble(parts, tokenizer, pad_id, row_prompts, row_answers, stop) -> Rollo
         logps.append(torch.nn.functional.pad(logp, (0, rc), value=0.0))
         truncs.append(trunc)
     c_ids, c_mask = torch.cat(comp_ids), torch.cat(comp_mask)
-    old_logp = torch.cat(logps) * c_mask
+    old_logp = torch.where(c_mask.bool(), torch.cat(logps), 0.0)  # 0 where masked, also after a NaN there
     texts = []
     for row, m in zip(c_ids.tolist(), c_mask.tolist()):
         text = tokenizer.decode([t for t, keep in zip(row, m) if keep], skip_special_tokens=True)
