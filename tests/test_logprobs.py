@@ -97,6 +97,18 @@ def test_minus_inf_logits_are_masked_tokens(backend, use_backend):
     assert torch.isfinite(x.grad).all() and (x.grad[:, 20:] == 0).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_nan_logit_gives_nan_not_a_certain_token(backend, use_backend):
+    """A row with a NaN (an overflowed model) must read NaN in logp and entropy, as the torch formula gives, so the
+    trainers' guards see it; clamping logp at 0 with a minimum that drops NaN made it 0 (probability 1)."""
+    use_backend(backend)
+    logits = torch.randn(3, 40, device=DEVICE)
+    logits[1, 7] = float("nan")
+    logp, ent = logprobs_from_logits(logits, torch.tensor([3, 3, 3], device=DEVICE), return_entropy=True)
+    assert logp[1].isnan() and ent[1].isnan()
+    assert torch.isfinite(logp[[0, 2]]).all() and torch.isfinite(ent[[0, 2]]).all()
+
+
 @pytest.mark.parametrize(
     ("call", "error", "match"),
     [

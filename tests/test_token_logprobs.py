@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fusedrl.kernels import token_logprobs
-from fusedrl.kernels.logprobs import hidden_reference
+from fusedrl.kernels.logprobs import hidden_op, hidden_reference
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
@@ -175,6 +175,22 @@ def test_frozen_head_gets_no_gradient(backend, use_backend):
     h = hidden.clone().requires_grad_()
     token_logprobs(h, weight, labels).sum().backward()
     assert weight.grad is None and h.grad is not None and torch.isfinite(h.grad).all()
+
+
+@pytest.mark.parametrize("strategy", ["fused", "chunked"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_nan_hidden_state_gives_nan_not_a_certain_token(backend, strategy, use_backend, monkeypatch):
+    """A NaN in a row's hidden state reads NaN in its logp and entropy on every path (the Triton kernels clamped
+    logp at 0 with a minimum that dropped NaN: probability 1, finite losses)."""
+    use_backend(backend)
+    monkeypatch.setenv(hidden_op.ENV_STRATEGY, strategy)
+    hidden, weight, _, labels = _inputs(CASES[0], torch.float32)
+    labels = labels.clamp(min=0)
+    hidden[5, 3] = float("nan")
+    logp, ent = token_logprobs(hidden, weight, labels, return_entropy=True)
+    assert logp[5].isnan() and ent[5].isnan()
+    keep = torch.arange(len(labels), device=logp.device) != 5
+    assert torch.isfinite(logp[keep]).all() and torch.isfinite(ent[keep]).all()
 
 
 @pytest.mark.parametrize(

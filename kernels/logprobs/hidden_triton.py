@@ -184,7 +184,7 @@ def _finish_rows(m, s, u, x_label, labels, rows, row_ok, V, ignore_index, logp_p
     lse = m + log_s
     valid = labels != ignore_index
     in_range = (labels >= 0) & (labels < V)
-    logp = tl.where(in_range, tl.minimum(x_label - lse, 0.0), float("nan"))
+    logp = tl.where(in_range, tl.minimum(x_label - lse, 0.0, propagate_nan=tl.PropagateNan.ALL), float("nan"))
     tl.store(logp_ptr + rows, tl.where(valid, logp, 0.0), mask=row_ok)
     tl.store(lse_ptr + rows, lse, mask=row_ok)
     if WANT_ENTROPY:

@@ -45,9 +45,9 @@ def stats(block: torch.Tensor, temperature: float):
     lse = torch.logsumexp(scaled, dim=-1)
     log_p = scaled - lse.unsqueeze(-1)
     # H = -sum p log p, not lse - sum p x: that difference of two large terms loses ~1e-6 in fp32.
-    # p = 0 where x = -inf: keep 0 * -inf out of the sum.
+    # p = 0 where x = -inf: keep 0 * -inf out of the sum (a NaN p stays NaN: `p > 0` would hide it).
     p = log_p.exp()
-    entropy = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
+    entropy = -torch.where(p == 0, torch.zeros_like(p), p * log_p).sum(-1)
     return scaled, lse, entropy
 
 
@@ -56,7 +56,7 @@ def grad_of_scaled(scaled, lse, entropy, g_logp, g_entropy, labels) -> torch.Ten
     d logp_y / dx = onehot(y) - p ;  d H / dx = -p (log p + H)."""
     log_p = scaled - lse.unsqueeze(-1)
     p = log_p.exp()
-    log_term = torch.where(p > 0, log_p + entropy.unsqueeze(-1), torch.zeros_like(p))  # p = 0 at x = -inf
+    log_term = torch.where(p == 0, torch.zeros_like(p), log_p + entropy.unsqueeze(-1))  # p = 0 at x = -inf
     g = -g_logp.unsqueeze(-1) * p - g_entropy.unsqueeze(-1) * p * log_term
     return g.scatter_add_(-1, labels.unsqueeze(-1), g_logp.unsqueeze(-1))
 

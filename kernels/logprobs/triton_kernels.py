@@ -60,7 +60,7 @@ def _logprobs_fwd_kernel(
     in_range = (label >= 0) & (label < V)
     x_label = tl.load(base + label, mask=valid & in_range, other=0.0).to(tl.float32) * inv_temp
     # x_label <= lse in exact arithmetic; rounding must not make a log-probability positive
-    logp = tl.where(in_range, tl.minimum(x_label - lse, 0.0), float("nan"))
+    logp = tl.where(in_range, tl.minimum(x_label - lse, 0.0, propagate_nan=tl.PropagateNan.ALL), float("nan"))
     tl.store(logp_ptr + row, tl.where(valid, logp, 0.0))
     tl.store(lse_ptr + row, lse)
     if WANT_ENTROPY:
