@@ -43,6 +43,7 @@ import copy
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
@@ -93,19 +94,28 @@ class Check:
 
     fn: Callable[[Any], bool]
     message: str
+    finite: bool = False  # also refuse inf and NaN, saying so
 
     def __call__(self, value: Any) -> bool:
-        return bool(self.fn(value))
+        return (not self.finite or _finite(value)) and bool(self.fn(value))
+
+    def message_for(self, value: Any) -> str:
+        return f"must be a finite number ({self.message})" if self.finite and not _finite(value) else self.message
+
+
+def _finite(value: Any) -> bool:
+    """False for inf and NaN (an `optim.lr inf` run trained to non-finite weights without a word)."""
+    return not isinstance(value, float) or math.isfinite(value)
 
 
 def gt(bound: float) -> Check:
-    """Check: value > bound."""
-    return Check(lambda v: v > bound, f"must be > {bound}")
+    """Check: value > bound (finite)."""
+    return Check(lambda v: v > bound, f"must be > {bound}", finite=True)
 
 
 def ge(bound: float) -> Check:
-    """Check: value >= bound."""
-    return Check(lambda v: v >= bound, f"must be >= {bound}")
+    """Check: value >= bound (finite)."""
+    return Check(lambda v: v >= bound, f"must be >= {bound}", finite=True)
 
 
 def between(lo: float, hi: float, *, inclusive: bool = True) -> Check:
@@ -386,7 +396,8 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str, errors: list[tuple[s
             except Exception as exc:  # a check that cannot even run on the value is a failed check
                 ok, msg = False, f"check failed with {type(exc).__name__}: {exc}"
             else:
-                msg = check.message if isinstance(check, Check) else f"failed check {getattr(check, '__name__', '')}"
+                msg = (check.message_for(value) if isinstance(check, Check)
+                       else f"failed check {getattr(check, '__name__', '')}")
             if not ok:
                 errors.append((path, f"{msg}; got {value!r}"))
                 continue

@@ -104,6 +104,9 @@ def test_errors_name_every_bad_field_at_once():
 def test_check_and_strictness_details():
     with pytest.raises(ConfigError, match=r"optim.lr: must be > 0; got -1.0"):
         build_config(Cfg, {"optim.lr": -1})
+    for bad in (float("inf"), float("nan"), "inf"):  # > 0, yet no learning rate (gt / ge refuse non-finite values)
+        with pytest.raises(ConfigError, match=r"optim.lr: must be a finite number \(must be > 0\); got (inf|nan)"):
+            build_config(Cfg, {"optim.lr": bad})
     with pytest.raises(ConfigError, match="steps: expected an integer; got True"):
         build_config(Cfg, {"steps": True})
     with pytest.raises(ConfigError, match="expected a section"):
