@@ -94,6 +94,17 @@ def all_gather(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.cat(parts).cpu()
 
 
+def all_gather_objects(items: list) -> list:
+    """Every process's list (picklable items), concatenated in rank order."""
+    if _world() == 1:
+        return list(items)
+    import torch.distributed as dist
+
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(items))
+    return [item for part in parts for item in part]
+
+
 def all_mean(metrics: dict[str, float], keys: Iterable[str], device: torch.device) -> None:
     """metrics[k] <- its mean over every process, for k in keys (in place; every process passes the same keys)."""
     keys = list(keys)

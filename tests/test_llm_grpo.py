@@ -408,6 +408,7 @@ def test_help_documents_every_option(capsys):
      "one of 'grpo', 'bnpo', 'dr_grpo', 'dapo', 'luspo', 'cispo', 'sapo'; got 'dapoo' (did you mean 'dapo'?)"),
     (["--prompts.train", "missing.jsonl", "--reward.names", "exact_match"],
      "prompts: train: the prompt file 'missing.jsonl' does not exist"),
+    (["--prompts.eval", "missing.jsonl"], "prompts: eval: the prompt file 'missing.jsonl' does not exist"),
     (["--prompts.train", "{jsonl}"], "LLMGRPOConfig: reward.names / reward.function: give a reward for your prompts"),
     (["--reward.names", "pickscorex"], "reward.names: check failed with ValueError: unknown reward(s) ['pickscorex']"),
     (["--grpo.delta", "1.1"], "LLMGRPOConfig: grpo.delta: must be > 1 + eps_high = 1.2"),
@@ -450,6 +451,25 @@ def test_prompt_plus_completion_longer_than_context_is_refused(model_dirs, tmp_p
         llm_grpo.build(_cfg(model_dirs["qwen2"], **{"prompts.train": str(tmp_path / "p.jsonl"),
                                                     "prompts.max_prompt_length": 58,
                                                     "sampling.max_completion_length": 8}), tmp_path)
+
+
+def test_evaluation_prompts_metrics_and_rng(model_dirs, tmp_path):
+    """prompts.eval (the first prompts.num_eval of the file, in its order) is what evaluate() samples, one completion
+    each with its own seed: the same rows at every call, and the training RNG left as it was."""
+    (tmp_path / "train.jsonl").write_text("".join(f'{{"prompt": "{a}+1=", "answer": "{a + 1}"}}\n' for a in range(6)))
+    (tmp_path / "eval.jsonl").write_text("".join(f'{{"prompt": "{a}+2=", "answer": "{a + 2}"}}\n' for a in range(5)))
+    cfg = _cfg(model_dirs["qwen2"], **{"prompts.train": str(tmp_path / "train.jsonl"),
+                                       "prompts.eval": str(tmp_path / "eval.jsonl"), "prompts.num_eval": 3})
+    trainer = llm_grpo.build(cfg, tmp_path)
+    assert [r.prompt for r in trainer.eval_records] == ["0+2=", "1+2=", "2+2="]
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    metrics, rows = trainer.evaluate()
+    assert torch.equal(torch.get_rng_state(), state)
+    assert [r["prompt"] for r in rows] == ["0+2=", "1+2=", "2+2="] and [r["answer"] for r in rows] == ["2", "3", "4"]
+    assert set(metrics) == {"eval/reward_mean", "eval/completion_length", "eval/reward/numeric_answer"}
+    assert metrics["eval/reward_mean"] == pytest.approx(sum(r["reward"] for r in rows) / 3)
+    assert trainer.evaluate() == (metrics, rows)
 
 
 def test_fused_backbone_step_equals_the_stock_step(model_dirs, tmp_path):

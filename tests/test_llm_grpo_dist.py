@@ -11,6 +11,7 @@ FSDP2 (`fully_shard`) for full fine-tuning.
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -148,7 +149,13 @@ def test_two_process_cli_run_and_resume(tmp_path, lora):
     mp.spawn(_cli_worker, args=(2, free_port(), ["train", "llm-grpo", "--out", str(out), "--resume",
                                                    "--run.steps", "3", "--no-run.progress"]), nprocs=2, join=True)
     rows = read_metrics(out / "metrics.csv")
-    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["skipped"] == 0 for r in rows)
+    trained = [r for r in rows if "skipped" in r]
+    assert [r["step"] for r in trained] == [1, 2, 3] and all(r["skipped"] == 0 for r in trained)
+    # evaluations (run.eval_every: before the first step and after the last of each run), the 25 prompts shared
+    # out as 13 + 12 (one padded) and gathered back in order
+    assert [r["step"] for r in rows if "eval/reward_mean" in r] == [0, 2, 3]
+    samples = (out / "samples" / "step-00000000.jsonl").read_text().splitlines()
+    assert [json.loads(line)["index"] for line in samples] == list(range(25))
     assert "resumed at step=2" in (out / "train.log").read_text() and "x 2 processes" in (out / "train.log").read_text()
     a, b = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the processes stay in step

@@ -8,6 +8,7 @@ take minutes; the kernels' parity with it is tested in their own files and in te
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -37,22 +38,36 @@ def test_embedded_default_learns(tmp_path, use_backend):
     use_backend("torch")
     out = tmp_path / "run"
     assert main(["train", "llm-grpo", "--out", str(out), "--run.steps", "150", "--no-run.tensorboard", *QUIET]) == 0
-    rewards = [r["reward_mean"] for r in read_metrics(out / "metrics.csv")]
+    rows = read_metrics(out / "metrics.csv")
+    rewards = [r["reward_mean"] for r in rows if "reward_mean" in r]
     assert len(rewards) == 150
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
     assert first < 0.2 and last > first + 0.3, (first, last)
     for name in ("config.yaml", "train.log", "metrics.png", "base_model/config.json", "base_model/tokenizer.json",
-                 "final/model.safetensors", "final/tokenizer.json", "checkpoints/step-00000150/model/config.json"):
+                 "final/model.safetensors", "final/tokenizer.json", "checkpoints/step-00000150/model/config.json",
+                 "samples/step-00000000.jsonl", "samples/step-00000100.jsonl", "samples/step-00000150.jsonl"):
         assert (out / name).is_file(), name
     assert "llm-grpo: done" in (out / "train.log").read_text()
+    evals = {r["step"]: r["eval/reward_mean"] for r in rows if "eval/reward_mean" in r}  # run.eval_every 100
+    assert sorted(evals) == [0, 100, 150] and evals[150] > evals[0] + 0.2, evals
+    samples = [json.loads(line) for line in (out / "samples" / "step-00000150.jsonl").read_text().splitlines()]
+    assert len(samples) == 25 and {"prompt", "completion", "answer", "reward", "rewards"} <= samples[0].keys()
+    assert sum(r["reward"] for r in samples) / 25 == pytest.approx(evals[150])
 
 
 def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path, use_backend, monkeypatch):
+    """A run killed at step 5 resumes from step 3 to the uninterrupted run's metrics and weights, evaluations
+    included; and evaluating (every 2 steps here) changes nothing in training (its own seed, the training RNG
+    streams restored): the same training metrics as a run that never evaluates."""
     use_backend("torch")
     args = ["--lora.enabled", "--lora.rank", "4", "--optim.lr", "0.02", "--grpo.beta", "0.05", "--run.steps", "6",
-            "--run.checkpoint_every", "3", "--run.keep_checkpoints", "0", *QUIET]
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
+            "--run.checkpoint_every", "3", "--run.keep_checkpoints", "0", "--run.eval_every", "2", *QUIET]
+    whole, killed, plain = tmp_path / "whole", tmp_path / "killed", tmp_path / "plain"
     assert main(["train", "llm-grpo", "--out", str(whole), *args]) == 0
+    assert main(["train", "llm-grpo", "--out", str(plain), *args, "--run.eval_every", "0"]) == 0
+    training = lambda rows: [{k: v for k, v in r.items() if not k.startswith("eval/")} for r in rows if r["step"]]
+    assert training(_rows(whole)) == training(_rows(plain))
+    assert [r["step"] for r in _rows(whole) if "eval/reward_mean" in r] == [0, 2, 4, 6]
 
     def kill_at_5(step, trainer):
         if step == 5:
@@ -61,17 +76,17 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path, use_backend
     real_after_step = llm_grpo._after_step
     monkeypatch.setattr(llm_grpo, "_after_step", kill_at_5)
     assert main(["train", "llm-grpo", "--out", str(killed), *args]) == 130
-    assert [r["step"] for r in read_metrics(killed / "metrics.csv")] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in read_metrics(killed / "metrics.csv")] == [0, 1, 2, 3, 4, 5]
     assert not (killed / "checkpoints" / "step-00000006").exists()
     monkeypatch.setattr(llm_grpo, "_after_step", real_after_step)  # (not undo(): it would also unset the backend)
     assert main(["train", "llm-grpo", "--out", str(killed), "--resume", *QUIET]) == 0
     assert "resumed at step=3" in (killed / "train.log").read_text()
 
     want, got = _rows(whole), _rows(killed)
-    assert [r["step"] for r in got] == list(range(1, 7))
+    assert [r["step"] for r in got] == list(range(0, 7))
     diff = {(r["step"], k): (r[k], w[k]) for r, w in zip(got, want) for k in r if r[k] != w.get(k)}
     assert got == want, diff  # every metric of every step, bit for bit
-    assert all(math.isfinite(r["kl"]) for r in got) and any(r["kl"] > 0 for r in got)
+    assert all(math.isfinite(r["kl"]) for r in got if r["step"]) and any(r.get("kl", 0) > 0 for r in got)
     a = read_checkpoint(whole / "checkpoints" / "step-00000006")
     b = read_checkpoint(killed / "checkpoints" / "step-00000006")
     assert a.tensors.keys() == b.tensors.keys() and all("lora_" in k for k in a.tensors)

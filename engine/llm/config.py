@@ -137,12 +137,19 @@ class PromptsSection:
     max_prompt_length: int | None = field(None, "keep only the last N tokens of longer prompts (none: refuse a "
                                           "prompt that leaves no room for the completion in the model's context)",
                                           check=gt(0))
+    eval: str | None = field(None, "evaluation prompts (run.eval_every), the same forms and columns as "
+                             "prompts.train; none: the first prompts.num_eval training prompts",
+                             metavar="FILE_OR_DATASET")
+    eval_split: str = field("test", "dataset split of prompts.eval")
+    num_eval: int = field(32, "evaluation prompts used at each evaluation (the first N)", check=gt(0))
 
     def __post_init__(self) -> None:
-        if self.train is not None:
-            path = Path(self.train).expanduser()
-            if path.suffix.lower() in FILE_TYPES and not path.is_file():
-                raise ValueError(f"train: the prompt file {self.train!r} does not exist")
+        for name in ("train", "eval"):
+            value = getattr(self, name)
+            if value is not None:
+                path = Path(value).expanduser()
+                if path.suffix.lower() in FILE_TYPES and not path.is_file():
+                    raise ValueError(f"{name}: the prompt file {value!r} does not exist")
 
 
 @dataclass
@@ -167,6 +174,8 @@ class SamplingSection:
                                            "sampling.old_logprobs recompute)")
     vllm_gpu_memory: float = field(0.3, "backend vllm: the fraction of GPU memory vLLM may take (weights and KV "
                                    "cache)", check=Check(lambda v: 0 < v < 1, "must be in (0, 1)"))
+    eval_seed: int = field(1234, "seed of the evaluation's completions (the same at every evaluation, so they "
+                           "compare)")
     old_logprobs: Literal["sampling", "recompute"] = field(
         "sampling", "old log-probs of the ratio: recorded while sampling (no extra forward pass), or recomputed by a "
         "forward pass before training (TRL's way; use it when generation runs in another precision)")
@@ -283,6 +292,10 @@ class LLMRunConfig(RunConfig):
                                   "after the last", check=ge(0), resume_ok=True)
     samples_every: int = field(100, "write a few prompts and completions to train.log every N steps; 0: never",
                                check=ge(0), resume_ok=True)
+    eval_every: int = field(100, "evaluate before the first step and every N steps: one completion per evaluation "
+                            "prompt (prompts.eval; sampling.temperature, seed sampling.eval_seed) scored by the "
+                            "rewards, as eval/* metrics and samples/step-*.jsonl (prompt, completion, answer, "
+                            "rewards); 0: never", check=ge(0), resume_ok=True)
 
 
 @dataclass

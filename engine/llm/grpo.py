@@ -7,8 +7,9 @@
 The run folder holds what every fusedrl trainer writes (config.yaml, train.log, metrics.csv, metrics.png,
 tensorboard/, checkpoints/ with the trainable tensors, the optimizer and the RNG states, written atomically), and
 here also: base_model/ (the embedded default's model and tokenizer, built once and loaded with from_pretrained),
-checkpoints/step-*/lora/ (the adapter in peft's format; loads with PeftModel.from_pretrained), and final/ (the
-adapter, or the full model, with the tokenizer, after the last step). `--resume` continues from the newest
+checkpoints/step-*/lora/ (the adapter in peft's format; loads with PeftModel.from_pretrained), final/ (the
+adapter, or the full model, with the tokenizer, after the last step), and samples/step-*.jsonl (each evaluation's
+prompt, completion, answer and rewards: run.eval_every, prompts.eval; its means are the eval/* metrics). `--resume` continues from the newest
 checkpoint and reproduces the uninterrupted run exactly (the same prompts, samples and updates).
 
 Several GPUs: `torchrun --nproc-per-node N -m fusedrl train llm-grpo ...` (or the `fusedrl` script under torchrun).
@@ -118,6 +119,14 @@ def build(cfg: LLMGRPOConfig, out_dir: str | os.PathLike | None = None) -> Any:
                                           seed=cfg.run.seed, limit=cfg.prompts.limit)
         except (ValueError, TypeError, FileNotFoundError) as exc:
             raise ConfigError([("prompts.train", str(exc))]) from exc
+    eval_records = records[:cfg.prompts.num_eval]
+    if cfg.prompts.eval is not None:
+        try:
+            eval_records = load_prompt_records(cfg.prompts.eval, prompt_field=cfg.prompts.prompt_field,
+                                               answer_field=cfg.prompts.answer_field, split=cfg.prompts.eval_split,
+                                               seed=None, limit=cfg.prompts.num_eval)
+        except (ValueError, TypeError, FileNotFoundError) as exc:
+            raise ConfigError([("prompts.eval", str(exc))]) from exc
     names = list(cfg.reward.names)
     if not names and cfg.reward.function is None:
         names = [TOY_REWARD]
@@ -129,7 +138,7 @@ def build(cfg: LLMGRPOConfig, out_dir: str | os.PathLike | None = None) -> Any:
     tokenizer = load_tokenizer(source, revision=m.revision, trust_remote_code=m.trust_remote_code)
     model_config = transformers.AutoConfig.from_pretrained(source, revision=m.revision,
                                                            trust_remote_code=m.trust_remote_code)
-    lengths = [len(t) for t in tokenize_prompts(tokenizer, [r.prompt for r in records],
+    lengths = [len(t) for t in tokenize_prompts(tokenizer, [r.prompt for r in records + eval_records],
                                                 cfg.prompts.max_prompt_length)]
     check_context(cfg, lengths, context_length(model_config), "the embedded model" if embedded else source)
 
@@ -165,7 +174,7 @@ def build(cfg: LLMGRPOConfig, out_dir: str | os.PathLike | None = None) -> Any:
         generator = VLLMGenerator(str(source), tokenizer, dtype=names[_dtype(m.dtype, device)],
                                   gpu_memory=cfg.sampling.vllm_gpu_memory, max_model_len=context_length(model_config),
                                   seed=cfg.run.seed)
-    return LLMGRPOTrainer(policy, terms, records, cfg, generator=generator)
+    return LLMGRPOTrainer(policy, terms, records, cfg, generator=generator, eval_records=eval_records)
 
 
 def init_distributed(cfg: LLMGRPOConfig) -> tuple[int, int]:
@@ -223,9 +232,23 @@ def _run(cfg: LLMGRPOConfig, run) -> int | None:
              f"{cfg.sampling.group_size} completions per step, loss {cfg.grpo.loss_type}, lr {trainer.lr:g}")
     if policy.backbone_patch is not None:
         run.info(policy.backbone_patch.summary())
+
+    def evaluate(step: int) -> dict[str, float]:
+        metrics, rows = trainer.evaluate()
+        if rows:
+            path = run.save_text_samples(step, rows)
+            run.info(f"step {step} eval: reward {metrics['eval/reward_mean']:.4g} over {len(rows)} prompts"
+                     + (f" ({path.relative_to(run.out_dir)})" if path is not None else ""))
+        return metrics
+
+    if run.start_step == 0 and cfg.run.eval_every > 0:
+        run.log(0, evaluate(0))
     for step in run.steps():
         metrics = trainer.step(step)
-        if run.every(step, cfg.run.log_every):
+        evaluated = run.every(step, cfg.run.eval_every)
+        if evaluated:
+            metrics.update(evaluate(step))
+        if run.every(step, cfg.run.log_every) or evaluated:
             run.log(step, metrics)
         if run.every(step, cfg.run.samples_every) and trainer.last_rollout is not None:
             ro, rw = trainer.last_rollout, trainer.last_rewards

@@ -41,7 +41,16 @@ from typing import Any
 import torch
 
 from ..advantages import group_advantages
-from ..distributed import all_gather, all_max, all_mean, all_sum, any_process, full_tensor, rank_and_world
+from ..distributed import (
+    all_gather,
+    all_gather_objects,
+    all_max,
+    all_mean,
+    all_sum,
+    any_process,
+    full_tensor,
+    rank_and_world,
+)
 from .config import LLMGRPOConfig
 from .data import PromptRecord, prompt_batch
 from .generation import Rollout, generate_completions
@@ -130,8 +139,10 @@ class LLMGRPOTrainer:
     grpo, optim, memory and prompts sections are read); optimizer: default AdamW over the trainable parameters."""
 
     def __init__(self, policy: Policy, terms: Sequence[RewardTerm], records: Sequence[PromptRecord],
-                 cfg: LLMGRPOConfig, *, optimizer: torch.optim.Optimizer | None = None, generator: Any = None):
+                 cfg: LLMGRPOConfig, *, optimizer: torch.optim.Optimizer | None = None, generator: Any = None,
+                 eval_records: Sequence[PromptRecord] = ()):
         self.policy = policy
+        self.eval_records = list(eval_records)
         self.generator = generator  # an experimental vllm_generation.VLLMGenerator, or None (transformers' generate)
         self.updates = 0  # optimizer steps taken by this trainer: the generator's weights are synced when it moves
         self.terms = list(terms)
@@ -168,14 +179,16 @@ class LLMGRPOTrainer:
 
     # ------------------------------------------------------------------------------------------ phases
 
-    def rollout(self, records: Sequence[PromptRecord]) -> Rollout:
-        """G completions of each record, with their sampled log-probs (model in eval mode, no gradient)."""
+    def rollout(self, records: Sequence[PromptRecord], group_size: int | None = None) -> Rollout:
+        """G (default sampling.group_size) completions of each record, with their sampled log-probs (model in eval
+        mode, no gradient)."""
         s = self.cfg.sampling
+        group_size = group_size or s.group_size
         model = self.policy.model
         if self.generator is not None:  # experimental vLLM: current weights in, G completions out
             self.generator.sync_weights(model, self.updates)
             return self.generator.generate(
-                [r.prompt for r in records], group_size=s.group_size, max_new_tokens=s.max_completion_length,
+                [r.prompt for r in records], group_size=group_size, max_new_tokens=s.max_completion_length,
                 temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, stop=s.stop,
                 max_prompt_length=self.cfg.prompts.max_prompt_length, answers=[r.answer for r in records],
                 device=self.device)
@@ -184,13 +197,46 @@ class LLMGRPOTrainer:
         try:
             with self.policy.generation_context():
                 return generate_completions(
-                    model, self.policy.tokenizer, [r.prompt for r in records], group_size=s.group_size,
+                    model, self.policy.tokenizer, [r.prompt for r in records], group_size=group_size,
                     max_new_tokens=s.max_completion_length, temperature=s.temperature, top_p=s.top_p,
                     top_k=s.top_k, stop=s.stop, batch_size=s.batch_size,
                     max_prompt_length=self.cfg.prompts.max_prompt_length, answers=[r.answer for r in records],
                     synced_gpus=self.policy.strategy == "fsdp")
         finally:
             model.train(was_training)
+
+    def evaluate(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """One completion per evaluation prompt (sampling.temperature, seed sampling.eval_seed: the same draws at
+        every evaluation), scored by the rewards. Returns (eval/* metrics, a row per prompt: prompt, completion,
+        answer, reward, rewards by name, length). The prompts are shared out over the processes (each generates as
+        many: generate is collective under FSDP2) and every process returns the same; the training RNG streams are
+        left as they were."""
+        records = self.eval_records
+        if not records:
+            return {}, []
+        mine = list(range(self.rank, len(records), self.world_size))
+        share = -(-len(records) // self.world_size)
+        batch = [records[i] for i in mine] + [records[0]] * (share - len(mine))
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(step_seed(self.cfg.sampling.eval_seed, 0, self.rank))
+            ro = self.rollout(batch, group_size=1)
+        lengths = ro.completion_mask.sum(1).tolist()
+        comp_ids = [row[:int(n)] for row, n in zip(ro.completion_ids.tolist(), lengths)]
+        total, per = score(self.terms, ro.texts, ro.prompts, ro.answers, comp_ids)
+        rows = [{"index": i, "prompt": ro.prompts[j], "completion": ro.texts[j], "answer": ro.answers[j],
+                 "reward": float(total[j]), "rewards": {name: float(v[j]) for name, v in per.items()},
+                 "length": int(lengths[j])} for j, i in enumerate(mine)]
+        rows = sorted(all_gather_objects(rows), key=lambda r: r["index"])
+
+        def mean(values: list[float]) -> float:
+            finite = [v for v in values if math.isfinite(v)]
+            return sum(finite) / len(finite) if finite else float("nan")
+
+        metrics = {"eval/reward_mean": mean([r["reward"] for r in rows]),
+                   "eval/completion_length": mean([float(r["length"]) for r in rows])}
+        for name in per:
+            metrics[f"eval/reward/{name}"] = mean([r["rewards"][name] for r in rows])
+        return metrics, rows
 
     def _micro_batches(self, batch: SeqBatch, rows: list[int]) -> list[list[int]]:
         """Row groups of at most memory.token_budget tokens. Under FSDP2 every process must run as many forward

@@ -7,7 +7,8 @@
         metrics.csv       a row per `log()` call, a column per metric (see metrics.py)
         metrics.png       metric curves (rewards by default), redrawn at each checkpoint, `plot()` and close
         tensorboard/      TensorBoard event files (when the `tensorboard` package is installed)
-        samples/          sample-image grids, `step-00000050.png` (`save_image_grid(step, ..., tag="samples")`)
+        samples/          sample-image grids, `step-00000050.png` (`save_image_grid(step, ..., tag="samples")`), or
+                          text samples, `step-00000050.jsonl` (`save_text_samples`)
         checkpoints/      `step-XXXXXXXX/` folders and a `latest` pointer (see checkpoint.py)
 
 Steps are numbered from 1; `start_step` is the number of steps already done (0, or the step of the checkpoint
@@ -320,6 +321,23 @@ class Run:
             import numpy as np
 
             self._tb.add_image(tag, np.asarray(grid), step, dataformats="HWC")
+        return path
+
+    def save_text_samples(self, step: int, rows: Sequence[Mapping[str, Any]], *, tag: str = "samples") -> Path | None:
+        """Save rows (JSON objects: prompt, completion, reward, ...) as `<tag>/step-XXXXXXXX.jsonl`, a line each
+        (and the first few as a TensorBoard text under `tag`). Returns the path (None on ranks != 0)."""
+        if not self.is_main:
+            return None
+        import json
+
+        from .atomic import atomic_write_text
+
+        text = "".join(json.dumps(dict(row), ensure_ascii=False, default=str) + "\n" for row in rows)
+        path = atomic_write_text(self.out_dir / tag / f"{ckpt_io.step_dir_name(step)}.jsonl", text)
+        if self._tb is not None and rows:
+            lines = [f"{row.get('prompt', '')!r} -> {row.get('completion', '')!r} (reward {row.get('reward')})"
+                     for row in rows[:8]]
+            self._tb.add_text(tag, "\n\n".join(lines), step)
         return path
 
     def plot(self, keys: Sequence[str] | None = None) -> Path | None:
