@@ -453,6 +453,19 @@ def test_prompt_plus_completion_longer_than_context_is_refused(model_dirs, tmp_p
                                                     "sampling.max_completion_length": 8}), tmp_path)
 
 
+def test_a_reward_that_needs_answers_is_refused_before_the_model_loads(model_dirs, tmp_path, monkeypatch):
+    """numeric_answer on prompts without an answer column: a ConfigError from build(), not a traceback at step 1
+    followed by the advice to --resume (which would fail the same way)."""
+    from fusedrl.engine.llm import policy
+
+    (tmp_path / "p.jsonl").write_text('{"prompt": "1+1="}\n{"prompt": "2+1="}\n')
+    monkeypatch.setattr(policy.Policy, "from_pretrained", lambda *a, **k: pytest.fail("the model loaded"))
+    cfg = _cfg(model_dirs["qwen2"], **{"prompts.train": str(tmp_path / "p.jsonl")})
+    with pytest.raises(ConfigError, match=r"prompts.train: the numeric_answer reward needs reference answers, and 2 "
+                                          r"of the 2 training prompts have none: set prompts.answer_field"):
+        llm_grpo.build(cfg, tmp_path)
+
+
 def test_evaluation_prompts_metrics_and_rng(model_dirs, tmp_path):
     """prompts.eval (the first prompts.num_eval of the file, in its order) is what evaluate() samples, one completion
     each with its own seed: the same rows at every call, and the training RNG left as it was."""

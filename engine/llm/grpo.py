@@ -102,7 +102,7 @@ def build(cfg: LLMGRPOConfig, out_dir: str | os.PathLike | None = None) -> Any:
     from .data import load_prompt_records
     from .generation import tokenize_prompts
     from .policy import LoraSpec, Policy, context_length, decoder_of, load_tokenizer
-    from .rewards import build_reward_terms
+    from .rewards import build_reward_terms, check_answers
     from .tiny import TOY_REWARD, toy_records
     from .trainer import LLMGRPOTrainer
 
@@ -135,6 +135,12 @@ def build(cfg: LLMGRPOConfig, out_dir: str | os.PathLike | None = None) -> Any:
                                    device=cfg.reward.device or str(device))
     except (ValueError, ImportError, FileNotFoundError) as exc:
         raise ConfigError([("reward", str(exc))]) from exc
+    for what, field_name, recs in (("training prompts", "prompts.train", records),
+                                   ("evaluation prompts", "prompts.eval", eval_records)):
+        try:
+            check_answers(terms, recs, what)
+        except ValueError as exc:
+            raise ConfigError([(field_name, str(exc))]) from None
     tokenizer = load_tokenizer(source, revision=m.revision, trust_remote_code=m.trust_remote_code)
     model_config = transformers.AutoConfig.from_pretrained(source, revision=m.revision,
                                                            trust_remote_code=m.trust_remote_code)

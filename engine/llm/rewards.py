@@ -19,7 +19,7 @@ import torch
 
 from ..rewards.function import import_function
 
-__all__ = ["RewardTerm", "build_reward_terms", "score"]
+__all__ = ["RewardTerm", "build_reward_terms", "check_answers", "score"]
 
 
 @dataclass
@@ -63,6 +63,18 @@ def build_reward_terms(names: Sequence[str] = (), function: str | Callable | Non
         if seen[term.name] > 1:
             term.name = f"{term.name}_{seen[term.name]}"
     return terms
+
+
+def check_answers(terms: Sequence[RewardTerm], records: Sequence[Any], what: str) -> None:
+    """ValueError naming the first reward that needs reference answers when some of `records` (prompt records,
+    `what`: where they come from) have none: found before the model loads, not at the first step."""
+    for term in terms:
+        if getattr(term.fn, "needs_answers", False):
+            missing = sum(1 for r in records if r.answer is None)
+            if missing:
+                raise ValueError(f"the {term.name} reward needs reference answers, and {missing} of the "
+                                 f"{len(records)} {what} have none: set prompts.answer_field to the answer column "
+                                 "(or choose a reward that needs no answers)")
 
 
 def _call(fn: Callable, completions: list[str], prompts: list[str], answers: list, completion_ids: list) -> Any:
