@@ -453,6 +453,21 @@ def test_prompt_plus_completion_longer_than_context_is_refused(model_dirs, tmp_p
                                                     "sampling.max_completion_length": 8}), tmp_path)
 
 
+def test_mini_batches_gives_that_many_updates(model_dirs, tmp_path, monkeypatch):
+    """6 completions in 4 mini-batches: 4 updates of 2, 2, 1, 1 rows (chunk() made 3 of 2)."""
+    from fusedrl.engine.llm.trainer import LLMGRPOTrainer
+
+    cfg = _cfg(model_dirs["qwen2"], **{"grpo.mini_batches": 4, "grpo.loss_type": "grpo"})
+    trainer = llm_grpo.build(cfg, tmp_path)
+    trainer.records = _records()
+    trainer.terms.append(RewardTerm("ones", count_ones, 0.5))
+    sizes, real = [], LLMGRPOTrainer.update
+    monkeypatch.setattr(LLMGRPOTrainer, "update", lambda self, batch, rows, *a: sizes.append(len(rows)) or
+                        real(self, batch, rows, *a))
+    trainer.step(1)
+    assert sizes == [2, 2, 1, 1] and trainer.updates == 4
+
+
 def test_a_reward_that_needs_answers_is_refused_before_the_model_loads(model_dirs, tmp_path, monkeypatch):
     """numeric_answer on prompts without an answer column: a ConfigError from build(), not a traceback at step 1
     followed by the advice to --resume (which would fail the same way)."""

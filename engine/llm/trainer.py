@@ -161,6 +161,10 @@ class LLMGRPOTrainer:
         if cfg.prompts.per_step % self.world_size:
             raise ValueError(f"prompts.per_step = {cfg.prompts.per_step} must be a multiple of the number of "
                              f"processes ({self.world_size}): each process samples the same number of prompts")
+        local_rows = cfg.prompts.per_step // self.world_size * cfg.sampling.group_size
+        if cfg.grpo.mini_batches > local_rows:
+            raise ValueError(f"grpo.mini_batches = {cfg.grpo.mini_batches} is more than the {local_rows} completions "
+                             f"each of the {self.world_size} processes trains on per step")
         self.last_rollout: Rollout | None = None
         self.last_rewards: torch.Tensor | None = None
 
@@ -429,7 +433,7 @@ class LLMGRPOTrainer:
         self.policy.model.train()
         reasons = []
         sums: dict[str, list[float]] = {}
-        chunks = torch.arange(n).chunk(g.mini_batches)
+        chunks = torch.tensor_split(torch.arange(n), g.mini_batches)  # exactly mini_batches, sizes within 1
         for _ in range(g.num_iterations):
             for chunk in chunks:
                 out, reason = self.update(batch, chunk.tolist(), advantages, old_logp, ref_logp, mask)
