@@ -9,8 +9,9 @@ tensorboard/, checkpoints/ with the trainable tensors, the optimizer and the RNG
 here also: base_model/ (the embedded default's model and tokenizer, built once and loaded with from_pretrained),
 checkpoints/step-*/lora/ (the adapter in peft's format; loads with PeftModel.from_pretrained), final/ (the
 adapter, or the full model, with the tokenizer, after the last step), and samples/step-*.jsonl (each evaluation's
-prompt, completion, answer and rewards: run.eval_every, prompts.eval; its means are the eval/* metrics). `--resume` continues from the newest
-checkpoint and reproduces the uninterrupted run exactly (the same prompts, samples and updates).
+prompt, completion, answer and rewards: run.eval_every, prompts.eval; its means are the eval/* metrics).
+`--resume` continues from the newest checkpoint and reproduces the uninterrupted run exactly (the same prompts,
+samples and updates).
 
 Several GPUs: `torchrun --nproc-per-node N -m fusedrl train llm-grpo ...` (or the `fusedrl` script under torchrun).
 LoRA trains with DistributedDataParallel, full fine-tuning with FSDP2 (`fully_shard` per decoder layer; the
