@@ -7,8 +7,11 @@ LoRA linears on fused code, and `fusedrl.unpatch_backbone(model)` to go back.
     patch.undo()
 
 What changes is speed and memory: each module's fused forward computes what its stock one does (checked on two
-rows of input when the model is patched), see `fusedrl.integrations.transformers_backbone`. The LM head is not
-touched: `fusedrl.kernels.token_logprobs` / `fused_linear_grpo_loss` replace it in the loss.
+rows of input when the model is patched), see `fusedrl.integrations.transformers_backbone`, up to rounding, with
+one documented difference: a LoRA update is computed in the base layer's dtype (as autocast would), where peft
+computes it in the adapter's (fp32 adapters on a bf16 model: the update, and so the adapter's gradients, differ at
+bf16 precision, a few percent on a tiny model). The LM head is not touched: `fusedrl.kernels.token_logprobs` /
+`fused_linear_grpo_loss` replace it in the loss.
 
 This module imports neither transformers nor peft until it is called.
 """
@@ -32,6 +35,19 @@ class BackbonePatch(ModelPatch):
     skipped: module name -> why it was left alone.
     """
 
+    def grow(self, patched: dict[str, int], skipped: dict[str, str], undo) -> None:
+        """Add what a later `patch_backbone` of the same model fused (its undo runs before this patch's own)."""
+        for kind, n in patched.items():
+            self.patched[kind] = self.patched.get(kind, 0) + n
+        self.skipped.update(skipped)
+        first = self._undo
+
+        def both(model) -> None:
+            undo(model)
+            first(model)
+
+        self._undo = both
+
     def summary(self) -> str:
         """One line for a log: what was fused, and how many modules were left alone (the first reason)."""
         done = ", ".join(f"{n} {kind}" for kind, n in self.patched.items() if n) or "nothing"
@@ -53,8 +69,10 @@ def patch_backbone(model, *, rms_norm: bool = True, swiglu: bool = True, rotary:
             in the process uses the fused one while a patch holds it.
 
     Returns:
-        A `BackbonePatch` (what was patched and what was left alone, with why); patching a patched model returns
-        the existing patch.
+        A `BackbonePatch` (what was patched and what was left alone, with why). Patching a patched model returns
+        its patch, grown by the modules of its kinds added since (e.g. the LoRA linears of a `get_peft_model`
+        applied after the first patch); a deep copy of a patched model gets a patch of its own over the fused
+        forwards it carries.
 
     Raises:
         TypeError: `model` is not a torch module.
@@ -64,12 +82,15 @@ def patch_backbone(model, *, rms_norm: bool = True, swiglu: bool = True, rotary:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"patch_backbone takes a torch.nn.Module, got {type(model).__module__}.{type(model).__name__}")
     base = unwrap(model)
-    existing = _patches.active(base)
-    if existing is not None:
-        return existing
     from fusedrl.integrations import transformers_backbone as integration
 
     kinds = tuple(kind for kind, on in zip(integration.KINDS, (rms_norm, swiglu, rotary, lora)) if on)
+    existing = _patches.active(base)
+    if existing is not None:  # modules added since the patch, of its kinds (the rotary is held once per patch)
+        grown = tuple(k for k in existing.patched if k != "rotary")  # the kinds the patch was asked for
+        added, skipped, undo = integration.patch_model(base, grown, adopt=False)
+        existing.grow(added, skipped, undo)
+        return existing
     patched, skipped, undo = integration.patch_model(base, kinds)
     return _patches.add(base, BackbonePatch(patched=patched, skipped=skipped, _undo=undo))
 

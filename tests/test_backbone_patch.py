@@ -413,6 +413,52 @@ def test_fp16_mlp_whose_large_probe_overflows_is_still_fused():
     assert fusedrl.patch_backbone(model).patched["swiglu"] == 1
 
 
+def _fused_modules(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if "forward" in m.__dict__]
+
+
+def test_lora_added_after_the_patch_is_fused_by_patching_again():
+    """patch, get_peft_model, patch again: the new LoRA linears join the patch (the summary says so), the outputs
+    are peft's, and undo restores every module."""
+    model = _model("llama")
+    patch = fusedrl.patch_backbone(model)
+    assert patch.patched["lora"] == 0
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    ids = torch.randint(0, TINY["vocab_size"], (2, 9))
+    assert fusedrl.patch_backbone(peft_model) is patch and patch.patched["lora"] == 14
+    assert "14 lora" in patch.summary()
+    fused = peft_model(input_ids=ids).logits
+    patch.undo()
+    assert _fused_modules(peft_model) == []
+    torch.testing.assert_close(fused, peft_model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_deep_copy_of_a_patched_model_gets_a_patch_of_its_own():
+    """The copy carries the fused forwards: patching it adopts them (counted, none 'left alone'), and unpatching
+    it restores them."""
+    import copy
+
+    model = _model("llama", {})
+    patch = fusedrl.patch_backbone(model)
+    clone = copy.deepcopy(model)
+    own = fusedrl.patch_backbone(clone)
+    assert own is not patch and own.patched == patch.patched and not own.skipped
+    assert fusedrl.unpatch_backbone(clone) and _fused_modules(clone) == []
+    assert patch.active and _fused_modules(model)
+
+
+def test_dora_linears_are_left_to_peft_and_said_so():
+    model = _model("llama", {"use_dora": True})
+    patch = fusedrl.patch_backbone(model)
+    assert patch.patched["lora"] == 0
+    assert all(why == "lora: its adapters are DoRA / other peft variants or have a bias: peft's forward runs them"
+               for name, why in patch.skipped.items() if "proj" in name)
+
+
 def test_a_copied_patch_copies_no_model():
     import copy
 

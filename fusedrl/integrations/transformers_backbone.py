@@ -130,6 +130,13 @@ def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return out.view(result.shape)
 
 
+def _peft_runs(module: nn.Module, name: str) -> bool:
+    """Adapter `name` of a LoRA linear is one `_lora_forward` hands to peft's forward (a variant such as DoRA, or a
+    bias)."""
+    a, b = module.lora_A[name], module.lora_B[name]
+    return name in getattr(module, "lora_variant", {}) or a.bias is not None or b.bias is not None
+
+
 def _lora_linear_class():
     try:
         from peft.tuners.lora.layer import Linear
@@ -152,6 +159,7 @@ def _probe_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device] |
 
 
 ALREADY_REPLACED = "its forward is already replaced on the instance"
+OURS = "fused already"  # a module patch_backbone fused (in this model, or in the model it was deep-copied from)
 
 
 def _agree(module: nn.Module, fused: Callable, width: int, scales: tuple[float, ...] = (1.0,),
@@ -159,7 +167,10 @@ def _agree(module: nn.Module, fused: Callable, width: int, scales: tuple[float, 
     """Run the stock forward and the fused one on the same two rows, at each input scale (an MLP that clamps its
     gate shows only on large inputs), and with low_precision_input also on bf16 rows when the weights are fp32 (a
     norm that casts its output back to the input's dtype shows only there); None when they agree, else why not.
-    A module whose forward another library replaced on the instance is left alone unprobed."""
+    A module whose forward another library replaced on the instance is left alone unprobed; one fusedrl fused is
+    OURS."""
+    if module.__dict__.get("_fusedrl_backbone"):
+        return OURS
     if "forward" in module.__dict__:
         return ALREADY_REPLACED
     where = _probe_dtype_device(module)
@@ -298,13 +309,19 @@ def candidates(model: nn.Module, kinds: tuple[str, ...]) -> list[Candidate]:
         elif lora_cls is not None and type(module) is lora_cls:
             base = module.get_base_layer()  # GPT-2's Conv1D (fan_in_fan_out) among others: not ours
             reason = None if type(base) is nn.Linear else f"its base layer is {type(base).__name__}, not nn.Linear"
+            if reason is None and module.lora_A and all(_peft_runs(module, name) for name in module.lora_A):
+                reason = "its adapters are DoRA / other peft variants or have a bias: peft's forward runs them"
             found.append((name, "lora", module, _lora_forward,
                           reason or _agree(module, _lora_forward, base.in_features)))
     return found
 
 
-def patch_model(model: nn.Module, kinds: tuple[str, ...]) -> tuple[dict[str, int], dict[str, str], Callable]:
-    """Patch every qualifying module. Returns (kind -> modules patched, module name -> why it was left alone, undo)."""
+def patch_model(model: nn.Module, kinds: tuple[str, ...], *, adopt: bool = True
+                ) -> tuple[dict[str, int], dict[str, str], Callable]:
+    """Patch every qualifying module. Returns (kind -> modules patched, module name -> why it was left alone, undo).
+    Modules fused already (a deep copy of a patched model carries its fused forwards) are adopted: counted and
+    restored by this undo; with adopt=False (adding to a model's active patch, whose undo restores them) they are
+    passed over."""
     patched = {kind: 0 for kind in kinds}
     skipped: dict[str, str] = {}
     done: list[nn.Module] = []
@@ -318,6 +335,11 @@ def patch_model(model: nn.Module, kinds: tuple[str, ...]) -> tuple[dict[str, int
         release_rotary()
         raise
     for name, kind, module, forward, reason in found:
+        if reason is OURS:
+            if adopt:
+                patched[kind] += 1
+                done.append(module)
+            continue
         if reason is not None:
             skipped[name or type(module).__name__] = f"{kind}: {reason}"
             continue
