@@ -47,6 +47,9 @@ def fused_linear_grpo_loss(
     Returns:
         (loss [] fp32, metrics) as `grpo_loss` returns them.
     """
+    if isinstance(hidden, torch.Tensor) and hidden.ndim != 3:  # the loss needs its sequences
+        raise ValueError(f"hidden must have shape [B, T, H] (sequences of completion positions), got "
+                         f"{tuple(hidden.shape)}")
     if not isinstance(mask, torch.Tensor) or not isinstance(labels, torch.Tensor) or mask.shape != labels.shape:
         raise ValueError(f"mask must be a tensor shaped like labels {tuple(getattr(labels, 'shape', ()))}, got "
                          f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")

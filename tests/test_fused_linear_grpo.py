@@ -63,3 +63,7 @@ def test_mask_must_match_labels():
     with pytest.raises(ValueError, match="mask must be a tensor shaped like labels"):
         fused_linear_grpo_loss(torch.randn(2, 3, 4), torch.randn(5, 4), torch.zeros(2, 3, dtype=torch.long),
                                torch.zeros(2), torch.ones(2, 2))
+    with pytest.raises(ValueError, match=r"hidden must have shape \[B, T, H\] \(sequences of completion positions\), "
+                                         r"got \(6, 4\)"):
+        fused_linear_grpo_loss(torch.randn(6, 4), torch.randn(5, 4), torch.zeros(6, dtype=torch.long),
+                               torch.zeros(2), torch.ones(6))

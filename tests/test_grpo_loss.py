@@ -102,6 +102,8 @@ def test_matches_float64(loss_type, level, delta, beta, bias, kl, with_old, adv_
         (dict(delta=0.0), ValueError, "delta must be > 0"),
         (dict(num_items=0), ValueError, "num_items must be > 0"),
         (dict(sapo_tau=(1.0,)), ValueError, "sapo_tau must be"),
+        (dict(sapo_tau=1.0), ValueError, r"sapo_tau must be a pair \(tau_pos, tau_neg\), got 1.0"),
+        (dict(beta=-0.1), ValueError, "beta must be >= 0.0, got -0.1"),
         (dict(beta="0.1"), TypeError, "beta must be a finite float"),
     ],
 )
@@ -145,3 +147,9 @@ def test_opcheck_and_compile(use_backend):
     (g2,) = torch.autograd.grad(want, x)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(g1, g2)
+
+
+def test_trl_layout_of_advantages_is_per_sequence():
+    """TRL keeps per-sequence advantages as [B, 1]: the same loss as [B]."""
+    logp, old, adv, mask, _, _ = _inputs(torch.float32, False)
+    assert torch.equal(grpo_loss(logp, old, adv[:, None], mask)[0], grpo_loss(logp, old, adv, mask)[0])

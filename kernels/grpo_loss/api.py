@@ -68,7 +68,7 @@ def grpo_loss(
         logp: [B, T] log-probs of the completion tokens under the policy (the only input that gets
             a gradient).
         old_logp: [B, T] log-probs at sampling time, or None (then logp.detach(), as TRL does).
-        advantages: [B] per sequence or [B, T] per token (span-level feedback).
+        advantages: [B] (or TRL's [B, 1]) per sequence, or [B, T] per token (span-level feedback).
         mask: [B, T] completion mask (bool, int or float weights).
         ref_logp: [B, T] reference-model log-probs, needed when beta != 0.
         loss_type: "grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo" or "luspo".
@@ -97,8 +97,10 @@ def grpo_loss(
     if old_logp is not None:
         _float_tensor("old_logp", old_logp, shape, device)
     _float_tensor("advantages", advantages, None, device)
+    if tuple(advantages.shape) == (shape[0], 1):  # TRL's own layout of per-sequence advantages
+        advantages = advantages.view(shape[0])
     if tuple(advantages.shape) not in (shape[:1], shape):
-        raise ValueError(f"advantages must have shape [B] = {shape[:1]} or [B, T] = {shape}, "
+        raise ValueError(f"advantages must have shape [B] = {shape[:1]}, [B, 1] or [B, T] = {shape}, "
                          f"got {tuple(advantages.shape)}")
     if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != shape or mask.device != device:
         raise ValueError(f"mask must be a tensor of shape {shape} on {device}, got "
@@ -111,7 +113,7 @@ def grpo_loss(
         raise ValueError(f"importance_level must be 'token' or 'sequence', got {importance_level!r}")
     if kl_estimator not in KL_KINDS:
         raise ValueError(f"kl_estimator must be one of {list(KL_KINDS)}, got {kl_estimator!r}")
-    beta = _number("beta", beta)
+    beta = _number("beta", beta, 0.0)
     eps_low = _number("eps_low", eps_low, 0.0)
     eps_high = _number("eps_high", eps_high, 0.0)
     if delta is not None:
@@ -126,8 +128,8 @@ def grpo_loss(
         raise ValueError(f"max_len must be a positive int for loss_type='dr_grpo', got {max_len!r}")
     if num_items is not None and not isinstance(num_items, torch.Tensor):
         num_items = _number("num_items", num_items, 0.0, strict=True)
-    if len(sapo_tau) != 2:
-        raise ValueError(f"sapo_tau must be (tau_pos, tau_neg), got {sapo_tau!r}")
+    if not isinstance(sapo_tau, (tuple, list)) or len(sapo_tau) != 2:
+        raise ValueError(f"sapo_tau must be a pair (tau_pos, tau_neg), got {sapo_tau!r}")
     tau_pos, tau_neg = (_number("sapo_tau", t, 0.0, strict=True) for t in sapo_tau)
 
     ref_logp = ref_logp if beta != 0.0 else None
