@@ -352,6 +352,16 @@ def _all_paths(cls: type) -> list[str]:
     return [fi.path for fi in iter_fields(cls)]
 
 
+def _leaf_paths(cls: type) -> list[str]:
+    return [fi.path for fi in iter_fields(cls) if not fi.is_section]
+
+
+def _subsequence(short: str, long: str) -> bool:
+    """The characters of `short` appear in `long` in order (`nme` in `name_or_path`)."""
+    rest = iter(long)
+    return len(short) >= 2 and all(ch in rest for ch in short)
+
+
 def _build(cls: type, data: Mapping[str, Any], prefix: str, errors: list[tuple[str, str]], root: type) -> Any:
     fields_ = {fi.name: fi for fi in iter_fields(cls) if "." not in fi.path}
     n_errors = len(errors)
@@ -360,9 +370,12 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str, errors: list[tuple[s
         if key not in fields_:
             path = prefix + key
             # the same name elsewhere (`lr` given at the top level) beats a similar name here, then anywhere
+            # (an abbreviation, `model.nme`, is a subsequence of its field's name; sections are no suggestion for a
+            # key that holds a value)
             suggestions = ([p for p in _all_paths(root) if p.rsplit(".", 1)[-1] == key]
                            or [prefix + c for c in difflib.get_close_matches(key, list(fields_), n=1, cutoff=0.6)]
-                           or difflib.get_close_matches(path, _all_paths(root), n=1, cutoff=0.6))
+                           or [prefix + c for c in fields_ if _subsequence(key, c) and not fields_[c].is_section][:1]
+                           or difflib.get_close_matches(path, _leaf_paths(root), n=1, cutoff=0.6))
             hint = f"; did you mean {suggestions[0]!r}?" if suggestions else ""
             errors.append((path, f"unknown key{hint}"))
     kwargs: dict[str, Any] = {}

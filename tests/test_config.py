@@ -99,6 +99,8 @@ def test_errors_name_every_bad_field_at_once():
     assert errors["lora.rank"] == "must be a power of two; got 6"
     assert str(info.value).startswith("invalid config:\n  ")
     assert "optim.lrr: unknown key; did you mean 'optim.lr'?" in str(info.value)
+    with pytest.raises(ConfigError, match=r"lora.rnk: unknown key; did you mean 'lora.rank'\?"):
+        build_config(Cfg, {"lora": {"rnk": 4}})  # an abbreviation: a field of its section, not the section
 
 
 def test_check_and_strictness_details():

@@ -170,6 +170,9 @@ def test_resume_refuses_a_changed_config_unless_allowed(tmp_path):
     assert "cannot resume" in str(info.value)
     with Run(tmp_path, changed, resume=True, allow_changed=["lr", "run.seed"]) as run:
         assert run.start_step == 1
+    with pytest.raises(ConfigError, match=r"--allow-change: 'run.sed' is no field of the config; did you mean "
+                                          r"'run.seed'\?"):
+        Run(tmp_path, changed, resume=True, allow_changed=["lr", "run.sed"])
     assert "lr: 0.2" in (tmp_path / "config.yaml").read_text()
 
 

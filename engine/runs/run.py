@@ -39,7 +39,17 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError, build_config, config_diff, config_yaml, field, ge, gt, resume_ok_fields
+from ..config import (
+    ConfigError,
+    build_config,
+    config_diff,
+    config_yaml,
+    field,
+    ge,
+    gt,
+    iter_fields,
+    resume_ok_fields,
+)
 from . import checkpoint as ckpt_io
 from .atomic import atomic_write_text
 from .checkpoint import Checkpoint
@@ -80,6 +90,23 @@ class RunConfig:
 def _now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S")
 
+
+
+def _check_fields(config_type: type, paths: set[str]) -> None:
+    """ConfigError naming each of `paths` (--allow-change FIELD) that is no field of `config_type`: a typo would
+    allow nothing and refuse the change it meant to allow, or pass a resume it should not."""
+    import difflib
+
+    if not dataclasses.is_dataclass(config_type):
+        return
+    leaves = [fi.path for fi in iter_fields(config_type) if not fi.is_section]
+    errors = []
+    for path in sorted(paths - set(leaves)):
+        close = difflib.get_close_matches(path, leaves, n=1, cutoff=0.6)
+        errors.append(("--allow-change", f"{path!r} is no field of the config"
+                       + (f"; did you mean {close[0]!r}?" if close else "")))
+    if errors:
+        raise ConfigError(errors)
 
 class Run:
     """The run folder of one training run (see the module docstring for its layout and resume rules).
@@ -124,7 +151,9 @@ class Run:
         self._bar = None
         self._metrics: MetricsCSV | None = None
 
-        changes = self._prepare_folder(resume, set(allow_changed))
+        allow_changed = set(allow_changed)
+        _check_fields(type(config), allow_changed)
+        changes = self._prepare_folder(resume, allow_changed)
         if not self.is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
