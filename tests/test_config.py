@@ -99,8 +99,11 @@ def test_errors_name_every_bad_field_at_once():
     assert errors["lora.rank"] == "must be a power of two; got 6"
     assert str(info.value).startswith("invalid config:\n  ")
     assert "optim.lrr: unknown key; did you mean 'optim.lr'?" in str(info.value)
-    with pytest.raises(ConfigError, match=r"lora.rnk: unknown key; did you mean 'lora.rank'\?"):
-        build_config(Cfg, {"lora": {"rnk": 4}})  # an abbreviation: a field of its section, not the section
+    with pytest.raises(ConfigError, match=r"nlvl: unknown key; did you mean 'noise_level'\?"):
+        build_config(Cfg, {"nlvl": 0.5})  # an abbreviation
+    with pytest.raises(ConfigError) as info:
+        build_config(Cfg, {"optim": {"x": 1}})
+    assert "did you mean 'optim'" not in str(info.value)  # a section is no suggestion for a key with a value
 
 
 def test_check_and_strictness_details():
