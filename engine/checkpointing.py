@@ -88,10 +88,11 @@ Equivalent PyTorch ("save_attention", up to the stash): SAC with the attention o
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -392,8 +393,8 @@ def _with_blocker(sac_context_fn: Callable) -> Callable:
 
 # ---- modules -------------------------------------------------------------------------------------
 
-_WRAPPED = "_checkpoint_wrapped_module"  # torch's checkpoint_wrapper uses the same name (PEFT and
-_PREFIX = _WRAPPED + "."                 # accelerate know to strip it)
+_WRAPPED = "_checkpoint_wrapped_module"  # torch's checkpoint_wrapper uses the same name (accelerate knows to
+_PREFIX = _WRAPPED + "."                 # strip it; peft's adapter state dict does not: `wrappers_lifted`)
 
 
 def unwrapped_name(name: str) -> str:
@@ -573,6 +574,31 @@ def remove_checkpointing(model: nn.Module) -> list[str]:
 
     visit(model, "")
     return undone
+
+
+@contextlib.contextmanager
+def wrappers_lifted(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside, every `CheckpointWrapper` in `model` is out of the module tree (its module in its place, the same
+    parameters), and back on exit. For code that matches `named_modules()` against `state_dict()` keys, which the
+    wrappers strip of their prefix and module names keep: peft's adapter state dict (`save_pretrained`,
+    `get_peft_model_state_dict`) found no LoRA layer inside a checkpointed block and saved an adapter without them.
+    Not under FSDP2 (the sharded layers must stay where fully_shard put them)."""
+    lifted: list[tuple[nn.Module, str, CheckpointWrapper]] = []
+
+    def visit(parent: nn.Module) -> None:
+        for name, child in list(parent.named_children()):
+            if isinstance(child, CheckpointWrapper):
+                setattr(parent, name, child.module)
+                lifted.append((parent, name, child))
+                child = child.module
+            visit(child)
+
+    visit(model)
+    try:
+        yield model
+    finally:
+        for parent, name, wrapper in reversed(lifted):
+            setattr(parent, name, wrapper)
 
 
 def iter_wrappers(model: nn.Module) -> Iterable[tuple[str, CheckpointWrapper]]:

@@ -453,6 +453,25 @@ def test_prompt_plus_completion_longer_than_context_is_refused(model_dirs, tmp_p
                                                     "sampling.max_completion_length": 8}), tmp_path)
 
 
+def test_adapter_saved_with_checkpointed_layers_has_every_lora_weight(model_dirs, tmp_path):
+    """memory.gradient_checkpointing wraps the decoder layers: the adapter saved then (checkpoints' lora/, final/)
+    holds every LoRA weight (peft's state dict found none inside a wrapper: an empty adapter was saved)."""
+    from safetensors.torch import load_file
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from fusedrl.engine.checkpointing import apply_checkpointing
+    from fusedrl.engine.llm.policy import decoder_of
+
+    policy = Policy.from_pretrained(str(model_dirs["qwen2"]), lora=LoraSpec(rank=4))
+    policy.save_pretrained(tmp_path / "plain")
+    assert apply_checkpointing(decoder_of(policy.model), "full", module_types=GradientCheckpointingLayer)
+    policy.save_pretrained(tmp_path / "wrapped", tokenizer=False)
+    plain = load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    wrapped = load_file(tmp_path / "wrapped" / "adapter_model.safetensors")
+    assert plain and wrapped.keys() == plain.keys() and all(torch.equal(wrapped[k], plain[k]) for k in plain)
+    assert not (tmp_path / "wrapped" / "tokenizer.json").exists()
+
+
 def test_mini_batches_gives_that_many_updates(model_dirs, tmp_path, monkeypatch):
     """6 completions in 4 mini-batches: 4 updates of 2, 2, 1, 1 rows (chunk() made 3 of 2)."""
     from fusedrl.engine.llm.trainer import LLMGRPOTrainer

@@ -706,7 +706,10 @@ class DiffusionPolicy:
 
         out: dict[str, Any] = {}
         key = "unet" if self.family == "sd" else "transformer"
-        sd = get_peft_model_state_dict(self.denoiser)
+        from ..checkpointing import wrappers_lifted
+
+        with wrappers_lifted(self.denoiser):  # else peft leaves out the LoRA layers of checkpointed blocks
+            sd = get_peft_model_state_dict(self.denoiser)
         out[f"{key}_lora_layers"] = convert_state_dict_to_diffusers(sd) if self.family == "sd" else sd
         out[f"{key}_lora_adapter_metadata"] = self.denoiser.peft_config["default"].to_dict()
         for name, te in zip(("text_encoder", "text_encoder_2"), self.lora_text_encoders):

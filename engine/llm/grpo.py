@@ -269,7 +269,7 @@ def _run(cfg: LLMGRPOConfig, run) -> int | None:
 
             def extra(folder: Path, full_last: bool = full_last, tensors=tensors) -> None:
                 if lora:
-                    policy.model.save_pretrained(str(folder / "lora"))
+                    policy.save_pretrained(folder / "lora", tokenizer=False)
                 elif full_last:
                     policy.save_pretrained(folder / "model", state_dict=tensors)
 

@@ -327,14 +327,20 @@ class Policy:
 
     # ------------------------------------------------------------------------------------------ saving
 
-    def save_pretrained(self, folder, *, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    def save_pretrained(self, folder, *, state_dict: dict[str, torch.Tensor] | None = None,
+                        tokenizer: bool = True) -> None:
         """Write the adapter (peft format) or, for full fine-tuning, the model, plus the tokenizer. Under FSDP2
         pass the gathered `full_state()` as state_dict (rank 0 writes it)."""
         if state_dict is not None and not self.is_peft:
             self.model.save_pretrained(str(folder), state_dict=state_dict)
+        elif self.is_peft:
+            from ..checkpointing import wrappers_lifted
+
+            with wrappers_lifted(self.model):  # else peft leaves out the LoRA layers of checkpointed layers
+                self.model.save_pretrained(str(folder))
         else:
             self.model.save_pretrained(str(folder))
-        if self.tokenizer is not None:
+        if tokenizer and self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(folder))
 
 
