@@ -59,7 +59,10 @@ __device__ __forceinline__ StepCoeffs step_coefficients(float p0, float p1, floa
     const float beta_t = 1.0f - alpha_t;
     const float variance = (1.0f - alpha_prev) / beta_t * (1.0f - alpha_t / alpha_prev);
     k.std = level * sqrtf(variance);
-    const float direction = sqrtf(1.0f - alpha_prev - k.std * k.std);
+    // sqrt(1 - alpha_prev - std^2) as sqrt((1 - alpha_prev) (1 - level^2 (1 - alpha_t / alpha_prev) / beta_t)):
+    // the same in exact arithmetic, and exactly 0 (not sqrt of a rounding residual) at alpha_t = 0, eta = 1
+    const float keep = 1.0f - level * level * ((1.0f - alpha_t / alpha_prev) / beta_t);
+    const float direction = sqrtf(fmaxf((1.0f - alpha_prev) * keep, 0.0f));
     const float sa_t = sqrtf(alpha_t);
     const float sb_t = sqrtf(beta_t);
     const float sa_p = sqrtf(alpha_prev);

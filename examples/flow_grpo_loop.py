@@ -171,11 +171,15 @@ def main(argv=None) -> dict:
         rewards = reward_fn(images, batch_prompts)  # [B] fp32
         advantages = group_advantages(rewards, group_size=G, clip=args.adv_clip)  # [B]
 
-        # ---- 3. the clipped-ratio loss over every timestep; one optimizer step for the batch
+        # ---- 3. the clipped-ratio loss over every noisy timestep; one optimizer step for the batch. CPS's last
+        # step goes to sigma = 0 with no noise (std 0: the KL divides by it): left out, as Flow-GRPO's
+        # timestep_fraction 0.99 leaves it out
         transformer.train()
         losses, kls, clipped = [], [], []
+        trained = range(S - 1) if args.sde_type == "cps" else range(S)
         for _ in range(args.inner_epochs):
-            for j, t in enumerate(timesteps):
+            for j in trained:
+                t = timesteps[j]
                 x_t, x_next = all_latents[:, j], all_latents[:, j + 1]
                 v = predict(pipe, x_t, t, embeds, pooled, args.guidance_scale, autocast)
                 _, log_prob, mean, std = sde_step_with_logprob(scheduler, v, t.unsqueeze(0), x_t,
@@ -196,7 +200,7 @@ def main(argv=None) -> dict:
                     kl = ((mean - mean_ref) ** 2).mean(dim=(1, 2, 3), keepdim=True) / (2 * std**2)
                     loss = loss + args.beta * kl.mean()
                     kls.append(kl.mean().item())
-                (loss / S).backward()
+                (loss / len(trained)).backward()
                 losses.append(loss.item())
                 clipped.append(((ratio - 1).abs() > args.clip_range).float().mean().item())
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0).item()

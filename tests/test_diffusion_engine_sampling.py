@@ -59,13 +59,27 @@ def test_on_policy_logprobs_match_fp32(tiny_dirs, family, sde_type, guidance):
     traj = sample(policy, PROMPTS, group_size=2, num_steps=4, guidance_scale=guidance, sde_type=sde_type, seed=3,
                   max_batch_size=3)
     S, B = 4, 4
+    K = S - 1 if sde_type == "cps" else S  # CPS's last step (into sigma = 0) has no noise: an ODE step
     assert traj.latents.shape == (B, S + 1, 4, 8, 8) and traj.latents.dtype == torch.float32
-    assert traj.log_probs.shape == (B, S) and torch.isfinite(traj.log_probs).all()
+    assert traj.log_probs.shape == (B, K) and torch.isfinite(traj.log_probs).all()
+    assert traj.sde_steps.tolist() == list(range(K))
     assert traj.images.shape == (B, 3, 32, 32) and traj.prompts == [p for p in PROMPTS for _ in range(2)]
     assert traj.group_ids.tolist() == [0, 0, 1, 1] and traj.sde_type == (sde_type if family != "sd" else "sde")
     assert [len(i) for i in traj.micro_batches()] == [3, 1]
     assert (traj.schedule.sigmas is not None) == (family != "sd")
     assert _max_ratio_error(policy, traj) <= 1e-5
+
+
+def test_cps_with_a_kl_term_is_finite_on_every_trained_step(tiny_dirs):
+    """CPS + beta > 0: the KL divides by std^2, 0 on the last step; that step is an ODE step, so every SDE step's
+    KL is finite (every step of a run was skipped for a NaN loss before)."""
+    policy = load_policy(tiny_dirs["sd3"])
+    _perturb_lora(policy, scale=0.2)
+    traj = sample(policy, PROMPTS, group_size=2, num_steps=4, guidance_scale=1.0, sde_type="cps", seed=0)
+    out = recompute_logprobs(policy, traj, traj.sde_steps.tolist(), with_reference=True)
+    assert torch.isfinite(out.kl).all() and torch.isfinite(out.log_probs).all()
+    with pytest.raises(ValueError, match="holds only deterministic steps"):
+        sample(policy, PROMPTS, group_size=2, num_steps=4, sde_type="cps", sde_window=(3, 4), seed=0)
 
 
 def test_on_policy_bf16_report(tiny_dirs, capsys):

@@ -123,6 +123,17 @@ def test_flow_grpo_loop(monkeypatch, capsys):
 
 
 @pytest.mark.slow
+def test_flow_grpo_loop_cps_with_a_kl_term_trains(capsys):
+    """--sde-type cps with the default beta: the last (noiseless) step is not trained, so the KL stays finite (a NaN
+    loss wrote NaN into the LoRA at step 1 and the next sampling failed)."""
+    S = 3
+    result = load_example("flow_grpo_loop").main(
+        ["--tiny", "--steps", "2", "--group-size", "2", "--prompts-per-step", "2", "--num-inference-steps", str(S),
+         "--sde-type", "cps"])
+    check_result(result, 2, ("reward_mean", "loss", "kl"))  # finite at both steps
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("policy, scope, guidance", [("save_attention", "step", 1.0), ("full", "blocks", 2.0)])
 def test_alignprop_loop(monkeypatch, policy, scope, guidance):
     import torch

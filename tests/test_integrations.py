@@ -322,6 +322,32 @@ def test_ddpo_seeded_sample_equals_diffusers_ddim_step(backend, prediction_type)
     torch.testing.assert_close(prev, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_ddpo_zero_terminal_snr_first_step(backend, prediction_type):
+    """rescale_betas_zero_snr: alphas_cumprod is 0 at the first (trailing) timestep. With v / sample prediction
+    nothing is divided by sqrt(alpha_t) (x0 = -v), as diffusers' own step takes it: the step and its log-prob
+    match DDPO's formula (its direction term, 0 there in exact arithmetic, clamped at 0 against rounding)."""
+    scheduler = ddim_scheduler(rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                               prediction_type=prediction_type)
+    assert scheduler.alphas_cumprod[int(scheduler.timesteps[0])] == 0
+    t = scheduler.timesteps[[0, 0, 10]]
+    x, m = randn(3, 1), randn(3, 2, grad=True)
+    got = ddim_step_with_logprob(scheduler, m, t.to(DEVICE), x, 1.0, generator=seeded())
+    exact = ddpo_oracle(scheduler, m, t, x, 1.0, generator=seeded())
+    assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all()
+    torch.testing.assert_close(got[0].double(), exact[0].double(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[1].double(), exact[1].double(), rtol=1e-4, atol=1e-4)
+    want = scheduler.step(m[:1].detach(), int(t[0]), x[:1], eta=1.0, generator=seeded()).prev_sample
+    assert torch.isfinite(want).all()
+
+
+def test_ddpo_zero_terminal_snr_refuses_epsilon_prediction():
+    scheduler = ddim_scheduler(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    t = scheduler.timesteps[[0]]
+    with pytest.raises(ValueError, match=r"alpha_t must lie in \(0, 1\) with epsilon prediction"):
+        ddim_step_with_logprob(scheduler, randn(1, 2), t, randn(1, 1), 1.0, generator=seeded())
+
+
 @DETERMINISTIC
 def test_ddpo_clamps_the_previous_timestep_at_the_last_step(backend):
     """At t = 1 the previous timestep is -19: DDPO clamps it to 0 (alphas_cumprod[0]) where diffusers'

@@ -147,6 +147,18 @@ def _check_int(name: str, value, low: int) -> int:
     return value
 
 
+def stochastic_steps(schedule, kind: str) -> torch.Tensor:
+    """[S] bool: the steps whose transition has noise. A CPS step into sigma = 0 (the last flow step) and a DDIM
+    step into alphas_cumprod = 1 are deterministic (std 0): they run as ODE steps, with no log-prob, and are never
+    trained (Flow-GRPO's timestep_fraction 0.99 leaves CPS's last step out for the same reason: its KL term divides
+    by std^2 = 0; their CPS log-prob has no sampling behind it)."""
+    if kind == "cps":
+        return schedule.sigmas[1:] > 0
+    if kind == "ddim":
+        return schedule.alphas_cumprod[1:] < 1
+    return torch.ones(len(schedule), dtype=torch.bool)
+
+
 def _sde_mask(num_steps: int, sde_window) -> torch.Tensor:
     mask = torch.zeros(num_steps, dtype=torch.bool)
     if sde_window is None:
@@ -279,6 +291,10 @@ def sample(
     group_ids = torch.arange(len(prompts)).repeat_interleave(G)
     embeddings = policy.encode_prompts(prompts).index(group_ids.to(policy.device)).detach()
     schedule = policy.schedule(S, height, width)
+    mask &= stochastic_steps(schedule, sde_type if policy.is_flow else "ddim")
+    if not mask.any():
+        raise ValueError(f"sde_window {sde_window} holds only deterministic steps (a CPS step into sigma = 0 has no "
+                         "noise): no step would have a log-prob; widen it or move it earlier")
     gens = _generators(B, seed, generator, seeds)
 
     C = policy.latent_channels

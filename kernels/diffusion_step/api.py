@@ -229,7 +229,8 @@ def ddim_step(
             ("epsilon", "sample" or "v_prediction"); fp32/fp16/bf16, math in fp32.
         x: [B, ...] current latent x_t.
         alpha_t, alpha_prev: floats or [B] tensors, alphas_cumprod at t and at the previous
-            timestep (DDPO clamps that one to >= 0, so the last step uses alphas_cumprod[0]).
+            timestep (DDPO clamps that one to >= 0, so the last step uses alphas_cumprod[0]); alpha_t in
+            (0, 1), or [0, 1) with v / sample prediction (0: the first step of a zero-terminal-SNR schedule).
         eta: noise weight, >= 0; eta = 0 is deterministic: prev_sample = mean and logp is None.
         clip_sample_range: clamp the predicted x0 to [-r, r] (scheduler.config.clip_sample).
         use_clipped_model_output: re-derive eps from the clipped x0 (as diffusers and DDPO do).
@@ -259,8 +260,12 @@ def ddim_step(
     B = x.shape[0]
     a0, h0 = _per_sample("alpha_t", alpha_t, B, x.device)
     a1, h1 = _per_sample("alpha_prev", alpha_prev, B, x.device)
-    _check_values("alpha_t", h0, lambda v: 0 < v < 1, "lie in (0, 1) (an alphas_cumprod value; 1 - alpha_t is "
-                  "divided by)")
+    if prediction_type == "epsilon":  # x0 = (x - sqrt(1 - alpha_t) eps) / sqrt(alpha_t)
+        _check_values("alpha_t", h0, lambda v: 0 < v < 1, "lie in (0, 1) with epsilon prediction (an alphas_cumprod "
+                      "value; sqrt(alpha_t) and 1 - alpha_t are divided by)")
+    else:  # v / sample prediction: alpha_t = 0 is zero terminal SNR's first step (x0 = -v), as diffusers steps it
+        _check_values("alpha_t", h0, lambda v: 0 <= v < 1, "lie in [0, 1) (an alphas_cumprod value; 1 - alpha_t "
+                      "is divided by)")
     _check_values("alpha_prev", h1, lambda v: 0 < v <= 1, "lie in (0, 1] (an alphas_cumprod value)")
 
     out_dtype = torch.promote_types(x.dtype, model_output.dtype)

@@ -120,6 +120,10 @@ def ddim_step(
     std = eta * variance**0.5
     if use_clipped_model_output:
         eps = (x - a_t**0.5 * x0) / b_t**0.5
-    mean = a_p**0.5 * x0 + (1 - a_p - std**2) ** 0.5 * eps
+    # DDPO's sqrt(1 - a_p - std^2) as sqrt((1 - a_p) (1 - eta^2 (1 - a_t / a_p) / b_t)): equal in exact arithmetic,
+    # and exactly 0 at alpha_t = 0, eta = 1 (zero terminal SNR's first step), where the difference of two equal
+    # terms left the square root of a rounding residual (~3e-4 in fp32) or NaN
+    direction = ((1 - a_p) * (1 - eta**2 * (1 - a_t / a_p) / b_t)).clamp(min=0) ** 0.5
+    mean = a_p**0.5 * x0 + direction * eps
     logp_fn = lambda prev, mu: _gaussian_logp(prev, mu, std)
     return _finish(mean, std, std, noise, prev_sample, ref_mean, want_logp, logp_fn, out_dtype)

@@ -80,7 +80,10 @@ def _coefficients(p0, p1, level, sigma_max, MODE: tl.constexpr, PRED: tl.constex
         beta_t = 1.0 - alpha_t
         variance = _div(1.0 - alpha_prev, beta_t) * (1.0 - _div(alpha_t, alpha_prev))
         std = level * tl.sqrt_rn(variance)
-        direction = tl.sqrt_rn(1.0 - alpha_prev - std * std)
+        # sqrt(1 - alpha_prev - std^2), written so that it is exactly 0 at alpha_t = 0, eta = 1 (zero terminal
+        # SNR's first step) rather than the square root of a rounding residual
+        keep = 1.0 - level * level * _div(1.0 - _div(alpha_t, alpha_prev), beta_t)
+        direction = tl.sqrt_rn(tl.maximum((1.0 - alpha_prev) * keep, 0.0))
         sa_t = tl.sqrt_rn(alpha_t)
         sb_t = tl.sqrt_rn(beta_t)
         sa_p = tl.sqrt_rn(alpha_prev)
