@@ -39,6 +39,7 @@ several values), `--model none` (Optional fields take "none"), `--run.progress /
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -101,6 +102,16 @@ class Check:
 
     def message_for(self, value: Any) -> str:
         return f"must be a finite number ({self.message})" if self.finite and not _finite(value) else self.message
+
+
+@contextlib.contextmanager
+def config_errors(path: str) -> Iterator[None]:
+    """Errors found while reading what config field `path` names (a prompt file, a reward's options) become a
+    ConfigError naming the field: a message and exit status 2, not a traceback and advice to resume."""
+    try:
+        yield
+    except (ValueError, TypeError, FileNotFoundError, KeyError) as exc:
+        raise ConfigError([(path, str(exc))]) from exc
 
 
 def _finite(value: Any) -> bool:
@@ -420,7 +431,12 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str, errors: list[tuple[s
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:  # __post_init__ cross-field checks
-        errors.append((prefix.rstrip(".") or cls.__name__, str(exc)))
+        message = str(exc)
+        head, _, rest = message.partition(": ")
+        if head in fields_ and rest:  # "train: the file ... does not exist" -> prompts.train: the file ...
+            errors.append((prefix + head, rest))
+        else:
+            errors.append((prefix.rstrip(".") or cls.__name__, message))
         return None
 
 

@@ -199,7 +199,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         with run:
             rc = trainer.run(config, run)
     except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted; continue with: fusedrl train {name} --out {out} --resume", file=sys.stderr)
+        again = f"continue with: fusedrl train {name} --out {out} --resume" if run.has_checkpoint else \
+            "no checkpoint was saved: run the command again to start over"
+        print(f"\n{prog}: interrupted; {again}", file=sys.stderr)
         return 130
     return int(rc or 0)
 

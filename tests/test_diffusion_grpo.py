@@ -95,8 +95,8 @@ def test_bad_config_fails_before_any_model_loads(tmp_path, monkeypatch, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     for text in ("sampling.group_size: must be >= 2", "optim.lr: must be > 0; got -1.0", "reward.names:",
-                 "unknown reward 'brightnes'", "prompts: train: the prompt file", "missing.txt",
-                 "grpo.clip_range: must be > 0", "model: model: the folder"):
+                 "unknown reward 'brightnes'", "prompts.train: the prompt file", "missing.txt",
+                 "grpo.clip_range: must be > 0", "model.model: the folder"):
         assert text in err, text
     assert not out.exists()
 
@@ -106,7 +106,7 @@ def test_config_round_trips_and_rejects_unknown_keys():
     assert cfg.grpo.beta == 0.04 and cfg.lora.rank == 4 and cfg.reward.names == ["brightness"]
     with pytest.raises(ConfigError, match=r"grpo.clip: unknown key; did you mean 'grpo.clip_range'"):
         build_config(DiffusionGRPOConfig, {"grpo.clip": 0.1})
-    with pytest.raises(ConfigError, match=r"sampling: sde_window: must satisfy 0 <= start < end <= "
+    with pytest.raises(ConfigError, match=r"sampling.sde_window: must satisfy 0 <= start < end <= "
                        r"sampling.steps = 10; got \[2, 20\]"):
         build_config(DiffusionGRPOConfig, {"sampling.sde_window": [2, 20]})
     dashed = build_config(DiffusionGRPOConfig, {"reward.names": ["brightness", "jpeg-compressibility"],

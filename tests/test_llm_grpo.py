@@ -268,7 +268,7 @@ def test_reference_is_the_adapter_off_model_or_a_frozen_copy(model_dirs):
 def test_lora_on_the_lm_head_is_refused(model_dirs):
     with pytest.raises(ValueError, match="lm_head"):
         Policy.from_pretrained(str(model_dirs["qwen2"]), lora=LoraSpec(rank=4, target_modules=["q_proj", "lm_head"]))
-    with pytest.raises(ConfigError, match="lora: target_modules: the LM head cannot carry LoRA"):
+    with pytest.raises(ConfigError, match="lora.target_modules: the LM head cannot carry LoRA"):
         _cfg(model_dirs["qwen2"], **{"lora.target_modules": ["lm_head"]})
 
 
@@ -407,13 +407,13 @@ def test_help_documents_every_option(capsys):
     (["--config", "{yaml}"], "grpo.lossy: unknown key; did you mean 'grpo.loss_type'?\n  grpo.loss_type: must be "
      "one of 'grpo', 'bnpo', 'dr_grpo', 'dapo', 'luspo', 'cispo', 'sapo'; got 'dapoo' (did you mean 'dapo'?)"),
     (["--prompts.train", "missing.jsonl", "--reward.names", "exact_match"],
-     "prompts: train: the prompt file 'missing.jsonl' does not exist"),
-    (["--prompts.eval", "missing.jsonl"], "prompts: eval: the prompt file 'missing.jsonl' does not exist"),
+     "prompts.train: the prompt file 'missing.jsonl' does not exist"),
+    (["--prompts.eval", "missing.jsonl"], "prompts.eval: the prompt file 'missing.jsonl' does not exist"),
     (["--prompts.train", "{jsonl}"], "LLMGRPOConfig: reward.names / reward.function: give a reward for your prompts"),
     (["--reward.names", "pickscorex"], "reward.names: check failed with ValueError: unknown reward(s) ['pickscorex']"),
     (["--grpo.delta", "1.1"], "LLMGRPOConfig: grpo.delta: must be > 1 + eps_high = 1.2"),
-    (["--sampling.backend", "vllm"], "sampling: backend: 'vllm' needs the vllm package, which is not installed"),
-    (["--model.name_or_path", "./no/such/model"], "model: name_or_path: the folder './no/such/model' does not exist"),
+    (["--sampling.backend", "vllm"], "sampling.backend: 'vllm' needs the vllm package, which is not installed"),
+    (["--model.name_or_path", "./no/such/model"], "model.name_or_path: the folder './no/such/model' does not exist"),
     (["--lora.rank", "0"], "lora.rank: must be > 0; got 0"),
     (["--memory.checkpoint_blocks", "2"], "memory: checkpoint_blocks needs gradient_checkpointing (now none)"),
     (["--memory.gradient_checkpointing", "full", "--memory.checkpoint_blocks", "0"],

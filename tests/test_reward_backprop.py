@@ -329,7 +329,7 @@ def test_out_of_memory_names_the_settings_to_lower(policies, monkeypatch):
     ({"memory.checkpointing": "ful"}, "memory.checkpointing: must be one of"),
     ({"optim.lr": -1}, "optim.lr: must be > 0; got -1.0"),
     ({"sampling.batchsize": 2}, "sampling.batchsize: unknown key; did you mean 'sampling.batch_size'?"),
-    ({"prompts.train": "/no/such/prompts.jsonl"}, "prompts: train: prompt file '/no/such/prompts.jsonl' does not "
+    ({"prompts.train": "/no/such/prompts.jsonl"}, "prompts.train: prompt file '/no/such/prompts.jsonl' does not "
                                                   "exist"),
     ({"model": "/no/such/model"}, "model: no folder '/no/such/model'"),
     ({"reward.names": ["target_color"], "reward.options": {"target_color": {"target": [0, 2, 0]}}},

@@ -146,7 +146,7 @@ def test_two_process_cli_run_and_resume(tmp_path, lora):
     from diffusers import SD3Transformer2DModel  # whole tensors in the checkpoint, optimizer state, saved model
 
     ckpt = read_checkpoint(out / "checkpoints" / "step-00000003")
-    saved = dict(SD3Transformer2DModel.from_pretrained(out / "lora").named_parameters())
+    saved = dict(SD3Transformer2DModel.from_pretrained(out / "denoiser").named_parameters())
     assert len(ckpt.tensors) == len(saved)
     for k, v in ckpt.tensors.items():
         assert torch.equal(saved[k.removeprefix("denoiser.")], v), k

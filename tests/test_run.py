@@ -83,6 +83,35 @@ def test_run_folder_files(tmp_path):
         Run(out, _cfg())
 
 
+def test_a_run_that_saved_nothing_is_started_over_and_says_so(tmp_path):
+    """A run that stopped before its first checkpoint (a bad option found after start-up) leaves config.yaml,
+    metrics and a log: the same command starts over in that folder (it was refused as 'already holds a run', and
+    its advice to --resume could only fail the same way); a folder with a checkpoint is still refused; --resume of a
+    folder with no config.yaml is refused (a mistyped --out started a whole new run)."""
+    out = tmp_path / "r"
+    with pytest.raises(RuntimeError):
+        with Run(out, _cfg()) as run:
+            run.log(1, {"loss": 1.0})
+            run.save_image_grid(1, torch.rand(1, 3, 8, 8))
+            raise RuntimeError("no such LoRA target: to_qq")
+    log = (out / "train.log").read_text()
+    assert "no checkpoint was saved: run the command again" in log and "--resume" not in log.split("to_qq")[-1]
+    with Run(out, _cfg(steps=3)) as run:
+        assert run.start_step == 0
+        run.save_checkpoint(1, {"w": torch.ones(1)})
+    assert read_metrics(out / "metrics.csv") == [] and not (out / "samples").exists()
+    assert "started over: " in (out / "train.log").read_text()
+    with pytest.raises(RunError, match="already holds a run"):
+        Run(out, _cfg())
+    with pytest.raises(RunError, match=r"nothing to resume in .*typo \(no config.yaml\)"):
+        Run(tmp_path / "typo", _cfg(), resume=True)
+    assert not (tmp_path / "typo").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "metrics.csv").write_text("a user's own file")  # no config.yaml: not a run folder
+    with pytest.raises(RunError, match="already holds a run"):
+        Run(tmp_path / "mine", _cfg())
+
+
 def test_bad_metrics_are_refused(tmp_path):
     with Run(tmp_path, _cfg()) as run:
         with pytest.raises(ValueError, match="reserved"):

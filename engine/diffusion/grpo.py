@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import config_errors
 from ..runs import Trainer
 from .grpo_config import DiffusionGRPOConfig
 
@@ -89,17 +90,6 @@ def _seed(*parts: Any) -> int:
     """A 62-bit seed that is a pure function of `parts` (stable across processes, unlike hash())."""
     digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 2
-
-
-@contextlib.contextmanager
-def _config_errors(path: str) -> Iterator[None]:
-    """Errors found while reading what a config field names (a prompt file, a reward's options) -> ConfigError."""
-    from ..config import ConfigError
-
-    try:
-        yield
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as exc:
-        raise ConfigError([(path, str(exc))]) from exc
 
 
 def _finite(t) -> bool:
@@ -240,27 +230,27 @@ class GRPOTrainer:
         if p.train is None:
             self.train_prompts = list(DEFAULT_PROMPTS)
         else:
-            with _config_errors("prompts.train"):
+            with config_errors("prompts.train"):
                 self.train_prompts = load_prompts(p.train, field=p.column, split=p.split, seed=cfg.run.seed,
                                                   limit=p.limit)
         if p.eval is not None:
-            with _config_errors("prompts.eval"):
+            with config_errors("prompts.eval"):
                 evals = load_prompts(p.eval, field=p.column, split=p.eval_split)
         else:
             evals = list(DEFAULT_EVAL_PROMPTS) if p.train is None else self.train_prompts
         self.eval_prompts = evals[: p.num_eval]
 
-        with _config_errors("model.device"):
+        with config_errors("model.device"):
             self.device = local_device(cfg.model.device)
         self.weights = dict(zip(cfg.reward.names, cfg.reward.weights or [1.0] * len(cfg.reward.names)))
         if rewards is not None:
             self.scorer = _Scorer(dict(rewards))
             self.weights = {n: self.weights.get(n, 1.0) for n in rewards}
         else:
-            with _config_errors("reward.options"):
+            with config_errors("reward.options"):
                 self.scorer = build_rewards(cfg, self.device)
         if any_takes_metadata(self.scorer.rewards.values()):
-            with _config_errors("prompts"):
+            with config_errors("prompts"):
                 self.scorer.metadata = prompt_metadata([(p.train, p.split), (p.eval, p.eval_split)], field=p.column)
         self.policy = policy if policy is not None else self._load_policy()
         self.device = self.policy.device

@@ -73,7 +73,8 @@ def load_prompts(
             if field not in row:
                 fields = sorted(k for k in row if k != "_line")
                 where = f"{source}:{row['_line']}" if "_line" in row else str(source)
-                raise ValueError(f"{where}: no field {field!r} (fields: {fields}); set field=...")
+                raise ValueError(f"{where}: no field {field!r} (fields: {fields}); name the prompt column "
+                                 "(`fusedrl train`: prompts.column; load_prompts: field=)")
         prompts = _clean([row[field] if row[field] is not None else "" for row in rows], str(source))
     else:
         raise TypeError(f"source must be a path, a dataset name or a list of strings, got {type(source).__name__}")

@@ -57,7 +57,7 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, config_errors
 from ..distributed import all_sums, any_process, average_gradients, full_tensor, shard_like
 from ..rewards.base import any_takes_metadata
 from ..runs import Run, Trainer, seed_everything
@@ -69,6 +69,7 @@ __all__ = ["TRAINER", "OutOfMemory", "RewardBackprop", "RewardBackpropConfig", "
 log = logging.getLogger("fusedrl")
 
 LORA_DIR = "lora"
+DENOISER_DIR = "denoiser"  # full fine-tuning: the denoiser, save_pretrained (diffusion-grpo's name too)
 
 
 class OutOfMemory(RuntimeError):
@@ -480,9 +481,12 @@ def load_prompt_lists(cfg: RewardBackpropConfig, with_metadata: bool = False,
     from .prompts import DEFAULT_EVAL_PROMPTS, DEFAULT_PROMPTS, load_prompts, prompt_metadata
 
     p = cfg.prompts
-    train = load_prompts(p.train, field=p.column, split=p.split) if p.train else list(DEFAULT_PROMPTS)
-    evals = load_prompts(p.eval, field=p.column, split=p.split) if p.eval else list(DEFAULT_EVAL_PROMPTS)
-    metadata = prompt_metadata([(p.train, p.split), (p.eval, p.split)], field=p.column) if with_metadata else {}
+    with config_errors("prompts.train"):
+        train = load_prompts(p.train, field=p.column, split=p.split) if p.train else list(DEFAULT_PROMPTS)
+    with config_errors("prompts.eval"):
+        evals = load_prompts(p.eval, field=p.column, split=p.split) if p.eval else list(DEFAULT_EVAL_PROMPTS)
+    with config_errors("prompts"):
+        metadata = prompt_metadata([(p.train, p.split), (p.eval, p.split)], field=p.column) if with_metadata else {}
     return train, evals, metadata
 
 
@@ -579,6 +583,7 @@ def _train(cfg: RewardBackpropConfig, run: Run) -> int:
     if ckpt is not None:
         trainer.load_state(ckpt.tensors, ckpt.objects, ckpt.state)
     rc = cfg.run
+    weights_dir = LORA_DIR if trainer.policy.has_lora else DENOISER_DIR
     if run.start_step == 0 and rc.eval_every > 0:
         run.log(0, _evaluate(trainer, run, 0))  # the reward before training (every process samples; rank 0 logs)
     for step in run.steps():
@@ -597,13 +602,13 @@ def _train(cfg: RewardBackpropConfig, run: Run) -> int:
             plain = trainer.policy.plain_denoiser() if not trainer.policy.has_lora else None
             tensors, objects = trainer.state_tensors(), trainer.state_objects()
             if run.is_main:
-                trainer.save_weights(run.out_dir / LORA_DIR, plain)
+                trainer.save_weights(run.out_dir / weights_dir, plain)
             # LoRA checkpoints also hold the diffusers-format LoRA (small); full fine-tuning's tensors are the
             # denoiser's weights already
             extra = (lambda folder: trainer.save_weights(folder / LORA_DIR)) if trainer.policy.has_lora else None
             run.save_checkpoint(step, tensors, {"skipped_total": trainer.skipped_total}, objects, write_extra=extra)
     run.info_peak_memory(trainer.policy.device)
-    run.info(f"done: weights in {run.out_dir / LORA_DIR}"
+    run.info(f"done: weights in {run.out_dir / weights_dir}"
              + (" (load with pipe.load_lora_weights(...))" if trainer.policy.has_lora else ""))
     return 0
 

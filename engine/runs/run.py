@@ -19,7 +19,11 @@ logged after it are deleted and TensorBoard purges its events after it, because 
 checkpoint are recomputed (a killed run loses no checkpointed step and logs no step twice). The config must
 equal the saved one except for fields declared `resume_ok=True` (total steps, logging cadence) and fields named
 in `allow_changed`; otherwise a ConfigError names each differing field. With no checkpoint yet, the run starts
-again from step 0 (metrics cleared).
+again from step 0 (metrics cleared). Resuming a folder with no config.yaml is an error (a mistyped --out would
+otherwise start a whole new run).
+
+Starting a new run (resume=False) in a folder that holds a run refuses, unless that run saved no checkpoint (it
+stopped at a bad option or crashed early): then it starts over there, as --resume would, with the new config.
 
 Several processes: pass `rank` (default: $RANK, else 0). Only rank 0 writes anything; on other ranks `log`,
 `save_checkpoint`, `save_image_grid` and `plot` do nothing, while `load_checkpoint` works on every rank. Each
@@ -64,6 +68,7 @@ METRICS_FILE = "metrics.csv"
 PLOT_FILE = "metrics.png"
 TB_DIR = "tensorboard"
 CKPT_DIR = "checkpoints"
+SAMPLES_DIR = "samples"
 
 
 class RunError(RuntimeError):
@@ -90,6 +95,24 @@ class RunConfig:
 def _now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S")
 
+
+
+def _clear_unsaved_run(out_dir: Path) -> list[str]:
+    """Remove what a run that saved no checkpoint left in `out_dir` (its metrics, plot, TensorBoard events, sample
+    grids; train.log stays and goes on); the names removed."""
+    from .atomic import remove_tree
+
+    removed = []
+    for name in (METRICS_FILE, PLOT_FILE, TB_DIR, SAMPLES_DIR, CKPT_DIR):
+        path = out_dir / name
+        if path.is_dir():
+            remove_tree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
 
 
 def _check_fields(config_type: type, paths: set[str]) -> None:
@@ -150,6 +173,7 @@ class Run:
         self._tb = None
         self._bar = None
         self._metrics: MetricsCSV | None = None
+        self._started_over: list[str] = []
 
         allow_changed = set(allow_changed)
         _check_fields(type(config), allow_changed)
@@ -162,6 +186,9 @@ class Run:
         self._attach_logger()
         self._metrics = MetricsCSV(self.out_dir / METRICS_FILE)
         ckpt_io.prune_checkpoints(self.out_dir / CKPT_DIR, 0)  # clear temporaries left by a crash
+        if self._started_over:
+            self.info(f"started over: {self.out_dir} held a run that saved no checkpoint (cleared: "
+                      f"{', '.join(self._started_over)})")
         if resume:
             dropped = self._metrics.truncate_after(self.start_step)
             where = f"checkpoint {self.checkpoint_path}" if self.checkpoint_path else "the beginning (no checkpoint)"
@@ -201,9 +228,16 @@ class Run:
         existing = [n for n in (CONFIG_FILE, METRICS_FILE, CKPT_DIR) if (self.out_dir / n).exists()]
         if not resume:
             if existing and self.is_main:
-                raise RunError(f"{self.out_dir} already holds a run ({', '.join(existing)}); resume it "
-                               "(--resume / resume=True) or choose another output folder")
+                if self.has_checkpoint or not (self.out_dir / CONFIG_FILE).is_file():
+                    raise RunError(f"{self.out_dir} already holds a run ({', '.join(existing)}); resume it "
+                                   "(--resume / resume=True) or choose another output folder")
+                # a run that stopped before its first checkpoint (a bad option, a crash): nothing to resume from;
+                # start over in its folder, as --resume would, with the new config
+                self._started_over = _clear_unsaved_run(self.out_dir)
             return {}
+        if self.saved_config(self.out_dir) is None:
+            raise RunError(f"nothing to resume in {self.out_dir} (no {CONFIG_FILE}): check --out, or start a new run "
+                           "without --resume")
         changes: dict[str, tuple[Any, Any]] = {}
         saved = self.saved_config(self.out_dir)
         if saved is not None:
@@ -223,6 +257,11 @@ class Run:
         if found is not None:
             self.start_step, self.checkpoint_path = found
         return changes
+
+    @property
+    def has_checkpoint(self) -> bool:
+        """Whether the folder holds a complete checkpoint (what --resume continues from)."""
+        return ckpt_io.latest_checkpoint(self.out_dir / CKPT_DIR) is not None
 
     def _attach_logger(self) -> None:
         handler = logging.StreamHandler(self._log_fh)
@@ -400,7 +439,9 @@ class Run:
             self._bar = None
         if error is not None:
             what = "interrupted" if isinstance(error, KeyboardInterrupt) else f"stopped by {type(error).__name__}"
-            self.info(f"{what}: {error}; continue with --resume (steps after the last checkpoint are recomputed)")
+            self.info(f"{what}: {error}; " + (
+                "continue with --resume (steps after the last checkpoint are recomputed)" if self.has_checkpoint else
+                "no checkpoint was saved: run the command again (the same --out starts over)"))
         try:
             self.plot()
         except Exception as exc:  # a failed plot must not hide the run's own outcome
