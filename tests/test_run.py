@@ -89,11 +89,10 @@ def test_a_run_that_saved_nothing_is_started_over_and_says_so(tmp_path):
     its advice to --resume could only fail the same way); a folder with a checkpoint is still refused; --resume of a
     folder with no config.yaml is refused (a mistyped --out started a whole new run)."""
     out = tmp_path / "r"
-    with pytest.raises(RuntimeError):
-        with Run(out, _cfg()) as run:
-            run.log(1, {"loss": 1.0})
-            run.save_image_grid(1, torch.rand(1, 3, 8, 8))
-            raise RuntimeError("no such LoRA target: to_qq")
+    with pytest.raises(RuntimeError), Run(out, _cfg()) as run:
+        run.log(1, {"loss": 1.0})
+        run.save_image_grid(1, torch.rand(1, 3, 8, 8))
+        raise RuntimeError("no such LoRA target: to_qq")
     log = (out / "train.log").read_text()
     assert "no checkpoint was saved: run the command again" in log and "--resume" not in log.split("to_qq")[-1]
     with Run(out, _cfg(steps=3)) as run:
