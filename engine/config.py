@@ -114,6 +114,21 @@ def config_errors(path: str) -> Iterator[None]:
         raise ConfigError([(path, str(exc))]) from exc
 
 
+@contextlib.contextmanager
+def model_loading_errors(model_field: str, lora_field: str | None = None) -> Iterator[None]:
+    """Loading the model a config names: a model that cannot be found or read (an OSError from from_pretrained: a
+    wrong path or hub id, no network) and LoRA targets the model lacks (peft's NoMatchingPeftModuleError) become
+    ConfigErrors naming the field, not tracebacks."""
+    try:
+        yield
+    except OSError as exc:
+        raise ConfigError([(model_field, f"could not be loaded: {exc}")]) from exc
+    except ValueError as exc:
+        if lora_field is not None and type(exc).__name__ == "NoMatchingPeftModuleError":
+            raise ConfigError([(lora_field, str(exc))]) from exc
+        raise
+
+
 def _finite(value: Any) -> bool:
     """False for inf and NaN (an `optim.lr inf` run trained to non-finite weights without a word)."""
     return not isinstance(value, float) or math.isfinite(value)

@@ -180,3 +180,20 @@ def test_argparse_options_help_and_overrides(capsys):
     assert "--ema, --no-ema keep an EMA of the weights (default: False)" in out
     assert "guidance scale (100% = plain)" in out
     assert "optim options:" in out and "--lora.targets [STR ...]" in out
+
+
+def test_model_loading_errors_name_the_field():
+    from fusedrl.engine.config import model_loading_errors
+
+    class NoMatchingPeftModuleError(ValueError):  # peft's, matched by name (engine.config imports no peft)
+        pass
+
+    fields = ("model.model", "lora.target_modules")
+    with pytest.raises(ConfigError, match=r"model.model: could not be loaded: no model_index.json"), \
+            model_loading_errors(*fields):
+        raise OSError("no model_index.json")
+    with pytest.raises(ConfigError, match=r"lora.target_modules: Target modules \{'to_qq'\} not found"), \
+            model_loading_errors(*fields):
+        raise NoMatchingPeftModuleError("Target modules {'to_qq'} not found")
+    with pytest.raises(ValueError, match="something else"), model_loading_errors(*fields):  # others pass through
+        raise ValueError("something else")

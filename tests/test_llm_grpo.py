@@ -487,6 +487,26 @@ def test_mini_batches_gives_that_many_updates(model_dirs, tmp_path, monkeypatch)
     assert sizes == [2, 2, 1, 1] and trainer.updates == 4
 
 
+def test_model_loading_problems_are_config_errors(model_dirs, tmp_path, capsys, monkeypatch):
+    """LoRA targets the model lacks, a model that cannot be found: exit status 2 and the field named, no traceback
+    and no advice to --resume; the same --out then starts over."""
+    out = tmp_path / "run"
+    common = ["--out", str(out), "--model.name_or_path", str(model_dirs["qwen2"]), "--no-run.progress",
+              "--prompts.train", str(tmp_path / "p.jsonl"), "--reward.names", "numeric_answer",
+              "--sampling.max_completion_length", "8"]
+    (tmp_path / "p.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    assert main(["train", "llm-grpo", *common, "--lora.enabled", "--lora.target_modules", "q_projj"]) == 2
+    err = capsys.readouterr().err
+    assert "lora.target_modules: Target modules {'q_projj'} not found" in err and "Traceback" not in err
+    assert "--resume" not in (out / "train.log").read_text()
+    import huggingface_hub.constants
+
+    # offline: a hub id not in the cache fails at once, not after network retries (the env var is read at import)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert main(["train", "llm-grpo", *common, "--model.name_or_path", "no-such-org/no-such-model"]) == 2
+    assert "model.name_or_path: could not be loaded" in capsys.readouterr().err
+
+
 def test_a_reward_that_needs_answers_is_refused_before_the_model_loads(model_dirs, tmp_path, monkeypatch):
     """numeric_answer on prompts without an answer column: a ConfigError from build(), not a traceback at step 1
     followed by the advice to --resume (which would fail the same way)."""

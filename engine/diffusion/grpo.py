@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import config_errors
+from ..config import ConfigError, config_errors, model_loading_errors
 from ..runs import Trainer
 from .grpo_config import DiffusionGRPOConfig
 
@@ -213,7 +213,6 @@ class GRPOTrainer:
                  rewards: dict[str, Callable] | None = None) -> None:
         import torch
 
-        from ..config import ConfigError
         from ..distributed import local_device, rank_and_world
         from ..rewards.base import any_takes_metadata
         from ..runs import seed_everything
@@ -307,12 +306,13 @@ class GRPOTrainer:
         # run.seed alone (not of whether the embedded model had to be built first)
         seed_everything(cfg.run.seed)
         try:
-            policy = load_policy(model, device=self.device, dtype=None if m.dtype == "auto" else m.dtype,
-                                 vae_dtype=None if m.vae_dtype == "auto" else m.vae_dtype, lora=lora or False,
-                                 reference_copy=lora is None and cfg.grpo.beta > 0,
-                                 offload_text_encoders=m.offload_text_encoders, offload_vae=m.offload_vae,
-                                 max_sequence_length=m.max_sequence_length, patch_attention=m.patch_attention,
-                                 fused_backbone=m.fused_backbone, **kwargs)
+            with model_loading_errors("model.model", "lora.target_modules"):
+                policy = load_policy(model, device=self.device, dtype=None if m.dtype == "auto" else m.dtype,
+                                     vae_dtype=None if m.vae_dtype == "auto" else m.vae_dtype, lora=lora or False,
+                                     reference_copy=lora is None and cfg.grpo.beta > 0,
+                                     offload_text_encoders=m.offload_text_encoders, offload_vae=m.offload_vae,
+                                     max_sequence_length=m.max_sequence_length, patch_attention=m.patch_attention,
+                                     fused_backbone=m.fused_backbone, **kwargs)
         except Exception as exc:
             if _is_oom(exc):
                 raise DiffusionGRPOOutOfMemory(_oom_message("loading the model", cfg)) from exc
@@ -322,7 +322,7 @@ class GRPOTrainer:
             try:
                 policy.check_size(h or policy.defaults["height"], w or policy.defaults["width"])
             except ValueError as exc:
-                raise ValueError(f"sampling.height / sampling.width: {exc}") from None
+                raise ConfigError([("sampling.height / sampling.width", str(exc))]) from None
         return policy
 
     def _apply_checkpointing(self) -> list[str]:
@@ -912,7 +912,6 @@ def train(cfg: DiffusionGRPOConfig, run: Any) -> int | None:
         # Measured on the embedded default (2-core VM, another job running): 0.5 s of CPU per step on one thread,
         # 7 s on two (the ops are ~16 x 512: the threads spin-wait on each other).
         torch.set_num_threads(threads)
-    from ..config import ConfigError
 
     try:
         from .processes import prepare_processes

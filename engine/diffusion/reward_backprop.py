@@ -57,7 +57,7 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError, config_errors
+from ..config import ConfigError, config_errors, model_loading_errors
 from ..distributed import all_sums, any_process, average_gradients, full_tensor, shard_like
 from ..rewards.base import any_takes_metadata
 from ..runs import Run, Trainer, seed_everything
@@ -501,11 +501,12 @@ def build_policy(cfg: RewardBackpropConfig, resolved: Resolved | None = None, *,
         lora = LoraOptions(rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, target_modules=resolved.lora_targets,
                            text_encoder=lc.text_encoder)
     kwargs = {"revision": cfg.revision} if cfg.revision else {}
-    return load_policy(cfg.model, device=device if device is not None else cfg.device,
-                       dtype=None if cfg.dtype == "auto" else cfg.dtype, lora=lora,
-                       offload_text_encoders=cfg.memory.offload_text_encoders, offload_vae=cfg.memory.offload_vae,
-                       patch_attention=cfg.memory.patch_attention, fused_backbone=cfg.memory.fused_backbone,
-                       **kwargs)
+    with model_loading_errors("model", "lora.target_modules"):
+        return load_policy(cfg.model, device=device if device is not None else cfg.device,
+                           dtype=None if cfg.dtype == "auto" else cfg.dtype, lora=lora,
+                           offload_text_encoders=cfg.memory.offload_text_encoders,
+                           offload_vae=cfg.memory.offload_vae, patch_attention=cfg.memory.patch_attention,
+                           fused_backbone=cfg.memory.fused_backbone, **kwargs)
 
 
 def oom_advice(cfg: RewardBackpropConfig, step: int) -> str:

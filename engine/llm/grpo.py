@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
+from ..config import ConfigError, model_loading_errors
 from ..runs.trainer import Trainer
 from .config import LLMGRPOConfig
 
@@ -142,9 +142,10 @@ def build(cfg: LLMGRPOConfig, out_dir: str | os.PathLike | None = None) -> Any:
             check_answers(terms, recs, what)
         except ValueError as exc:
             raise ConfigError([(field_name, str(exc))]) from None
-    tokenizer = load_tokenizer(source, revision=m.revision, trust_remote_code=m.trust_remote_code)
-    model_config = transformers.AutoConfig.from_pretrained(source, revision=m.revision,
-                                                           trust_remote_code=m.trust_remote_code)
+    with model_loading_errors("model.name_or_path"):
+        tokenizer = load_tokenizer(source, revision=m.revision, trust_remote_code=m.trust_remote_code)
+        model_config = transformers.AutoConfig.from_pretrained(source, revision=m.revision,
+                                                               trust_remote_code=m.trust_remote_code)
     lengths = [len(t) for t in tokenize_prompts(tokenizer, [r.prompt for r in records + eval_records],
                                                 cfg.prompts.max_prompt_length)]
     check_context(cfg, lengths, context_length(model_config), "the embedded model" if embedded else source)
@@ -153,11 +154,13 @@ def build(cfg: LLMGRPOConfig, out_dir: str | os.PathLike | None = None) -> Any:
     if cfg.lora.enabled:
         lora = LoraSpec(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                         target_modules=cfg.lora.target_modules)
-    policy = Policy.from_pretrained(source, lora=lora, device=device, dtype=_dtype(m.dtype, device),
-                                    reference=cfg.grpo.beta != 0 and not cfg.lora.enabled,
-                                    temperature=cfg.sampling.temperature, revision=m.revision,
-                                    trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation,
-                                    no_dropout=m.disable_dropout, tokenizer=tokenizer)
+    with model_loading_errors("model.name_or_path", "lora.target_modules"):
+        policy = Policy.from_pretrained(source, lora=lora, device=device, dtype=_dtype(m.dtype, device),
+                                        reference=cfg.grpo.beta != 0 and not cfg.lora.enabled,
+                                        temperature=cfg.sampling.temperature, revision=m.revision,
+                                        trust_remote_code=m.trust_remote_code,
+                                        attn_implementation=m.attn_implementation, no_dropout=m.disable_dropout,
+                                        tokenizer=tokenizer)
     if m.patch_attention:
         from fusedrl.attention import patch_attention
 
