@@ -179,6 +179,21 @@ def test_frozen_head_gets_no_gradient(backend, use_backend):
 
 @pytest.mark.parametrize("strategy", ["fused", "chunked"])
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_strided_bias(backend, strategy, use_backend, monkeypatch):
+    """A bias sliced out of a larger tensor: the same log-probs and bias gradient as its contiguous copy."""
+    use_backend(backend)
+    monkeypatch.setenv(hidden_op.ENV_STRATEGY, strategy)
+    hidden, weight, _, labels = _inputs(CASES[0], torch.float32)
+    wide = torch.randn(2 * weight.shape[0], device=hidden.device, requires_grad=True)
+    dense = wide.detach()[::2].contiguous().requires_grad_()
+    got, want = (token_logprobs(hidden, weight, labels, bias=b) for b in (wide[::2], dense))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    (got.sum() + want.sum()).backward()
+    torch.testing.assert_close(wide.grad[::2], dense.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["fused", "chunked"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_nan_hidden_state_gives_nan_not_a_certain_token(backend, strategy, use_backend, monkeypatch):
     """A NaN in a row's hidden state reads NaN in its logp and entropy on every path (the Triton kernels clamped
     logp at 0 with a minimum that dropped NaN: probability 1, finite losses)."""

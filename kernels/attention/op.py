@@ -53,7 +53,9 @@ def dot_precision(dtype: torch.dtype) -> str:
 def _kpm_arg(key_padding_mask: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int]:
     if key_padding_mask is None:
         return like, 0
-    kpm = key_padding_mask.view(torch.uint8)  # bool and uint8 share a layout; Triton reads 0 / 1 bytes
+    # bool and uint8 share a layout; Triton reads 0 / 1 bytes, a row's keys at stride 1 (a sliced or transposed
+    # mask is made contiguous: only its row stride is passed)
+    kpm = key_padding_mask.contiguous().view(torch.uint8)
     return kpm, kpm.stride(0)
 
 

@@ -176,7 +176,8 @@ def token_logprobs(
     else:
         if h2.stride(-1) != 1:
             h2 = h2.contiguous()
-        logp, entropy = HiddenLogprobs.apply(h2, weight.contiguous(), bias, flat_labels.contiguous(), temperature,
+        logp, entropy = HiddenLogprobs.apply(h2, weight.contiguous(), None if bias is None else bias.contiguous(),
+                                             flat_labels.contiguous(), temperature,
                                              softcap or 0.0, ignore_index, return_entropy, "triton",
                                              hidden_op.strategy())
     logp = logp.reshape(labels.shape)
