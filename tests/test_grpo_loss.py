@@ -153,3 +153,30 @@ def test_trl_layout_of_advantages_is_per_sequence():
     """TRL keeps per-sequence advantages as [B, 1]: the same loss as [B]."""
     logp, old, adv, mask, _, _ = _inputs(torch.float32, False)
     assert torch.equal(grpo_loss(logp, old, adv[:, None], mask)[0], grpo_loss(logp, old, adv, mask)[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_logp_gets_a_gradient(backend, use_backend):
+    """old_logp passed without .detach() (on policy), ref_logp and advantages that require grad: data on every
+    backend (the torch path differentiated them, the kernels did not: a zero gradient on one, not on the other)."""
+    use_backend(backend)
+    logp, _, adv, mask, ref, _ = _inputs(torch.float32, False)
+    logp = logp.clone().requires_grad_()
+    adv, ref = adv.clone().requires_grad_(), ref.clone().requires_grad_()
+    loss, _ = grpo_loss(logp, logp, adv, mask, ref_logp=ref, beta=0.1)
+    loss.backward()
+    want = grpo_loss(logp.detach().requires_grad_(), logp.detach(), adv.detach(), mask, ref_logp=ref.detach(),
+                     beta=0.1)[0]
+    assert adv.grad is None and ref.grad is None and logp.grad.abs().sum() > 0
+    torch.testing.assert_close(loss, want)
+
+
+def test_num_items_tensor_is_one_positive_number():
+    logp, old, adv, mask, _, _ = _inputs(torch.float32, False)
+    with pytest.raises(ValueError, match=r"num_items must be a number or a one-element tensor"):
+        grpo_loss(logp, old, adv, mask, num_items=torch.tensor([3.0, 4.0], device=logp.device))
+    if logp.device.type == "cpu":
+        with pytest.raises(ValueError, match=r"num_items must be > 0, got -7.0"):
+            grpo_loss(logp, old, adv, mask, num_items=torch.tensor(-7.0))
+    one = grpo_loss(logp, old, adv, mask, num_items=torch.tensor([300.0], device=logp.device))[0]
+    assert one.shape == () and torch.equal(one, grpo_loss(logp, old, adv, mask, num_items=300.0)[0])

@@ -126,13 +126,24 @@ def grpo_loss(
         _float_tensor("entropy", entropy, shape, device)
     if loss_type == "dr_grpo" and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
         raise ValueError(f"max_len must be a positive int for loss_type='dr_grpo', got {max_len!r}")
-    if num_items is not None and not isinstance(num_items, torch.Tensor):
+    if isinstance(num_items, torch.Tensor):  # a count gathered across processes (TRL's num_items_in_batch)
+        if num_items.numel() != 1 or num_items.is_complex():
+            raise ValueError(f"num_items must be a number or a one-element tensor, got shape "
+                             f"{tuple(num_items.shape)}")
+        if num_items.device.type == "cpu" and not num_items.item() > 0:  # (on a GPU: no sync to check it)
+            raise ValueError(f"num_items must be > 0, got {num_items.item()}")
+        num_items = num_items.detach().reshape(()).to(device)
+    elif num_items is not None:
         num_items = _number("num_items", num_items, 0.0, strict=True)
     if not isinstance(sapo_tau, (tuple, list)) or len(sapo_tau) != 2:
         raise ValueError(f"sapo_tau must be a pair (tau_pos, tau_neg), got {sapo_tau!r}")
     tau_pos, tau_neg = (_number("sapo_tau", t, 0.0, strict=True) for t in sapo_tau)
 
     ref_logp = ref_logp if beta != 0.0 else None
+    # logp is the only input the loss differentiates, on every backend (old log-probs, advantages, reference
+    # log-probs and entropies are data, as in TRL, where they come from no-grad passes)
+    old_logp, advantages, ref_logp, entropy = (None if t is None else t.detach()
+                                               for t in (old_logp, advantages, ref_logp, entropy))
     tensors = [t for t in (logp, old_logp, advantages, ref_logp, entropy) if t is not None]
     backend = dispatch.select(SPEC, tensors)
     if backend is dispatch.Backend.TORCH:
