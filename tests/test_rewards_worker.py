@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
+import pickle
 import threading
 import time
 import traceback
@@ -49,6 +50,13 @@ def test_results_in_submission_order():
         pending = [worker.submit(batch(10 + i), delay=0.01) for i in range(2)]
         assert [int(r[0]) for r in worker.results(timeout=10)] == [10, 11]
         assert all(p.done() for p in pending) and worker.pending == 0
+        # results() also returns batches that finished before it was called (it took only the unresolved ones,
+        # dropping finished batches silently), and not those collected already
+        done = [worker.submit(batch(20 + i)) for i in range(3)]
+        while worker.pending:
+            time.sleep(0.01)
+        done[1].result()
+        assert [int(r[0]) for r in worker.results(timeout=10)] == [20, 22] and worker.results() == []
 
 
 def test_bounded_queue_blocks_submit():
@@ -127,6 +135,17 @@ def test_hung_reward_times_out_instead_of_hanging():
         worker.shutdown()
 
 
+def slow_factory(seconds: float):
+    time.sleep(seconds)
+    return echo
+
+
+def test_loading_the_reward_is_not_a_batchs_time():
+    """A factory that takes longer than timeout_s (a large checkpoint) does not fail batch 0 with a timeout."""
+    with RewardWorker(factory=functools.partial(slow_factory, 0.6), timeout_s=0.4, poll_s=0.02) as worker:
+        torch.testing.assert_close(worker.submit(batch(1)).result(10), torch.full((3,), 1.0))
+
+
 def test_shutdown_scores_pending_or_cancels_on_error():
     with RewardWorker(functools.partial(echo, delay=0.02), max_pending=4) as worker:
         tickets = [worker.submit(batch(i)) for i in range(4)]
@@ -189,6 +208,11 @@ def test_process_mode_results_error_and_death():
         x = [torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(i)) for i in range(3)]
         bad = x[0].clone()
         bad[0, 0, 0, 0] = float("nan")
+        # an argument that cannot be pickled fails its own ticket at once (the queue's feeder thread pickled it,
+        # printed the error, and the ticket hung with its max_pending slot)
+        unpicklable = worker.submit(x[0], scale=lambda v: v)
+        with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+            unpicklable.result(5)
         tickets = [worker.submit(t) for t in x] + [worker.submit(bad), worker.submit(x[0])]
         for t, xi in zip(tickets, x):
             torch.testing.assert_close(t.result(60), load_reward("brightness")(xi))

@@ -8,7 +8,7 @@
 Contract:
 - Order: one consumer takes batches first in, first out, so batch i is scored before batch i + 1; each `submit`
   returns a `RewardFuture` (its `index` is the submission number) and `worker.results()` hands back the results of
-  all unresolved tickets in submission order.
+  all tickets not yet collected (finished or not) in submission order.
 - Bounded: at most `max_pending` submitted batches are unresolved (queued or running); `submit` blocks beyond that
   (`timeout=` makes it raise TimeoutError instead), which bounds the memory the queued images hold.
 - Nothing is dropped silently: every ticket ends with a result or an exception. An exception raised by the reward
@@ -52,6 +52,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import torch
@@ -109,6 +110,7 @@ class RewardFuture:
         self._worker = worker
         self._future: concurrent.futures.Future = concurrent.futures.Future()
         self.submitted_at = time.monotonic()
+        self.collected = False  # its result was asked for (result() or worker.results())
 
     def done(self) -> bool:
         return self._future.done()
@@ -118,6 +120,7 @@ class RewardFuture:
         RewardWorkerError when the worker stopped before scoring it, TimeoutError after `timeout` seconds of waiting
         (the batch stays queued: call result() again) or when the batch ran past the worker's timeout_s."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        self.collected = True  # `worker.results()` leaves it out from now on
         while not self._future.done():
             self._worker._check_health()
             wait = self._worker.poll_s
@@ -176,7 +179,8 @@ class RewardWorker:
         device: the device the worker scores on: its CUDA stream (thread) / current device (process); the reward's
             own device decides where the model runs. None: the current device, no side stream.
         max_pending: at most this many submitted batches unresolved (>= 1).
-        timeout_s: a batch running longer than this fails with TimeoutError and stops the worker (None: no limit).
+        timeout_s: a batch running longer than this fails with TimeoutError and stops the worker (None: no limit);
+            counted from when the reward is built (the factory's loading time is not a batch's).
         stop_on_error: after a failed batch, stop and fail the later ones (default) instead of scoring them.
         copy_inputs: clone tensor inputs at submit (thread mode), so the caller may reuse its buffers.
         name: for messages and the thread name.
@@ -209,9 +213,11 @@ class RewardWorker:
         self._reward, self._factory = reward, factory
         self._lock = threading.Condition()
         self._pending: collections.deque[RewardFuture] = collections.deque()  # unresolved, in submission order
+        self._uncollected: collections.deque[RewardFuture] = collections.deque()  # for results(), in order
         self._by_index: dict[int, _Item] = {}
         self._next_index = 0
         self._last_resolved_at = time.monotonic()
+        self._ready_at: float | None = None  # when the reward was built (None: still loading)
         self._closed = False  # no new submissions
         self._failure: BaseException | None = None  # why the worker stopped (error / timeout / death)
         self._queue: queue.Queue = queue.Queue()
@@ -241,20 +247,27 @@ class RewardWorker:
             self._next_index += 1
             item = self._make_item(future, args, kwargs)
             self._pending.append(future)
+            while self._uncollected and self._uncollected[0].collected:
+                self._uncollected.popleft()
+            self._uncollected.append(future)
             self._by_index[future.index] = item
         if self.mode == "thread":
             self._queue.put(item)
         else:
-            try:
-                self._in_q.put((future.index, item.args, item.kwargs))
+            try:  # pickled here, not in the queue's feeder thread, where a failure left the ticket hanging
+                message = ForkingPickler.dumps((future.index, item.args, item.kwargs))
             except Exception as exc:  # e.g. an argument that cannot be pickled
                 self._resolve(future, exc=exc)
+            else:
+                self._in_q.put(bytes(message))
         return future
 
     def results(self, timeout: float | None = None) -> list[Any]:
-        """The results of every unresolved ticket, in submission order (waits for them; raises the first error)."""
+        """The results of every ticket not yet collected (by an earlier results() or its own result()), finished or
+        not, in submission order: waits for them; raises the first error. (It took the unresolved ones only, so
+        batches already scored were left out, silently.)"""
         with self._lock:
-            futures = list(self._pending)
+            futures = [f for f in self._uncollected if not f.collected]
         return [f.result(timeout) for f in futures]
 
     def map(self, batches, timeout: float | None = None) -> Iterator[Any]:
@@ -404,15 +417,20 @@ class RewardWorker:
             self._stop(self._failure or RewardWorkerError(
                 f"RewardWorker {self.name}: the worker {what} is gone with {len(self._pending)} batches unresolved"))
             return
-        if self.timeout_s is None:
+        if self.timeout_s is None or self._ready_at is None:  # building the reward is not a batch's time
             return
         oldest = self._pending[0]
-        ran = time.monotonic() - max(oldest.submitted_at, self._last_resolved_at)
+        ran = time.monotonic() - max(oldest.submitted_at, self._last_resolved_at, self._ready_at)
         if ran > self.timeout_s:
             what = ("its thread cannot be killed and is left behind" if self.mode == "thread"
                     else "its process is killed")
             self._stop(TimeoutError(f"RewardWorker {self.name}: batch {oldest.index} ran {ran:.1f} s, past timeout_s="
                                     f"{self.timeout_s}; the worker is stopped ({what})"))
+
+    def _mark_ready(self) -> None:
+        """The reward is built: batches' timeout_s counts from now on (a slow load is not batch 0's time)."""
+        with self._lock:
+            self._ready_at = time.monotonic()
 
     # -- thread mode --------------------------------------------------------------------------------------------
 
@@ -424,6 +442,7 @@ class RewardWorker:
                 stream = torch.cuda.Stream(self.device)
             if self._factory is not None:
                 self._reward = self._factory()
+            self._mark_ready()
         except BaseException as exc:  # noqa: BLE001 - reported through the tickets
             _add_note(exc, f"(raised while building the reward of RewardWorker {self.name})")
             self._stop(exc)
@@ -495,6 +514,9 @@ class RewardWorker:
                 exc = _unpickle_error(payload, f"while building the reward of RewardWorker {self.name}")
                 self._stop(exc)
                 return
+            if kind == "ready":
+                self._mark_ready()
+                continue
             if item is None:
                 continue
             if kind == "ok":
@@ -545,11 +567,12 @@ def _process_main(factory: Callable, device: str | None, in_q, out_q) -> None:
     except BaseException as exc:  # noqa: BLE001
         out_q.put(("init_error", -1, _pickle_error(exc)))
         return
+    out_q.put(("ready", -1, None))
     while True:
         msg = in_q.get()
         if msg is None:
             return
-        index, args, kwargs = msg
+        index, args, kwargs = pickle.loads(msg)
         try:
             with torch.no_grad():
                 out = reward(*args, **kwargs)
