@@ -471,6 +471,10 @@ def test_aesthetic_head_key_layouts(clip_dir, aesthetic_dir, tmp_path, layout):
     ("\\boxed{\\text{no number}} 5", 5.0),
     ("The answer is 7 because 3 + 4 = 7.\nCheck: 9", 7.0),
     ("answer is 3/4, i.e. 0.75", 0.75),
+    ("So the probability is 3/4.", 0.75),  # a fraction ending a sentence (read as 4: the last integer)
+    ("Answer: -3/4.", -0.75),
+    ("The answer is 22/7.", 22 / 7),
+    ("on 1/2/2024 the count was 5", 5.0),  # a date is no fraction
     ("\\boxed{2 \\times 3 = 6}", 6.0),
     ("no number here", None),
     ("", None),

@@ -34,7 +34,8 @@ from .registry import register_reward
 
 _NUM = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+(?:[eE][-+]?\d+)?"
 _FRAC_TEX = re.compile(r"(-)?\\[dt]?frac\s*\{\s*(" + _NUM + r")\s*\}\s*\{\s*(" + _NUM + r")\s*\}")
-_FRAC = re.compile(r"(?<![\w.])(" + _NUM + r")\s*/\s*(" + _NUM + r")(?![\w.])")
+# a fraction "3/4" (also ending a sentence, "3/4."), not a piece of a date or path ("1/2/2024") or a decimal
+_FRAC = re.compile(r"(?<![\w./])(" + _NUM + r")\s*/\s*(" + _NUM + r")(?!\w|\.\d|\s*/)")
 _NUMBER = re.compile(_NUM)
 _ANSWER_IS = re.compile(r"answer\s*(?:is\s*:?|:)[ \t]*(.*)", re.IGNORECASE)
 
