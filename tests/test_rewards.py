@@ -327,6 +327,8 @@ def test_bf16_autocast_close_to_fp32(clip_dir, aesthetic_dir, name):
     fp32 = load(name, clip_dir, aesthetic_dir)(x, PROMPTS)
     bf16 = load(name, clip_dir, aesthetic_dir, autocast_dtype=torch.bfloat16)(x, PROMPTS)
     assert bf16.dtype == torch.float32
+    # a config file or reward.options spells the dtype as a string
+    assert torch.equal(load(name, clip_dir, aesthetic_dir, autocast_dtype="bf16")(x, PROMPTS), bf16)
     scale = fp32.abs().max().clamp(min=1e-3)
     assert ((bf16 - fp32).abs() / scale).max() < 0.05, (bf16, fp32)
     bf16_weights = load(name, clip_dir, aesthetic_dir, dtype=torch.bfloat16)(x, PROMPTS)
@@ -396,6 +398,8 @@ def test_bad_images_and_prompts(clip_dir):
         load_reward("jpeg_compressibility", max_batch_size=0)
     with pytest.raises(ValueError, match="autocast_dtype"):
         load_reward("jpeg_compressibility", autocast_dtype=torch.float32)
+    with pytest.raises(ValueError, match="autocast_dtype must be None, bf16 or fp16"):
+        load_reward("jpeg_compressibility", autocast_dtype="fp8")
     with pytest.raises(ValueError, match="mode must be one of"):
         load_reward("clip_score", clip_dir, device="cpu", mode="cos")
 

@@ -47,6 +47,24 @@ def parse_value_range(value_range: ValueRange, name: str = "value_range") -> tup
     return lo, hi
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                   "float16": torch.float16, "half": torch.float16}
+
+
+def autocast_dtype_of(value: torch.dtype | str | None) -> torch.dtype | None:
+    """torch.bfloat16 / torch.float16 / None, also from their names ("bf16", "bfloat16", "fp16", "float16"): a
+    config file or the trainers' reward.options can only spell a dtype as a string."""
+    if isinstance(value, str):
+        if value.lower() not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast_dtype must be None, bf16 or fp16 (or torch.bfloat16 / torch.float16); "
+                             f"got {value!r}")
+        return AUTOCAST_DTYPES[value.lower()]
+    if value not in (None, torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast_dtype must be None, bf16 or fp16 (or torch.bfloat16 / torch.float16); "
+                         f"got {value!r}")
+    return value
+
+
 def check_images(images: torch.Tensor, name: str = "images") -> torch.Tensor:
     """Checks that `images` is a floating [B, 3, H, W] tensor; returns it unchanged."""
     if not isinstance(images, torch.Tensor):
@@ -150,7 +168,8 @@ class ImageReward(Reward):
         value_range: the declared range of the images (module docstring), default (0, 1).
         max_batch_size: the largest micro-batch (>= 1).
         memory_budget_mb: if set, micro-batches are also capped at budget / `activation_bytes_per_image()`.
-        autocast_dtype: torch.bfloat16 or torch.float16 to run the model under torch.autocast; None: off.
+        autocast_dtype: torch.bfloat16 or torch.float16 (or "bf16" / "fp16") to run the model under
+            torch.autocast; None: off.
         check_range: check the values against the declared range (one host sync per call).
         compile: run the scoring of each micro-batch through `torch.compile` (fuses the towers' norms,
             activations and residual adds around the matmuls). Each micro-batch size (and image size) compiles
@@ -168,7 +187,7 @@ class ImageReward(Reward):
         value_range: ValueRange = (0.0, 1.0),
         max_batch_size: int = 64,
         memory_budget_mb: float | None = None,
-        autocast_dtype: torch.dtype | None = None,
+        autocast_dtype: torch.dtype | str | None = None,
         check_range: bool = True,
         compile: bool = False,
     ) -> None:
@@ -179,9 +198,7 @@ class ImageReward(Reward):
         if memory_budget_mb is not None and not memory_budget_mb > 0:
             raise ValueError(f"memory_budget_mb must be > 0 or None; got {memory_budget_mb!r}")
         self.memory_budget_mb = memory_budget_mb
-        if autocast_dtype not in (None, torch.bfloat16, torch.float16):
-            raise ValueError(f"autocast_dtype must be None, torch.bfloat16 or torch.float16; got {autocast_dtype!r}")
-        self.autocast_dtype = autocast_dtype
+        self.autocast_dtype = autocast_dtype_of(autocast_dtype)
         self.check_range = check_range
         if not isinstance(compile, bool):
             raise TypeError(f"compile must be True or False; got {compile!r}")

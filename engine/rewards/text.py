@@ -28,7 +28,7 @@ import re
 
 import torch
 
-from .base import TextReward
+from .base import TextReward, autocast_dtype_of
 from .loading import from_pretrained, load_tokenizer, resolve_device
 from .registry import register_reward
 
@@ -205,11 +205,11 @@ class SequenceClassifierReward(TextReward):
         max_length: truncate longer texts to this many tokens (None: the tokenizer's model_max_length when it is
             a real limit, else no truncation).
         max_batch_size: texts per forward; texts are sorted by length first, so each micro-batch pads little.
-        autocast_dtype: torch.bfloat16 / torch.float16 to run under autocast.
+        autocast_dtype: torch.bfloat16 / torch.float16 (or "bf16" / "fp16") to run under autocast.
     """
 
     def __init__(self, model, tokenizer, *, label: int | str | None = None, max_length: int | None = None,
-                 max_batch_size: int = 32, autocast_dtype: torch.dtype | None = None) -> None:
+                 max_batch_size: int = 32, autocast_dtype: torch.dtype | str | None = None) -> None:
         num_labels = model.config.num_labels
         if isinstance(label, str):
             label2id = {str(v): int(k) for k, v in (model.config.id2label or {}).items()}
@@ -226,8 +226,7 @@ class SequenceClassifierReward(TextReward):
             raise ValueError(f"label must be in [0, {num_labels}); got {label!r}")
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an int >= 1; got {max_batch_size!r}")
-        if autocast_dtype not in (None, torch.bfloat16, torch.float16):
-            raise ValueError(f"autocast_dtype must be None, torch.bfloat16 or torch.float16; got {autocast_dtype!r}")
+        autocast_dtype = autocast_dtype_of(autocast_dtype)
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is None:
                 raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with")
