@@ -121,6 +121,19 @@ def test_config_round_trips_and_rejects_unknown_keys():
     with pytest.raises(ConfigError, match="does not combine with reward.normalize per_reward"):
         build_config(DiffusionGRPOConfig, {"grpo.prompt_stats_buffer": 16, "reward.normalize": "per_reward",
                                            "reward.names": ["brightness", "jpeg_compressibility"]})
+    with pytest.raises(ConfigError, match=r"reward.names: \['brightness'\] listed more than once"):
+        build_config(DiffusionGRPOConfig, {"reward.names": ["brightness", "brightness"], "reward.weights": [1, -1]})
+
+
+def test_reward_device_goes_to_the_rewards_that_take_one():
+    """reward.device with a rule-based reward that takes no device (JPEG) beside one that does: each loads (the
+    device was passed to every reward, and the JPEG one's refusal blamed reward.options)."""
+    from fusedrl.engine.diffusion.grpo import build_rewards
+
+    cfg = build_config(DiffusionGRPOConfig, {"reward.names": ["brightness", "jpeg_compressibility"],
+                                            "reward.device": "cpu"})
+    scorer = build_rewards(cfg, "cpu")
+    assert set(scorer.rewards) == {"brightness", "jpeg_compressibility"}
 
 
 def test_sde_window_moves_over_training_and_stops_at_either_end():

@@ -164,14 +164,14 @@ def build_rewards(cfg: DiffusionGRPOConfig, device) -> _Scorer:
     rewards: dict[str, Callable] = {}
     for name in cfg.reward.names:
         kwargs = dict(cfg.reward.options.get(name, {}))
-        if "device" in kwargs or cfg.reward.device is not None:
-            rewards[name] = load_reward(name, **{"device": cfg.reward.device, **kwargs})
-            continue
+        explicit = "device" in kwargs  # the user's own device for this reward: passed as given
+        kwargs.setdefault("device", cfg.reward.device if cfg.reward.device is not None else str(device))
         try:  # learned rewards take a device; rule-based ones (JPEG) run where the images are and may refuse one
-            rewards[name] = load_reward(name, device=str(device), **kwargs)
+            rewards[name] = load_reward(name, **kwargs)
         except TypeError as exc:
-            if "device" not in str(exc):
+            if explicit or "device" not in str(exc):
                 raise
+            del kwargs["device"]
             rewards[name] = load_reward(name, **kwargs)
     return _Scorer(rewards)
 

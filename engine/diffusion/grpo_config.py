@@ -212,6 +212,9 @@ class RewardSection:
                              "prompts (asynchronous rewards)")
 
     def __post_init__(self) -> None:
+        twice = sorted({n for n in self.names if self.names.count(n) > 1})
+        if twice:  # rewards are keyed by name: the later one (and its weight) replaced the earlier, silently
+            raise ValueError(f"names: {twice} listed more than once; give each reward once (with one weight)")
         if self.weights is not None and len(self.weights) != len(self.names):
             raise ValueError(f"weights: give one weight per reward in reward.names ({len(self.names)}); "
                              f"got {len(self.weights)}")
