@@ -47,12 +47,25 @@ X = torch.randn(2, 3, 5)
         (lambda: ddim_step(X, X, 0.5, 0.6, clip_sample_range=0.0), ValueError, "clip_sample_range must be"),
         (lambda: ddim_step(X, X.half()[:, :2], 0.5, 0.6), ValueError, "model_output has shape"),
         (lambda: ddim_step(X, X, 0.5, 0.6, eta=0.0, ref_mean=X), ValueError, "std\\^2, which is 0 at eta=0"),
+        (lambda: ddim_step(X, X, 0.6, 0.5), ValueError, "alpha_prev must be > alpha_t"),  # swapped: NaN before
+        (lambda: ddim_step(X, X, 0.5, 1.0), ValueError, "alpha_prev = 1 makes the step deterministic"),
+        (lambda: ddim_step(X, X, 0.5, 0.6, clip_sample_range=True), ValueError, "clip_sample_range must be"),
+        (lambda: flow_sde_step(X, X, 0.5, 0.0, sde_type="cps", ref_mean=X), ValueError,
+         "0 for a CPS step into sigma_next = 0"),
+        (lambda: flow_sde_step(X, X, 1.0, 0.5, sigma_max=True), ValueError, "sigma_max must be a float"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
 def test_bad_input_is_named(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_sigma_max_as_the_schedulers_tensor():
+    """sigma_max=scheduler.sigmas[1], a 0-dim tensor, as the docstring says to pass it."""
+    want = flow_sde_step(X, X, 1.0, 0.5, sigma_max=0.75, prev_sample=X)
+    got = flow_sde_step(X, X, 1.0, 0.5, sigma_max=torch.tensor(0.75), prev_sample=X)
+    torch.testing.assert_close(got.logp, want.logp)
 
 
 def test_integer_sigma_tensors_are_accepted_as_values():

@@ -180,15 +180,20 @@ def flow_sde_step(
     _check_values("sigma_next", h1, lambda v: v >= 0, "be finite and >= 0")
     if h0 is not None and h1 is not None and any(b >= a for a, b in zip(h0, h1)):
         raise ValueError(f"sigma_next must be < sigma (time runs from 1 to 0); got sigma={h0}, sigma_next={h1}")
+    if isinstance(sigma_max, torch.Tensor) and sigma_max.numel() == 1:  # scheduler.sigmas[1] as it comes
+        sigma_max = float(sigma_max)
     if sigma_max is not None:
         # [0, 1): a one-step schedule has sigmas [1, 0], so sigmas[1] = 0 and std = noise_level there.
-        if not isinstance(sigma_max, (int, float)) or not 0 <= sigma_max < 1:
+        if isinstance(sigma_max, bool) or not isinstance(sigma_max, (int, float)) or not 0 <= sigma_max < 1:
             raise ValueError(f"sigma_max must be a float in [0, 1) (scheduler.sigmas[1]), got {sigma_max!r}")
     elif sde_type == "sde" and h0 is not None and 1.0 in h0:
         raise ValueError("sigma == 1 needs sigma_max (pass scheduler.sigmas[1]): std = sqrt(sigma / (1 - sigma)) "
                          "is infinite there")
     if ref_mean is not None and noise_level == 0:
         raise ValueError("ref_mean: the KL term divides by std^2, which is 0 at noise_level=0")
+    if ref_mean is not None and sde_type == "cps" and h1 is not None and 0.0 in h1:
+        raise ValueError("ref_mean: the KL term divides by std^2, which is 0 for a CPS step into sigma_next = 0 (the "
+                         "last step: leave it out of the KL, as Flow-GRPO's training leaves it out)")
 
     out_dtype = torch.promote_types(x.dtype, v.dtype)
     # "cps" drops the Gaussian's constants, so its logp stays finite (0 for a sampled step) at std = 0;
@@ -253,7 +258,8 @@ def ddim_step(
         raise TypeError(f"eta must be a finite float, got {eta!r}")
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    if clip_sample_range is not None and not (isinstance(clip_sample_range, (int, float)) and clip_sample_range > 0):
+    if clip_sample_range is not None and (isinstance(clip_sample_range, bool) or not (
+            isinstance(clip_sample_range, (int, float)) and clip_sample_range > 0)):
         raise ValueError(f"clip_sample_range must be a positive float or None, got {clip_sample_range!r}")
     if ref_mean is not None and eta == 0:
         raise ValueError("ref_mean: the KL term divides by std^2, which is 0 at eta=0")
@@ -267,6 +273,13 @@ def ddim_step(
         _check_values("alpha_t", h0, lambda v: 0 <= v < 1, "lie in [0, 1) (an alphas_cumprod value; 1 - alpha_t "
                       "is divided by)")
     _check_values("alpha_prev", h1, lambda v: 0 < v <= 1, "lie in (0, 1] (an alphas_cumprod value)")
+    if h0 is not None and h1 is not None:
+        if any(b <= a for a, b in zip(h0, h1)):  # the variance (1 - alpha_t / alpha_prev) would be <= 0
+            raise ValueError(f"alpha_prev must be > alpha_t (the previous timestep is the less noisy one); got "
+                             f"alpha_t={h0}, alpha_prev={h1}")
+        if eta > 0 and 1.0 in h1:
+            raise ValueError("alpha_prev = 1 makes the step deterministic (std 0: no log-prob); step into "
+                             "alphas_cumprod[0] as DDPO does, or use eta=0 there")
 
     out_dtype = torch.promote_types(x.dtype, model_output.dtype)
     want_logp = eta > 0
