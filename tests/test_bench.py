@@ -73,7 +73,10 @@ def test_unknown_op_or_provider_is_an_error(tmp_path):
     assert run(_args("--device", "cpu", "--ops", "no_such_op", "--csv", str(tmp_path / "a.csv"))) == 2
     assert run(_args("--device", "cpu", "--providers", "nope", "--csv", str(tmp_path / "a.csv"))) == 2
     assert run(_args("--device", "cpu", "--dtypes", "bf16,fp8", "--csv", str(tmp_path / "a.csv"))) == 2
-    assert not (tmp_path / "a.csv").exists()
+    assert run(_args("--device", "cpu", "--ops", "grpo_loss", "--modes", "bwd", "--csv", str(tmp_path / "a.csv"))) == 2
+    assert not (tmp_path / "a.csv").exists()  # (an unknown mode ran nothing yet wrote the ceiling rows)
+    with pytest.raises(SystemExit):
+        _args("--reps", "0")  # argparse: --reps must be >= 1 (0 meant the default, -3 crashed in the timer)
 
 
 def test_shapes_and_quick_select_cases(tmp_path, capsys):

@@ -15,6 +15,13 @@ import argparse
 DEFAULT_CSV = "bench_out/results.csv"
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of `fusedrl bench` to `parser`."""
     parser.add_argument("--ops", default=None, metavar="LIST",
@@ -40,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the torch.compile provider (its first call compiles for ~20 s per case "
                         "on a CPU)")
-    parser.add_argument("--reps", type=int, default=None, metavar="N",
+    parser.add_argument("--reps", type=_positive_int, default=None, metavar="N",
                         help="timed calls per measurement (default: 100 on CUDA, 5 on CPU)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="default: cuda when available, else cpu")

@@ -275,6 +275,12 @@ def run_bench(args) -> int:
         known = ", ".join(sorted(known_providers))
         print(f"fusedrl bench: --providers: unknown {sorted(unknown)}; known: {known}", file=sys.stderr)
         return 2
+    unknown_modes = sorted(set(modes or ()) - {case.mode for case in cases})
+    if unknown_modes:
+        known = ", ".join(sorted({case.mode for case in cases}))
+        print(f"fusedrl bench: --modes: no case of the selected ops has mode {unknown_modes}; known: {known}",
+              file=sys.stderr)
+        return 2
     cases = [case for case in cases if modes is None or case.mode in modes]
     plan = [(case, [p for p in case.providers if providers is None or p in providers]) for case in cases]
     reps = args.reps or (QUICK_REPS if quick else DEFAULT_REPS)[device.type]
