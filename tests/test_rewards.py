@@ -601,3 +601,11 @@ def test_compiled_scoring_matches_eager(clip_dir):
     torch.testing.assert_close(g_compiled, g_eager, atol=1e-4, rtol=1e-3)
     with pytest.raises(TypeError, match="compile must be True or False"):
         load_reward("clip_score", clip_dir, device="cpu", compile="yes")
+    # new prompts do not recompile (the tokenizer runs outside the compiled image tower): one compile, not one per
+    # prompt list until torch's recompile limit
+    import torch._dynamo.utils as dynamo_utils
+
+    dynamo_utils.counters.clear()
+    for prompts in (["a b"] * 5, ["c", "d", "c", "e", "f"], ["g"] * 5):
+        torch.testing.assert_close(compiled(x, prompts), eager(x, prompts), atol=1e-4, rtol=1e-4)
+    assert not dynamo_utils.counters["recompiles"] and dynamo_utils.counters["stats"]["unique_graphs"] <= 2

@@ -275,15 +275,22 @@ class ImageReward(Reward):
                 size = min(size, max(1, int(self.memory_budget_mb * 2**20 // per_image)))
         return size
 
+    # The method `compile` wraps: tensors in, tensors out. A reward that tokenizes prompts names its tensor-only
+    # part (the image tower), since dynamo guards on Python strings and token ids: with the prompts inside, every
+    # new prompt list recompiled (13 s each on a CPU) until torch's recompile limit, then ran eager.
+    compile_target = "_score_pixels"
+
     def _scorer(self):
-        """`_score_pixels`, or its torch.compile'd form (built at the first call) when `compile` is set."""
+        """`_score_pixels`, with `compile_target` torch.compile'd (built at the first call) when `compile` is set."""
         if not self.compile:
             return self._score_pixels
         if self._compiled is None:
             # static shapes: one graph per micro-batch size (dynamic ones hit a torch bug in the backward of
             # antialiased bicubic resizing, and a GPU prefers static shapes anyway)
-            self._compiled = torch.compile(self._score_pixels, dynamic=False)
-        return self._compiled
+            self._compiled = torch.compile(getattr(self, self.compile_target), dynamic=False)
+            if self.compile_target != "_score_pixels":
+                setattr(self, self.compile_target, self._compiled)  # the instance's method, seen by _score_pixels
+        return self._compiled if self.compile_target == "_score_pixels" else self._score_pixels
 
     def _autocast(self, device: torch.device):
         if self.autocast_dtype is None:

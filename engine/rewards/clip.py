@@ -60,6 +60,7 @@ class ClipReward(ImageReward):
 
     differentiable = True
     needs_prompts = True
+    compile_target = "image_embeds"  # the image tower; prompts are tokenized and encoded eagerly
 
     def __init__(self, model, tokenizer, preprocess: ClipPreprocess, *, mode: str = "cosine", **kw) -> None:
         super().__init__(**kw)

@@ -356,9 +356,15 @@ class ImageRewardScore(ImageReward):
                              return_tensors="pt")
         return tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
 
+    compile_target = "score_tokens"  # tokenizing stays outside the compiled part
+
     def _score_pixels(self, pixels: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
-        pixel_values = self.preprocess(pixels).to(self.model.dtype)
         ids, mask = self.tokenize(prompts)
+        return self.score_tokens(pixels, ids, mask)
+
+    def score_tokens(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[b, 3, H, W] in [0, 1] and the prompts' tokens ([b, max_length]) -> [b] scores."""
+        pixel_values = self.preprocess(pixels).to(self.model.dtype)
         return self.model(pixel_values, ids, mask)
 
     def activation_bytes_per_image(self, grad: bool, height: int, width: int) -> int:
