@@ -56,6 +56,9 @@ def test_per_reward_z_scores_within_groups():
     zb = torch.tensor([0.0, 0.0, 0.0, 0.0])  # r2 groups [10, 10], [0, 0]: no spread -> 0
     zc = torch.tensor([0.0, -S, 0.0, S])  # pen groups [0, 0], [1, 2]
     torch.testing.assert_close(labelled.advantages, za + 0.5 * zb - 2.0 * zc)
+    nan = CombinedReward({"r1": const(R1), "bad": const(torch.tensor([1.0, float("nan"), 2.0, 3.0]))}, eps=0.0)
+    with pytest.raises(ValueError, match=r"reward 'bad': rewards must be finite"):  # says which reward was NaN
+        nan.score_all(X, group_size=2)
 
 
 def test_per_reward_vs_total_normalization():

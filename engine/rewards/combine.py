@@ -271,15 +271,18 @@ class CombinedReward(Reward):
     def _advantages(self, raw, total, weights, group_size, group_ids) -> torch.Tensor:
         from ..advantages import group_advantages
 
-        def adv(v: torch.Tensor) -> torch.Tensor:
-            return group_advantages(v.detach(), group_size, group_ids=group_ids, std=self.std, eps=self.eps)
+        def adv(v: torch.Tensor, name: str) -> torch.Tensor:
+            try:
+                return group_advantages(v.detach(), group_size, group_ids=group_ids, std=self.std, eps=self.eps)
+            except ValueError as exc:  # a NaN reward: say which one
+                raise ValueError(f"{name}: {exc}") from exc
 
         if self.normalize == "total":
-            return adv(total)
+            return adv(total, "the weighted total of " + ", ".join(raw))
         out = torch.zeros_like(total.detach())
         for name, v in raw.items():
             if weights[name] != 0:
-                out = out + (-1.0 if name in self.penalties else 1.0) * weights[name] * adv(v)
+                out = out + (-1.0 if name in self.penalties else 1.0) * weights[name] * adv(v, f"reward {name!r}")
         return out
 
     def _pareto(self, raw, weights, group_size, group_ids) -> torch.Tensor:
