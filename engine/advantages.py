@@ -56,7 +56,9 @@ def group_advantages(
 
     Cost on a GPU: the finiteness check is one host sync; with `group_ids`, `torch.unique` is another, and
     the group sums use atomic adds, so their last bits may differ run to run unless
-    `torch.use_deterministic_algorithms(True)` is set. The `group_size` path is deterministic.
+    `torch.use_deterministic_algorithms(True)` is set. The `group_size` path is deterministic. For the same
+    reason (a value read on the host) it does not trace under `torch.compile(fullgraph=True)`: call it outside
+    the compiled region (rewards are scored outside it anyway).
 
     Example:
         >>> group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), group_size=2)

@@ -342,6 +342,13 @@ def test_summary_compares_the_kernel_with_each_baseline(tmp_path):
     # the latest triton row (2.0 ms) is the kernel; the other device's row is not read
     assert line == "| op | fwd | 4x8 | bf16 | 2 triton | 50% | 2 | 3 (1.50x) | 4 (2.00x) | 1 (0.50x) liger |"
     assert summary_markdown(path).startswith("Device: gpu0")  # the newest row's device by default
+    # a CPU run measures fusedrl's torch path only: that is the row's fusedrl side (the table was empty)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows([_row("eager", 4.0, device="cpu"), _row("torch", 2.0, device="cpu")])
+    line = next(x for x in summary_markdown(path).splitlines() if x.startswith("| op |") and "fwd" in x)
+    assert line.startswith("| op | fwd | 4x8 | bf16 | 2 torch |") and "| 4 (2.00x) |" in line
 
 
 def test_summary_and_charts_of_whole_step_cases(tmp_path):
