@@ -519,6 +519,10 @@ def test_exact_match_and_regex_format():
     got = em(["The answer is Paris.", "\\boxed{ New  York }", "london", "#### $5$"], answers=["paris", "new york",
                                                                                                "Paris", "#### 5"])
     torch.testing.assert_close(got, torch.tensor([1.0, 1.0, 0.0, 1.0]))
+    # LaTeX text wrappers and a multiple-choice "(B)" (they scored as wrong answers)
+    got = em(["\\boxed{\\text{Paris}}", "The answer is (B).", "\\boxed{\\textbf{\\text{New York}}}", "(C)"],
+             answers=["Paris", "B", "new york", "B"])
+    torch.testing.assert_close(got, torch.tensor([1.0, 1.0, 1.0, 0.0]))
     fmt = load_reward("regex_format")
     texts = ["<think>\nhmm\n</think>\n<answer>\n4\n</answer>", "<answer>4</answer>",
              "<think>a</think><answer>4</answer>x"]

@@ -117,10 +117,24 @@ def final_number(text: str, fallback_last_number: bool = True) -> float | None:
     return parse_number(text) if fallback_last_number else None
 
 
+_TEX_TEXT = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mathit|operatorname)\s*\{([^{}]*)\}")
+_CHOICE = re.compile(r"\(([A-Za-z0-9])\)")  # a multiple-choice answer written "(B)"
+
+
 def normalize_answer(text: str, lowercase: bool = True) -> str:
-    """Whitespace-collapsed, "$"-stripped, trailing-"."-dropped (and lowercased) answer string."""
+    """The final answer as a string to compare: LaTeX text wrappers dropped (\\text{Paris} -> Paris), whitespace
+    collapsed, "$" stripped, a trailing "." dropped, a choice "(B)" read as B (and lowercased)."""
     span = extract_final_answer(text)
-    s = " ".join((span if span is not None else text).split()).strip("$ ").rstrip(".").strip()
+    s = span if span is not None else text
+    while True:
+        unwrapped = _TEX_TEXT.sub(r"\1", s)
+        if unwrapped == s:
+            break
+        s = unwrapped
+    s = " ".join(s.split()).strip("$ ").rstrip(".").strip()
+    choice = _CHOICE.fullmatch(s)
+    if choice:
+        s = choice.group(1)
     return s.lower() if lowercase else s
 
 
