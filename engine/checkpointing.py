@@ -558,22 +558,28 @@ def apply_checkpointing(model: nn.Module, policy: str | Callable = "save_attenti
     return done
 
 
-def remove_checkpointing(model: nn.Module) -> list[str]:
-    """Undo `apply_checkpointing`: replace every `CheckpointWrapper` inside `model` by the module it
-    wraps. Returns the qualified names of the unwrapped submodules."""
-    undone: list[str] = []
+def _lift_wrappers(model: nn.Module) -> list[tuple[str, nn.Module, str, CheckpointWrapper]]:
+    """Replace every `CheckpointWrapper` inside `model` by the module it wraps; (qualified name, parent, attribute
+    name, wrapper) of each, outermost first."""
+    lifted: list[tuple[str, nn.Module, str, CheckpointWrapper]] = []
 
     def visit(parent: nn.Module, prefix: str) -> None:
         for name, child in list(parent.named_children()):
             qualified = f"{prefix}{name}"
             if isinstance(child, CheckpointWrapper):
                 setattr(parent, name, child.module)
-                undone.append(qualified)
+                lifted.append((qualified, parent, name, child))
                 child = child.module
             visit(child, qualified + ".")
 
     visit(model, "")
-    return undone
+    return lifted
+
+
+def remove_checkpointing(model: nn.Module) -> list[str]:
+    """Undo `apply_checkpointing`: replace every `CheckpointWrapper` inside `model` by the module it
+    wraps. Returns the qualified names of the unwrapped submodules."""
+    return [qualified for qualified, *_ in _lift_wrappers(model)]
 
 
 @contextlib.contextmanager
@@ -583,21 +589,11 @@ def wrappers_lifted(model: nn.Module) -> Iterator[nn.Module]:
     wrappers strip of their prefix and module names keep: peft's adapter state dict (`save_pretrained`,
     `get_peft_model_state_dict`) found no LoRA layer inside a checkpointed block and saved an adapter without them.
     Not under FSDP2 (the sharded layers must stay where fully_shard put them)."""
-    lifted: list[tuple[nn.Module, str, CheckpointWrapper]] = []
-
-    def visit(parent: nn.Module) -> None:
-        for name, child in list(parent.named_children()):
-            if isinstance(child, CheckpointWrapper):
-                setattr(parent, name, child.module)
-                lifted.append((parent, name, child))
-                child = child.module
-            visit(child)
-
-    visit(model)
+    lifted = _lift_wrappers(model)
     try:
         yield model
     finally:
-        for parent, name, wrapper in reversed(lifted):
+        for _, parent, name, wrapper in reversed(lifted):
             setattr(parent, name, wrapper)
 
 

@@ -58,6 +58,7 @@ __all__ = [
     "between",
     "build_config",
     "config_diff",
+    "config_errors",
     "config_yaml",
     "dump_config",
     "field",
@@ -65,7 +66,9 @@ __all__ = [
     "ge",
     "gt",
     "iter_fields",
+    "leaf_paths",
     "load_config",
+    "model_loading_errors",
     "overrides_from_args",
     "read_config_file",
     "resume_ok_fields",
@@ -378,7 +381,8 @@ def _all_paths(cls: type) -> list[str]:
     return [fi.path for fi in iter_fields(cls)]
 
 
-def _leaf_paths(cls: type) -> list[str]:
+def leaf_paths(cls: type) -> list[str]:
+    """The dotted paths of `cls`'s fields that hold values (sections left out)."""
     return [fi.path for fi in iter_fields(cls) if not fi.is_section]
 
 
@@ -401,7 +405,7 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str, errors: list[tuple[s
             suggestions = ([p for p in _all_paths(root) if p.rsplit(".", 1)[-1] == key]
                            or [prefix + c for c in difflib.get_close_matches(key, list(fields_), n=1, cutoff=0.6)]
                            or [prefix + c for c in fields_ if _subsequence(key, c) and not fields_[c].is_section][:1]
-                           or difflib.get_close_matches(path, _leaf_paths(root), n=1, cutoff=0.6))
+                           or difflib.get_close_matches(path, leaf_paths(root), n=1, cutoff=0.6))
             hint = f"; did you mean {suggestions[0]!r}?" if suggestions else ""
             errors.append((path, f"unknown key{hint}"))
     kwargs: dict[str, Any] = {}

@@ -223,23 +223,23 @@ def generate_completions(
                                  top_k=top_k, pad_id=pad_id, eos_ids=eos_ids)
     step = batch_size or len(token_rows)
     parts = []
-    for start in range(0, len(token_rows), step):
-        chunk = token_rows[start:start + step]
-        ids, mask = left_pad(chunk, pad_id, device)
-        recorder = _LogprobRecorder(temperature, ids.shape[1])
-        criteria = StoppingCriteriaList()
-        stopper = None
-        if stop:
-            stopper = _StopStrings(tokenizer, stop, ids.shape[1], len(chunk), device)
-            criteria.append(stopper)
-        with _neutral_model_generation_configs(model):
+    with _neutral_model_generation_configs(model):
+        for start in range(0, len(token_rows), step):
+            chunk = token_rows[start:start + step]
+            ids, mask = left_pad(chunk, pad_id, device)
+            recorder = _LogprobRecorder(temperature, ids.shape[1])
+            criteria = StoppingCriteriaList()
+            stopper = None
+            if stop:
+                stopper = _StopStrings(tokenizer, stop, ids.shape[1], len(chunk), device)
+                criteria.append(stopper)
             seq = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
                                  logits_processor=LogitsProcessorList([recorder]), stopping_criteria=criteria,
                                  synced_gpus=synced_gpus)
-        completion = seq[:, ids.shape[1]:]
-        logp = recorder.finish(seq)
-        c_mask, truncated = _completion_mask(completion, eos_ids, stopper)
-        parts.append((ids, mask, completion, c_mask, logp, truncated))
+            completion = seq[:, ids.shape[1]:]
+            logp = recorder.finish(seq)
+            c_mask, truncated = _completion_mask(completion, eos_ids, stopper)
+            parts.append((ids, mask, completion, c_mask, logp, truncated))
     return _assemble(parts, tokenizer, pad_id, row_prompts, row_answers, stop)
 
 

@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, model_loading_errors
+from ..config import ConfigError, config_errors, model_loading_errors
 from ..runs.trainer import Trainer
 from .config import LLMGRPOConfig
 
@@ -114,20 +114,16 @@ def build(cfg: LLMGRPOConfig, out_dir: str | os.PathLike | None = None) -> Any:
     if cfg.prompts.train is None:
         records = toy_records()
     else:
-        try:
+        with config_errors("prompts.train"):
             records = load_prompt_records(cfg.prompts.train, prompt_field=cfg.prompts.prompt_field,
                                           answer_field=cfg.prompts.answer_field, split=cfg.prompts.split,
                                           seed=cfg.run.seed, limit=cfg.prompts.limit)
-        except (ValueError, TypeError, FileNotFoundError) as exc:
-            raise ConfigError([("prompts.train", str(exc))]) from exc
     eval_records = records[:cfg.prompts.num_eval]
     if cfg.prompts.eval is not None:
-        try:
+        with config_errors("prompts.eval"):
             eval_records = load_prompt_records(cfg.prompts.eval, prompt_field=cfg.prompts.prompt_field,
                                                answer_field=cfg.prompts.answer_field, split=cfg.prompts.eval_split,
                                                seed=None, limit=cfg.prompts.num_eval)
-        except (ValueError, TypeError, FileNotFoundError) as exc:
-            raise ConfigError([("prompts.eval", str(exc))]) from exc
     names = list(cfg.reward.names)
     if not names and cfg.reward.function is None:
         names = [TOY_REWARD]
@@ -138,10 +134,8 @@ def build(cfg: LLMGRPOConfig, out_dir: str | os.PathLike | None = None) -> Any:
         raise ConfigError([("reward", str(exc))]) from exc
     for what, field_name, recs in (("training prompts", "prompts.train", records),
                                    ("evaluation prompts", "prompts.eval", eval_records)):
-        try:
+        with config_errors(field_name):
             check_answers(terms, recs, what)
-        except ValueError as exc:
-            raise ConfigError([(field_name, str(exc))]) from None
     with model_loading_errors("model.name_or_path"):
         tokenizer = load_tokenizer(source, revision=m.revision, trust_remote_code=m.trust_remote_code)
         model_config = transformers.AutoConfig.from_pretrained(source, revision=m.revision,

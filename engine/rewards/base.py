@@ -54,15 +54,11 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": t
 def autocast_dtype_of(value: torch.dtype | str | None) -> torch.dtype | None:
     """torch.bfloat16 / torch.float16 / None, also from their names ("bf16", "bfloat16", "fp16", "float16"): a
     config file or the trainers' reward.options can only spell a dtype as a string."""
-    if isinstance(value, str):
-        if value.lower() not in AUTOCAST_DTYPES:
-            raise ValueError(f"autocast_dtype must be None, bf16 or fp16 (or torch.bfloat16 / torch.float16); "
-                             f"got {value!r}")
-        return AUTOCAST_DTYPES[value.lower()]
-    if value not in (None, torch.bfloat16, torch.float16):
+    dtype = AUTOCAST_DTYPES.get(value.lower(), value) if isinstance(value, str) else value
+    if dtype not in (None, torch.bfloat16, torch.float16):
         raise ValueError(f"autocast_dtype must be None, bf16 or fp16 (or torch.bfloat16 / torch.float16); "
                          f"got {value!r}")
-    return value
+    return dtype
 
 
 def check_images(images: torch.Tensor, name: str = "images") -> torch.Tensor:

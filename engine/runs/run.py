@@ -51,7 +51,7 @@ from ..config import (
     field,
     ge,
     gt,
-    iter_fields,
+    leaf_paths,
     resume_ok_fields,
 )
 from . import checkpoint as ckpt_io
@@ -122,7 +122,7 @@ def _check_fields(config_type: type, paths: set[str]) -> None:
 
     if not dataclasses.is_dataclass(config_type):
         return
-    leaves = [fi.path for fi in iter_fields(config_type) if not fi.is_section]
+    leaves = leaf_paths(config_type)
     errors = []
     for path in sorted(paths - set(leaves)):
         close = difflib.get_close_matches(path, leaves, n=1, cutoff=0.6)
@@ -235,24 +235,22 @@ class Run:
                 # start over in its folder, as --resume would, with the new config
                 self._started_over = _clear_unsaved_run(self.out_dir)
             return {}
-        if self.saved_config(self.out_dir) is None:
+        saved = self.saved_config(self.out_dir)
+        if saved is None:
             raise RunError(f"nothing to resume in {self.out_dir} (no {CONFIG_FILE}): check --out, or start a new run "
                            "without --resume")
-        changes: dict[str, tuple[Any, Any]] = {}
-        saved = self.saved_config(self.out_dir)
-        if saved is not None:
-            try:
-                saved_cfg = build_config(type(self.config), saved)
-            except ConfigError as exc:
-                raise ConfigError(exc.errors, header=f"the config saved in {self.out_dir / CONFIG_FILE} does not "
-                                  f"fit {type(self.config).__name__}") from exc
-            changes = config_diff(saved_cfg, self.config)
-            allowed = resume_ok_fields(type(self.config)) | allow_changed
-            refused = {p: d for p, d in changes.items() if p not in allowed}
-            if refused:
-                raise ConfigError([(p, f"saved {old!r}, now {new!r}") for p, (old, new) in refused.items()],
-                                  header=f"cannot resume {self.out_dir} with a different config (allow a change "
-                                  "with --allow-change FIELD / allow_changed=)")
+        try:
+            saved_cfg = build_config(type(self.config), saved)
+        except ConfigError as exc:
+            raise ConfigError(exc.errors, header=f"the config saved in {self.out_dir / CONFIG_FILE} does not "
+                              f"fit {type(self.config).__name__}") from exc
+        changes = config_diff(saved_cfg, self.config)
+        allowed = resume_ok_fields(type(self.config)) | allow_changed
+        refused = {p: d for p, d in changes.items() if p not in allowed}
+        if refused:
+            raise ConfigError([(p, f"saved {old!r}, now {new!r}") for p, (old, new) in refused.items()],
+                              header=f"cannot resume {self.out_dir} with a different config (allow a change "
+                              "with --allow-change FIELD / allow_changed=)")
         found = ckpt_io.latest_checkpoint(self.out_dir / CKPT_DIR)
         if found is not None:
             self.start_step, self.checkpoint_path = found
