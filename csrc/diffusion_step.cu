@@ -383,8 +383,8 @@ void check_per_sample(const char* op, const char* name, const std::optional<at::
 }
 
 void check_codes(const char* op, int64_t mode, int64_t pred) {
-  TORCH_CHECK_VALUE(mode >= kFlowSde && mode <= kDdim, op,
-                    ": mode must be 0 (flow sde), 1 (flow cps) or 2 (ddim), got ", mode);
+  TORCH_CHECK_VALUE(mode >= kFlowSde && mode <= kFlowDance, op,
+                    ": mode must be 0 (flow sde), 1 (flow cps), 2 (ddim) or 3 (flow dance), got ", mode);
   TORCH_CHECK_VALUE(pred >= kPredEpsilon && pred <= kPredV, op,
                     ": pred must be 0 (epsilon), 1 (sample) or 2 (v_prediction), got ", pred);
 }

@@ -1,7 +1,7 @@
 // Per-sample coefficients of one diffusion transition, the CUDA twin of `_coefficients` in
 // kernels/diffusion_step/triton_kernels.py (that file is the spec; keep the two in step).
 //
-// Every step (flow "sde", flow "cps", DDIM) is one affine Gaussian transition:
+// Every step (flow "sde", flow "cps", flow "dance", DDIM) is one affine Gaussian transition:
 //   mean = a x + b m  (+ c clamp(p x + q m, -clip, clip)  when the DDIM x0 is clipped)
 //   prev = mean + scale z
 //   logp = cq MEAN_D((prev - mean)^2) + c0,   kl = MEAN_D((mean - ref)^2) / (2 std^2)
@@ -16,6 +16,7 @@ namespace fusedrl {
 constexpr int kFlowSde = 0;
 constexpr int kFlowCps = 1;
 constexpr int kDdim = 2;
+constexpr int kFlowDance = 3;
 constexpr int kPredEpsilon = 0;
 constexpr int kPredSample = 1;
 constexpr int kPredV = 2;
@@ -27,16 +28,20 @@ struct StepCoeffs {
 };
 
 // p0, p1 are (sigma, sigma_next) for the flow steps and (alpha_t, alpha_prev) for DDIM. `level` is
-// noise_level ("sde"), sin(noise_level pi / 2) ("cps", from the host) or eta (DDIM).
+// noise_level ("sde", "dance"), sin(noise_level pi / 2) ("cps", from the host) or eta (DDIM).
 __device__ __forceinline__ StepCoeffs step_coefficients(float p0, float p1, float level, float sigma_max,
                                                        int mode, int pred, bool has_clip, bool clipped_eps) {
   StepCoeffs k{};  // c = p = q = 0 unless the DDIM x0 is clipped
-  if (mode == kFlowSde) {
+  if (mode == kFlowSde || mode == kFlowDance) {
     const float sigma = p0;
     const float dt = p1 - sigma;
-    // Flow-GRPO evaluates the std at sigmas[1] on the first step, where sigma / (1 - sigma) is infinite.
-    const float s = sigma == 1.0f ? sigma_max : sigma;
-    k.std = level * sqrtf(sigma / (1.0f - s));
+    if (mode == kFlowSde) {
+      // Flow-GRPO evaluates the std at sigmas[1] on the first step, where sigma / (1 - sigma) is infinite.
+      const float s = sigma == 1.0f ? sigma_max : sigma;
+      k.std = level * sqrtf(sigma / (1.0f - s));
+    } else {
+      k.std = level;  // DanceGRPO: the same SDE step with a constant std (its eta)
+    }
     k.a = 1.0f + k.std * k.std / (2.0f * sigma) * dt;
     k.b = (1.0f + k.std * k.std * (1.0f - sigma) / (2.0f * sigma)) * dt;
     k.scale = k.std * sqrtf(-dt);

@@ -109,6 +109,7 @@ gpu = pytest.mark.skipif(
 CASES = {
     "flow-sde": (0, 0, 0.0, False, 0.7, 0.93, [1.0, 0.63, 0.21], [0.93, 0.5, 0.0]),
     "flow-cps": (1, 0, 0.0, False, math.sin(0.7 * math.pi / 2), math.nan, [1.0, 0.63, 0.21], [0.93, 0.5, 0.04]),
+    "flow-dance": (3, 0, 0.0, False, 0.3, math.nan, [1.0, 0.63, 0.21], [0.93, 0.5, 0.0]),
     "ddim-eps": (2, 0, 0.0, False, 1.0, math.nan, [0.05, 0.5, 0.93], [0.08, 0.62, 0.9991]),
     "ddim-sample": (2, 1, 0.0, False, 1.0, math.nan, [0.05, 0.5, 0.93], [0.08, 0.62, 0.9991]),
     "ddim-v": (2, 2, 0.0, False, 0.8, math.nan, [0.05, 0.5, 0.93], [0.08, 0.62, 0.9991]),
@@ -292,7 +293,7 @@ BAD_INPUTS = [
     (lambda a: a.update(p1=a["p1"][:1]), ValueError, r"p1 must have shape \[B\] = \[2\]"),
     (lambda a: a.update(ref=a["x"].t().contiguous().t()), ValueError, "ref must be contiguous"),
     (lambda a: a.update(noise=None), ValueError, "want_logp without noise needs `given`"),
-    (lambda a: a.update(mode=3), ValueError, "mode must be 0"),
+    (lambda a: a.update(mode=4), ValueError, "mode must be 0"),
     (lambda a: a.update(out_dtype=torch.float64), TypeError, "out_dtype must be float32"),
 ]
 

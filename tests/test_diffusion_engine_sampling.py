@@ -51,7 +51,7 @@ def _max_ratio_error(policy, traj) -> float:
 
 
 @pytest.mark.parametrize("family,sde_type,guidance", [
-    ("sd3", "sde", 3.0), ("sd3", "cps", 1.0), ("sd", "sde", 3.0), ("flux", "sde", 3.5),
+    ("sd3", "sde", 3.0), ("sd3", "cps", 1.0), ("sd", "sde", 3.0), ("flux", "sde", 3.5), ("flux", "dance", 3.5),
 ])
 def test_on_policy_logprobs_match_fp32(tiny_dirs, family, sde_type, guidance):
     policy = load_policy(tiny_dirs[family])
@@ -170,6 +170,48 @@ def test_sde_window(tiny_dirs, family):
         x = _ode_step(policy, traj.schedule, i, x, v, traj.sde_type)
     torch.testing.assert_close(x, traj.latents[:, S], atol=1e-6, rtol=0)
     assert _max_ratio_error(policy, traj) <= 1e-5
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_ddim_steps_follow_diffusers_for_each_timestep_spacing(tiny_dirs, spacing):
+    """Each DDIM step goes from t to t - T // S, as DDIMScheduler.step and DDPO do: with "trailing" and "linspace"
+    spacing that is not the next timestep of the list (the engine stepped there once). The deterministic step
+    equals DDIMScheduler.step(eta=0) at every step; "linspace" ends at t = 0, a step into its own alpha: no noise,
+    so it is an ODE step with no log-prob."""
+    from diffusers import DDIMScheduler
+
+    from fusedrl.engine.diffusion.sampling import _ode_step
+
+    policy = load_policy(tiny_dirs["sd"])
+    S = 6
+    policy.scheduler = policy.pipe.scheduler = DDIMScheduler.from_config(policy.scheduler.config,
+                                                                         timestep_spacing=spacing)
+    schedule = policy.schedule(S)
+    ref = DDIMScheduler.from_config(policy.scheduler.config)
+    ref.set_timesteps(S)
+    assert torch.equal(schedule.timesteps, ref.timesteps.long())
+    g = torch.Generator().manual_seed(0)
+    for i, t in enumerate(ref.timesteps):
+        x, out = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+        expected = ref.step(out, t, x, eta=0.0).prev_sample
+        torch.testing.assert_close(_ode_step(policy, schedule, i, x, out, "sde"), expected, atol=1e-5, rtol=1e-5)
+    traj = sample(policy, PROMPTS[:1], group_size=2, num_steps=S, seed=0)
+    last_has_noise = spacing != "linspace"
+    assert traj.sde_steps.tolist() == list(range(S if last_has_noise else S - 1))
+    assert torch.isfinite(traj.log_probs).all()
+
+
+def test_ddim_thresholding_is_refused(tiny_dirs, tmp_path):
+    import json
+    import shutil
+
+    path = tmp_path / "sd"
+    shutil.copytree(tiny_dirs["sd"], path)
+    config_file = path / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "thresholding": True}))
+    with pytest.raises(ValueError, match="thresholding=True"):
+        load_policy(path)
 
 
 def test_same_seed_same_trajectory_and_batch_invariant_noise(tiny_dirs):

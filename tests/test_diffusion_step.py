@@ -30,8 +30,9 @@ def _case(kind: str):
         sde_type = kind.split("-")[1]
         sigma = torch.tensor([1.0, 0.63, 0.21])
         # the last step (sigma_next = 0) has std = 0 under "cps", where the KL term is undefined
-        sigma_next = torch.tensor([0.93, 0.5, 0.0 if sde_type == "sde" else 0.04])
-        kw = dict(noise_level=0.7, sde_type=sde_type, sigma_max=0.93)
+        sigma_next = torch.tensor([0.93, 0.5, 0.04 if sde_type == "cps" else 0.0])
+        level = 0.3 if sde_type == "dance" else 0.7
+        kw = dict(noise_level=level, sde_type=sde_type, sigma_max=0.93)
 
         def call(x, m, **extra):
             B = x.shape[0]
@@ -40,7 +41,7 @@ def _case(kind: str):
         def oracle(x, m, noise, prev, ref, out_dtype):
             B = x.shape[0]
             return reference.flow_sde_step(
-                x, m, sigma[:B].double(), sigma_next[:B].double(), noise_level=0.7, sde_type=sde_type,
+                x, m, sigma[:B].double(), sigma_next[:B].double(), noise_level=level, sde_type=sde_type,
                 sigma_max=0.93, noise=noise, prev_sample=prev, ref_mean=ref, want_logp=True, out_dtype=out_dtype)
 
         return call, oracle
@@ -66,7 +67,7 @@ def _case(kind: str):
     return call, oracle
 
 
-KINDS = ["flow-sde", "flow-cps", "ddim-eps", "ddim-sample", "ddim-v", "ddim-eps-clip", "ddim-v-clip-clipeps"]
+KINDS = ["flow-sde", "flow-cps", "flow-dance", "ddim-eps", "ddim-sample", "ddim-v", "ddim-eps-clip", "ddim-v-clip-clipeps"]
 
 
 def _max_err(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
@@ -159,7 +160,7 @@ def test_noncontiguous_inputs(backend, use_backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("sde_type", ["sde", "cps"])
+@pytest.mark.parametrize("sde_type", ["sde", "cps", "dance"])
 def test_very_small_std(backend, sde_type, use_backend):
     """noise_level 1e-3 near the end of the schedule: std*sqrt(-dt) ~ 1e-5, logp ~ +10."""
     use_backend(backend)

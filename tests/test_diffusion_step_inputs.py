@@ -48,6 +48,7 @@ X = torch.randn(2, 3, 5)
         (lambda: ddim_step(X, X.half()[:, :2], 0.5, 0.6), ValueError, "model_output has shape"),
         (lambda: ddim_step(X, X, 0.5, 0.6, eta=0.0, ref_mean=X), ValueError, "std\\^2, which is 0 at eta=0"),
         (lambda: ddim_step(X, X, 0.6, 0.5), ValueError, "alpha_prev must be > alpha_t"),  # swapped: NaN before
+        (lambda: ddim_step(X, X, 0.5, 0.5, eta=1.0), ValueError, "equal only at eta=0"),
         (lambda: ddim_step(X, X, 0.5, 1.0), ValueError, "alpha_prev = 1 makes the step deterministic"),
         (lambda: ddim_step(X, X, 0.5, 0.6, clip_sample_range=True), ValueError, "clip_sample_range must be"),
         (lambda: flow_sde_step(X, X, 0.5, 0.0, sde_type="cps", ref_mean=X), ValueError,
@@ -71,3 +72,11 @@ def test_sigma_max_as_the_schedulers_tensor():
 def test_integer_sigma_tensors_are_accepted_as_values():
     out = flow_sde_step(X, X, torch.tensor([1, 1]) * 0.5, 0.25)
     assert out.logp.shape == (2,)
+
+
+def test_ddim_step_into_its_own_alpha_is_the_identity_at_eta_0():
+    """t = 0 to its clamped prev_t = 0 (the last step of "linspace" spacing): diffusers returns x itself."""
+    x, out = torch.randn(2, 6, generator=torch.Generator().manual_seed(0)), torch.randn(2, 6)
+    step = ddim_step(out, x, 0.999, 0.999, eta=0.0)
+    torch.testing.assert_close(step.prev_sample.float(), x, atol=1e-5, rtol=0)
+    assert step.logp is None

@@ -21,8 +21,10 @@ pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
+from fusedrl.integrations.dance_grpo import flux_step  # noqa: E402
 from fusedrl.integrations.ddpo import ddim_step_with_logprob  # noqa: E402
 from fusedrl.integrations.flow_grpo import sde_step_with_logprob  # noqa: E402
+from fusedrl.kernels import flow_sde_step  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # The schedulers stay on the CPU; on a GPU machine the latents are on the GPU (as in the trainers).
@@ -97,6 +99,29 @@ def flow_grpo_oracle(scheduler, model_output, timestep, sample, noise_level=0.7,
     else:
         log_prob = -((prev.detach() - mean) ** 2)
     return prev, _mean_over_latent(log_prob), mean, std
+
+
+def dance_schedule(steps: int = 10, shift: float = 3.0) -> torch.Tensor:
+    """DanceGRPO's sigmas: sd3_time_shift(shift, linspace(1, 0, steps + 1))."""
+    t = torch.linspace(1, 0, steps + 1)
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def dance_oracle(model_output, latents, eta, sigmas, index, prev_sample=None, dtype=torch.float64):
+    """DanceGRPO's flux_step (grpo=True, sde_solver=True) in its score form, in `dtype` -> (prev, x0, log_prob).
+    New noise: torch.randn_like of the fp32 mean, from the global generator (seed it before calling)."""
+    sigma, sigma_next = float(sigmas[index]), float(sigmas[index + 1])
+    v, x = model_output.to(dtype), latents.to(dtype)
+    x0 = x - sigma * v
+    score = -(x - x0 * (1 - sigma)) / sigma**2
+    mean = x + (sigma_next - sigma) * v + (-0.5 * eta**2 * score) * (sigma_next - sigma)
+    scale = eta * math.sqrt(sigma - sigma_next)
+    if prev_sample is None:
+        prev = mean + torch.randn_like(mean.float()).to(dtype) * scale
+    else:
+        prev = prev_sample.to(dtype)
+    log_prob = -((prev.detach() - mean) ** 2) / (2 * scale**2)  # the original drops the Gaussian's constants
+    return prev, x0, _mean_over_latent(log_prob)
 
 
 def ddpo_oracle(scheduler, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False,
@@ -178,6 +203,51 @@ def test_flow_grpo_matches_original(backend, sde_type, steps, given):
     if given:
         assert torch.equal(got[0], prev)
     assert_logp_grads_match(v, got[1], exact[1], original[1])
+
+
+# ----------------------------------------------------------------------------- DanceGRPO
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["sampled", "given"])
+@pytest.mark.parametrize("index", [0, 4, 9])  # sigma = 1 (first), mid, into sigma = 0 (last)
+def test_dance_grpo_matches_original(backend, index, given):
+    sigmas = dance_schedule()
+    x, v = randn(3, 1), randn(3, 2, grad=True)
+    prev = None
+    if given:
+        torch.manual_seed(123)
+        prev = dance_oracle(v, x, 0.3, sigmas, index, dtype=torch.float32)[0].detach()
+    torch.manual_seed(5)
+    got = flux_step(v, x, 0.3, sigmas, index, prev_sample=prev, grpo=True, sde_solver=True)
+    torch.manual_seed(5)
+    exact = dance_oracle(v, x, 0.3, sigmas, index, prev)
+    torch.manual_seed(5)
+    original = dance_oracle(v, x, 0.3, sigmas, index, prev, dtype=torch.float32)
+    assert_outputs_match(got, exact, original)
+    assert_logp_grads_match(v, got[2], exact[2], original[2])
+    # the kernel's own log-prob keeps the Gaussian's constants: the same up to one constant per step
+    scale = 0.3 * math.sqrt(float(sigmas[index] - sigmas[index + 1]))
+    own = flow_sde_step(x, v.detach(), float(sigmas[index]), float(sigmas[index + 1]), noise_level=0.3,
+                        sde_type="dance", prev_sample=got[0])
+    torch.testing.assert_close(own.logp, got[2] - math.log(scale) - LOG_SQRT_2PI, rtol=1e-5, atol=1e-5)
+
+
+def test_dance_grpo_mean_and_refusals(backend):
+    sigmas = dance_schedule()
+    x, v = randn(2, 1), randn(2, 2)
+    mean, x0 = flux_step(v, x, 0.3, sigmas, 3, prev_sample=None, grpo=False, sde_solver=True)
+    exact_prev, exact_x0, _ = dance_oracle(v, x, 0.3, sigmas, 3, prev_sample=x)  # prev unused: take the mean
+    sigma, sigma_next = float(sigmas[3]), float(sigmas[4])
+    score = -(x.double() - exact_x0 * (1 - sigma)) / sigma**2
+    exact_mean = x.double() + (sigma_next - sigma) * (v.double() - 0.5 * 0.09 * score)
+    torch.testing.assert_close(mean.double(), exact_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x0.double(), exact_x0, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="sde_solver=False"):
+        flux_step(v, x, 0.3, sigmas, 3, None, grpo=True, sde_solver=False)
+    with pytest.raises(ValueError, match="index must be"):
+        flux_step(v, x, 0.3, sigmas, 10, None, grpo=True, sde_solver=True)
+    with pytest.raises(ValueError, match="eta must be"):
+        flux_step(v, x, 0.0, sigmas, 3, None, grpo=True, sde_solver=True)
 
 
 @pytest.mark.parametrize("x_dtype,v_dtype", HALF_MIXES)

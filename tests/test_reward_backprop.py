@@ -151,7 +151,7 @@ def plain_loss(policy, emb, schedule, x, k: int, g: float) -> torch.Tensor:
             if policy.is_flow:
                 x = x + (schedule.sigmas[i + 1] - schedule.sigmas[i]) * out
             else:
-                a, a_prev = schedule.alphas_cumprod[i], schedule.alphas_cumprod[i + 1]
+                a, a_prev = schedule.alphas_cumprod[i], schedule.alphas_cumprod_prev[i]
                 x0 = (x - (1 - a).sqrt() * out) / a.sqrt()
                 x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * out
     return -policy.decode(x).mean()

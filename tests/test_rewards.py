@@ -480,6 +480,10 @@ def test_aesthetic_head_key_layouts(clip_dir, aesthetic_dir, tmp_path, layout):
     ("The answer is 22/7.", 22 / 7),
     ("on 1/2/2024 the count was 5", 5.0),  # a date is no fraction
     ("\\boxed{2 \\times 3 = 6}", 6.0),
+    ("The answer is 2^{10} = 1024.", 1024.0),  # a worked equation: its right-hand side
+    ("Answer: x = -5", -5.0),
+    ("Answer: \\frac{1}{2} \\cdot 4 = 2", 2.0),
+    ("The answer is 3.5. Then 7 = 7", 3.5),  # the stated value's sentence only
     ("no number here", None),
     ("", None),
     ("\\boxed{unbalanced", None),

@@ -13,7 +13,7 @@ import pytest
 from .triton_aot import compile_kernels
 
 MODULE = "fusedrl.kernels.diffusion_step.triton_kernels"
-FLOW_SDE, FLOW_CPS, DDIM = 0, 1, 2
+FLOW_SDE, FLOW_CPS, DDIM, FLOW_DANCE = 0, 1, 2, 3
 
 
 def _types(kernel: str, data: str) -> dict[str, str]:
@@ -34,7 +34,7 @@ def _types(kernel: str, data: str) -> dict[str, str]:
 def _jobs() -> list[dict]:
     # Every (mode, prediction, clip, clipped eps) variant of the coefficients, each optional stream on
     # and off once, in bf16 (the GPU-only dtype) and fp16.
-    variants = [(FLOW_SDE, 0, False, False), (FLOW_CPS, 0, False, False)]
+    variants = [(FLOW_SDE, 0, False, False), (FLOW_CPS, 0, False, False), (FLOW_DANCE, 0, False, False)]
     variants += [(DDIM, pred, clip, clipped) for pred in range(3) for clip, clipped in
                  ((False, False), (True, False), (True, True), (False, True))]
     jobs = []

@@ -80,7 +80,7 @@ def _transition(policy: DiffusionPolicy, schedule: Schedule, i: int, x: torch.Te
     # prev_sample=x only makes the kernel return mean and std without drawing noise; its logp is unused.
     st = _step(policy, schedule, i, x.float(), out, noise_level=noise_level, sde_type=sde_type, prev_sample=x.float())
     scale = st.std.float()
-    if policy.is_flow and sde_type == "sde":
+    if policy.is_flow and sde_type in ("sde", "dance"):
         scale = scale * (float(schedule.sigmas[i]) - float(schedule.sigmas[i + 1])) ** 0.5
     return st.mean.float() + scale.view(-1, *([1] * (x.ndim - 1))) * z
 
@@ -156,7 +156,7 @@ def denoise(
         guidance_scale: CFG weight (`DiffusionPolicy.predict`).
         generators: B per-sample generators for the step noise (needed when noise_level > 0).
         noise_level: 0 for deterministic steps, > 0 for stochastic ones (module docstring).
-        sde_type: "sde" or "cps" (flow families, noise_level > 0).
+        sde_type: "sde", "cps" or "dance" (flow families, noise_level > 0).
         checkpointing: a `fusedrl.engine.checkpointing` policy for each gradient step ("none" keeps every
             activation).
         start: the index of the first step to run.

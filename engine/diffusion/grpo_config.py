@@ -137,10 +137,12 @@ class SamplingSection:
                             check=Check(lambda v: v >= 2, "must be >= 2 (a group of one has no advantage)"))
     guidance_scale: float | None = field(None, "classifier-free guidance weight (none: the model's default; "
                                          "<= 1 disables CFG)", check=ge(0))
-    noise_level: float | None = field(None, "SDE noise: Flow-GRPO's a for flow models (none: 0.7), DDIM eta for the "
-                                      "SD1.5 family (none: 1.0)", check=gt(0))
-    sde_type: Literal["sde", "cps"] = field("sde", "flow models: Flow-GRPO's SDE step, or the coefficients-preserving "
-                                            "step")
+    noise_level: float | None = field(None, "SDE noise: Flow-GRPO's a for flow models (none: 0.7; DanceGRPO's eta "
+                                      "under sde_type dance, none: 0.3), DDIM eta for the SD1.5 family (none: 1.0)",
+                                      check=gt(0))
+    sde_type: Literal["sde", "cps", "dance"] = field("sde", "flow models: Flow-GRPO's SDE step, the "
+                                                     "coefficients-preserving step, or DanceGRPO's step (Flow-GRPO's "
+                                                     "with a constant std)")
     sde_window: tuple[int, int] | None = field(
         None, "(start, end): only steps start <= i < end are SDE steps with log-probs (and trained); the others are "
         "deterministic ODE steps (MixGRPO / Flow-GRPO-Fast); none: every step", metavar="INT")

@@ -137,14 +137,15 @@ class Schedule:
     timesteps: [S] the denoiser's timestep input at each step (flow: sigma * 1000, fp32; DDIM: int64
         training timesteps).
     sigmas: [S + 1] fp32, flow families: step i goes from sigmas[i] to sigmas[i + 1] (the last is 0).
-    alphas_cumprod: [S + 1] fp32, DDIM: alphas_cumprod[timesteps[i]] for i < S, and at the clamped
-        previous timestep of the last step (DDPO: prev_t = max(t - T // S, 0)); step i goes from
-        alphas_cumprod[i] to alphas_cumprod[i + 1].
+    alphas_cumprod, alphas_cumprod_prev: [S] fp32, DDIM: step i goes from alphas_cumprod[i] (at timesteps[i]) to
+        alphas_cumprod_prev[i], at prev_t = max(timesteps[i] - T // S, 0) (DDIMScheduler.step and DDPO; the next
+        timestep of the list only for "leading" spacing).
     """
 
     timesteps: torch.Tensor
     sigmas: torch.Tensor | None = None
     alphas_cumprod: torch.Tensor | None = None
+    alphas_cumprod_prev: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.timesteps.shape[0]
@@ -264,6 +265,11 @@ class DiffusionPolicy:
 
             if not isinstance(pipe.scheduler, DDIMScheduler):
                 pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+            if pipe.scheduler.config.get("thresholding", False):
+                raise ValueError("the pipeline's scheduler config has thresholding=True (dynamic thresholding clamps "
+                                 "x0 by a per-sample quantile, for pixel-space models), which fusedrl's DDIM step "
+                                 "does not compute: set it to false in scheduler/scheduler_config.json "
+                                 "(clip_sample is supported)")
         self.scheduler = pipe.scheduler
         self.denoiser: nn.Module = pipe.unet if self.family == "sd" else pipe.transformer
         self.vae: nn.Module = pipe.vae
@@ -574,9 +580,11 @@ class DiffusionPolicy:
             sch.set_timesteps(num_steps, device="cpu")
             t = sch.timesteps.long()
             T = sch.config.num_train_timesteps
-            prev = (t[-1:] - T // num_steps).clamp(0, T - 1)
+            # every step goes to t - T // num_steps (DDIMScheduler.step and DDPO), not to the next timestep of the
+            # list: the two agree for "leading" spacing only ("trailing" and "linspace" steps are not T // S apart)
+            prev = (t - T // num_steps).clamp(0, T - 1)
             ac = sch.alphas_cumprod.float()
-            return Schedule(t, alphas_cumprod=torch.cat([ac[t], ac[prev]]))
+            return Schedule(t, alphas_cumprod=ac[t], alphas_cumprod_prev=ac[prev])
         import numpy as np
 
         kwargs: dict[str, Any] = {}

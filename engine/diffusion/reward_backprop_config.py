@@ -84,8 +84,8 @@ class SamplingConfig:
     noise_level: float = field(0.0, "0: deterministic steps (flow Euler / DDIM eta=0, as DRaFT and AlignProp); "
                                "> 0: stochastic steps (Flow-GRPO SDE noise level a / DDIM eta), reparameterised so "
                                "gradients flow through the step mean", check=ge(0))
-    sde_type: Literal["sde", "cps"] = field("sde", "flow models with noise_level > 0: Flow-GRPO's SDE or "
-                                            "coefficients-preserving sampling")
+    sde_type: Literal["sde", "cps", "dance"] = field("sde", "flow models with noise_level > 0: Flow-GRPO's SDE, "
+                                                     "coefficients-preserving sampling or DanceGRPO's SDE")
     height: int | None = field(None, "image height in pixels; none: the model's default", check=gt(0))
     width: int | None = field(None, "image width in pixels; none: the model's default", check=gt(0))
 

@@ -12,7 +12,8 @@
 
 Step conventions (DESIGN.md, "Flow-matching SDE step" and "DDIM step with log-prob"):
 - flow families: step i goes from sigmas[i] to sigmas[i + 1] with `fusedrl.kernels.flow_sde_step`
-  (Flow-GRPO's `sde_step_with_logprob`, `noise_level` = its `a`, sde_type "sde" or "cps");
+  (Flow-GRPO's `sde_step_with_logprob`, `noise_level` = its `a`, sde_type "sde" or "cps"; or DanceGRPO's
+  `flux_step`, sde_type "dance", `noise_level` = its `eta`);
 - DDIM family: `fusedrl.kernels.ddim_step` with eta = `noise_level` (DDPO), alphas_cumprod at t and at
   prev_t = max(t - T // S, 0);
 - log-probs are MEANS over the latent elements of the Gaussian log-density, fp32, per sample [B].
@@ -41,7 +42,9 @@ from .policy import DiffusionPolicy, PromptEmbeddings, Schedule
 
 __all__ = ["LogProbs", "Trajectory", "recompute_logprobs", "sample"]
 
-SDE_TYPES = ("sde", "cps")
+SDE_TYPES = ("sde", "cps", "dance")
+# noise_level when none is given: Flow-GRPO's a = 0.7, CPS's 0.7 likewise, DanceGRPO's scripts' eta = 0.3; DDIM eta 1
+DEFAULT_NOISE_LEVELS = {"sde": 0.7, "cps": 0.7, "dance": 0.3, "ddim": 1.0}
 
 
 @dataclass
@@ -121,8 +124,7 @@ def _step(policy: DiffusionPolicy, schedule: Schedule, i: int, x: torch.Tensor, 
         return flow_sde_step(x, out, float(sigmas[i]), float(sigmas[i + 1]), noise_level=noise_level, sde_type=sde_type,
                              prev_sample=prev_sample, generator=generator, sigma_max=sigma_max, ref_mean=ref_mean)
     cfg = policy.scheduler.config
-    ac = schedule.alphas_cumprod
-    return ddim_step(out, x, float(ac[i]), float(ac[i + 1]), eta=noise_level, prediction_type=cfg.prediction_type,
+    return ddim_step(out, x, float(schedule.alphas_cumprod[i]), float(schedule.alphas_cumprod_prev[i]), eta=noise_level, prediction_type=cfg.prediction_type,
                      clip_sample_range=cfg.clip_sample_range if cfg.clip_sample else None, prev_sample=prev_sample,
                      generator=generator, ref_mean=ref_mean)
 
@@ -149,13 +151,15 @@ def _check_int(name: str, value, low: int) -> int:
 
 def stochastic_steps(schedule, kind: str) -> torch.Tensor:
     """[S] bool: the steps whose transition has noise. A CPS step into sigma = 0 (the last flow step) and a DDIM
-    step into alphas_cumprod = 1 are deterministic (std 0): they run as ODE steps, with no log-prob, and are never
-    trained (Flow-GRPO's timestep_fraction 0.99 leaves CPS's last step out for the same reason: its KL term divides
+    step into alphas_cumprod = 1 (or into its own: t = 0) are deterministic (std 0): they run as ODE steps, with no
+    log-prob, and are never trained (Flow-GRPO's timestep_fraction 0.99 leaves CPS's last step out for the same reason: its KL term divides
     by std^2 = 0; their CPS log-prob has no sampling behind it)."""
     if kind == "cps":
         return schedule.sigmas[1:] > 0
     if kind == "ddim":
-        return schedule.alphas_cumprod[1:] < 1
+        # a step into alphas_cumprod 1, or to its own alphas_cumprod ("linspace" spacing's last step, t = 0 to
+        # prev_t = 0): std 0
+        return (schedule.alphas_cumprod_prev < 1) & (schedule.alphas_cumprod_prev > schedule.alphas_cumprod)
     return torch.ones(len(schedule), dtype=torch.bool)
 
 
@@ -243,9 +247,11 @@ def sample(
         num_steps: S denoising steps (1 and up: few-step samplers work the same way).
         guidance_scale: CFG weight (default: policy.defaults["guidance_scale"]); > 1 runs CFG as one batched
             call per step (see `DiffusionPolicy.predict`).
-        noise_level: flow: Flow-GRPO's `a` (default 0.7); DDIM: eta (default 1.0, DDPO). Must be > 0.
+        noise_level: flow: Flow-GRPO's `a` (default 0.7) or, under "dance", DanceGRPO's eta (default 0.3);
+            DDIM: eta (default 1.0, DDPO). Must be > 0.
         sde_window: (start, end): SDE steps are start <= i < end, ODE steps elsewhere; None: every step is SDE.
-        sde_type: flow families: "sde" (Flow-GRPO) or "cps" (coefficients-preserving); ignored for DDIM.
+        sde_type: flow families: "sde" (Flow-GRPO), "cps" (coefficients-preserving) or "dance" (DanceGRPO's
+            step: Flow-GRPO's with a constant std); ignored for DDIM.
         seed / generator: the randomness (one of them; neither: a random seed). See the module docstring.
         seeds: instead, B ints: sample b's own generator is seeded with seeds[b]. A trainer that spreads one
             batch over processes or micro-batches passes seeds that are a function of each sample's place in
@@ -274,7 +280,7 @@ def sample(
         sde_type = "sde"  # DDIM has one kind of stochastic step
     g = float(policy.defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
     if noise_level is None:
-        noise_level = 0.7 if policy.is_flow else 1.0
+        noise_level = DEFAULT_NOISE_LEVELS[sde_type if policy.is_flow else "ddim"]
     if isinstance(noise_level, bool) or not isinstance(noise_level, (int, float)) or not noise_level > 0:
         raise ValueError(f"noise_level must be a float > 0 (the ODE steps outside sde_window use 0), "
                          f"got {noise_level!r}")

@@ -4,8 +4,9 @@
   The final answer is looked for, in order, in the last `\\boxed{...}` (or `\\fbox{...}`), after the last
   "####" (GSM8K, to the end of that line), after the last "answer is" / "answer is:" / "answer:"
   (case-insensitive, to the end of that line); when none is present, the last number of the whole completion
-  is used (`fallback_last_number=True`). From that span the last number (the first one after "answer is",
-  e.g. "the answer is 7 because 3 + 4") is parsed tolerantly: thousands separators ("1,234"), "$" and "%"
+  is used (`fallback_last_number=True`). From that span the last number (after "answer is": the first one of its
+  first sentence, e.g. "the answer is 7 because 3 + 4 = 7", or a worked equation's right-hand side, "the answer
+  is 2^{10} = 1024") is parsed tolerantly: thousands separators ("1,234"), "$" and "%"
   signs, a trailing ".", decimals ("42.0"), exponents ("1e3"), fractions ("3/4", "\\frac{3}{4}",
   "\\dfrac{3}{4}"), a sign ("-7"). References are
   parsed the same way (a GSM8K answer string "...#### 42" works); a reference without a number raises.
@@ -38,6 +39,8 @@ _FRAC_TEX = re.compile(r"(-)?\\[dt]?frac\s*\{\s*(" + _NUM + r")\s*\}\s*\{\s*(" +
 _FRAC = re.compile(r"(?<![\w./])(" + _NUM + r")\s*/\s*(" + _NUM + r")(?!\w|\.\d|\s*/)")
 _NUMBER = re.compile(_NUM)
 _ANSWER_IS = re.compile(r"answer\s*(?:is\s*:?|:)[ \t]*(.*)", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"\.(?!\d)|[;\n]")  # a "." that is no decimal point, ";", a line break
+_WORD = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{2,}")  # a word of the text, not a LaTeX command ("\\cdot")
 
 R1_FORMAT = r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*"
 
@@ -107,11 +110,21 @@ def parse_number(text: str, which: str = "last") -> float | None:
     return (max(found, key=lambda f: f[1]) if which == "last" else min(found, key=lambda f: f[0]))[2]
 
 
+def _stated_value(span: str) -> str:
+    """The part of an "answer is ..." span that holds the value: its first sentence, and of a worked equation
+    in it ("2^{10} = 1024", "x = 5") the right-hand side; an explanation ("7 because 3 + 4 = 7") keeps its
+    first number."""
+    sentence = _SENTENCE_END.split(span, 1)[0]
+    if "=" in sentence and not _WORD.search(sentence.split("=", 1)[0]):
+        return sentence.rsplit("=", 1)[1]
+    return sentence
+
+
 def final_number(text: str, fallback_last_number: bool = True) -> float | None:
     """The number of the final answer of `text` (module docstring), or None."""
     span, kind = _answer_span(text)
     if span is not None:
-        value = parse_number(span, "first" if kind == "says" else "last")
+        value = parse_number(_stated_value(span) if kind == "says" else span, "first" if kind == "says" else "last")
         if value is not None or not fallback_last_number:
             return value
     return parse_number(text) if fallback_last_number else None

@@ -11,11 +11,11 @@ from .. import dispatch
 from . import reference
 from .noise import GeneratorArg, randn_like_diffusers
 from .op import DiffusionStep
-from .triton_kernels import DDIM, FLOW_CPS, FLOW_SDE, PRED_EPSILON, PRED_SAMPLE, PRED_V
+from .triton_kernels import DDIM, FLOW_CPS, FLOW_DANCE, FLOW_SDE, PRED_EPSILON, PRED_SAMPLE, PRED_V
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 PREDICTION_TYPES = {"epsilon": PRED_EPSILON, "sample": PRED_SAMPLE, "v_prediction": PRED_V}
-SDE_TYPES = {"sde": FLOW_SDE, "cps": FLOW_CPS}
+SDE_TYPES = {"sde": FLOW_SDE, "cps": FLOW_CPS, "dance": FLOW_DANCE}
 
 SPEC = dispatch.register_op(
     dispatch.OpSpec(
@@ -31,10 +31,10 @@ class StepOutput(NamedTuple):
 
     prev_sample: [B, ...] the next latent (sampled, or the given one returned as is).
     logp:        [B] fp32 log-probability of prev_sample, MEAN over non-batch dims; None for a
-                 deterministic step whose log-density divides by std = 0 (DDIM eta = 0, "sde" at
-                 noise_level = 0), where the trainers' formulas give NaN.
+                 deterministic step whose log-density divides by std = 0 (DDIM eta = 0, "sde" or
+                 "dance" at noise_level = 0), where the trainers' formulas give NaN.
     mean:        [B, ...] the transition mean (differentiable).
-    std:         [B] fp32 the step's std (Flow-GRPO's `std_dev_t`, DDPO's `std_dev_t`).
+    std:         [B] fp32 the step's std (Flow-GRPO's `std_dev_t`, DDPO's `std_dev_t`; DanceGRPO's eta).
     kl:          [B] fp32 MEAN((mean - ref_mean)^2) / (2 std^2) when ref_mean is given, else None.
     """
 
@@ -140,18 +140,20 @@ def flow_sde_step(
     sigma_max: float | None = None,
     ref_mean: torch.Tensor | None = None,
 ) -> StepOutput:
-    """One Flow-GRPO SDE step of a flow-matching model, with its Gaussian log-probability.
+    """One Flow-GRPO (or DanceGRPO) SDE step of a flow-matching model, with its Gaussian log-probability.
 
     Args:
         x: [B, ...] current latent, fp32/fp16/bf16 (math in fp32), any layout.
         v: [B, ...] model output (velocity), same shape and device as x.
         sigma, sigma_next: floats or [B] tensors, the scheduler's sigmas[i] and sigmas[i + 1]
             (sigma_next < sigma).
-        noise_level: the `a` of Flow-GRPO (0.7 default); 0 gives the deterministic (ODE) step,
-            whose logp is None under "sde" (it would divide by std = 0).
-        sde_type: "sde" (Flow-GRPO) or "cps" (coefficients-preserving sampling).
+        noise_level: the `a` of Flow-GRPO (0.7 default; DanceGRPO's `eta` under "dance", which its
+            scripts set to 0.3); 0 gives the deterministic (ODE) step, whose logp is None under "sde" and
+            "dance" (it would divide by std = 0).
+        sde_type: "sde" (Flow-GRPO), "cps" (coefficients-preserving sampling) or "dance" (DanceGRPO's
+            `flux_step` with sde_solver=True: the "sde" step with std = noise_level at every sigma).
         prev_sample: [B, ...] a given next latent (data: no gradient flows into it); else one is
-            sampled as mean + std sqrt(-dt) z ("sde") or mean + std z ("cps"), z drawn like
+            sampled as mean + std sqrt(-dt) z ("sde", "dance") or mean + std z ("cps"), z drawn like
             diffusers' `randn_tensor(v.shape, generator, v.device, v.dtype)`.
         sigma_max: scheduler.sigmas[1], used in place of sigma where sigma == 1 ("sde").
         ref_mean: [B, ...] the reference policy's mean (adapter-off model) for the KL term.
@@ -165,6 +167,10 @@ def flow_sde_step(
         mean = x * (1 + std**2 / (2 * sigma) * dt) + v * (1 + std**2 * (1 - sigma) / (2 * sigma)) * dt
         prev = mean + std * sqrt(-dt) * z
         logp = Normal(mean, std * sqrt(-dt)).log_prob(prev.detach()).mean(dims 1..)
+    "dance" is the same with std = noise_level (DanceGRPO's score form, x + dt (v - noise_level**2 / 2 score) with
+    score = -(x - (1 - sigma) x0) / sigma**2, x0 = x - sigma v, expands to this mean). Its logp keeps the
+    Gaussian's constants, which DanceGRPO's `flux_step` drops (`fusedrl.integrations.dance_grpo` returns its
+    form); the difference is the same for the old and new policy, so ratios agree.
     """
     if sde_type not in SDE_TYPES:
         raise ValueError(f"sde_type must be one of {sorted(SDE_TYPES)}, got {sde_type!r}")
@@ -197,13 +203,13 @@ def flow_sde_step(
 
     out_dtype = torch.promote_types(x.dtype, v.dtype)
     # "cps" drops the Gaussian's constants, so its logp stays finite (0 for a sampled step) at std = 0;
-    # "sde" divides by std, so a deterministic step has no logp.
+    # "sde" and "dance" divide by std, so a deterministic step has no logp.
     want_logp = noise_level > 0 or sde_type == "cps"
     noise = None
     if prev_sample is None:
         noise = randn_like_diffusers(tuple(v.shape), generator, v.device, v.dtype)
     sm = float("nan") if sigma_max is None else float(sigma_max)
-    level = noise_level if sde_type == "sde" else math.sin(noise_level * math.pi / 2)
+    level = math.sin(noise_level * math.pi / 2) if sde_type == "cps" else noise_level
     ref_fn = lambda: reference.flow_sde_step(
         x, v, s0, s1, noise_level=noise_level, sde_type=sde_type, sigma_max=sm, noise=noise,
         prev_sample=prev_sample, ref_mean=ref_mean, want_logp=want_logp, out_dtype=out_dtype)
@@ -274,9 +280,11 @@ def ddim_step(
                       "is divided by)")
     _check_values("alpha_prev", h1, lambda v: 0 < v <= 1, "lie in (0, 1] (an alphas_cumprod value)")
     if h0 is not None and h1 is not None:
-        if any(b <= a for a, b in zip(h0, h1)):  # the variance (1 - alpha_t / alpha_prev) would be <= 0
-            raise ValueError(f"alpha_prev must be > alpha_t (the previous timestep is the less noisy one); got "
-                             f"alpha_t={h0}, alpha_prev={h1}")
+        # the variance (1 - alpha_t / alpha_prev) would be < 0, or 0 with noise to scale (a step from t = 0 to its
+        # clamped prev_t = 0, the end of "linspace" spacing, is the identity step at eta = 0, as diffusers steps it)
+        if any(b < a or (b == a and eta > 0) for a, b in zip(h0, h1)):
+            raise ValueError(f"alpha_prev must be > alpha_t (the previous timestep is the less noisy one; equal only "
+                             f"at eta=0); got alpha_t={h0}, alpha_prev={h1}")
         if eta > 0 and 1.0 in h1:
             raise ValueError("alpha_prev = 1 makes the step deterministic (std 0: no log-prob); step into "
                              "alphas_cumprod[0] as DDPO does, or use eta=0 there")

@@ -61,15 +61,19 @@ def flow_sde_step(
     want_logp: bool,
     out_dtype: torch.dtype,
 ):
-    """Flow-GRPO `sde_step_with_logprob` ("sde" and "cps"), per-sample sigma [B]."""
+    """Flow-GRPO `sde_step_with_logprob` ("sde" and "cps") and DanceGRPO's `flux_step` ("dance"), per-sample
+    sigma [B]."""
     ct = compute_dtype(x, v)
     x, v = x.to(ct), v.to(ct)
     sigma = _per_sample(sigma, x)
     sigma_next = _per_sample(sigma_next, x)
     dt = sigma_next - sigma
-    if sde_type == "sde":
-        s = torch.where(sigma == 1, torch.full_like(sigma, sigma_max), sigma)
-        std = torch.sqrt(sigma / (1 - s)) * noise_level
+    if sde_type in ("sde", "dance"):
+        if sde_type == "sde":
+            s = torch.where(sigma == 1, torch.full_like(sigma, sigma_max), sigma)
+            std = torch.sqrt(sigma / (1 - s)) * noise_level
+        else:  # DanceGRPO: mean = x + dt (v - eta^2 / 2 score), score = -(x - (1 - sigma) x0) / sigma^2: Flow-GRPO's
+            std = torch.full_like(sigma, noise_level)  # step with std = eta
         mean = x * (1 + std**2 / (2 * sigma) * dt) + v * (1 + std**2 * (1 - sigma) / (2 * sigma)) * dt
         scale = std * torch.sqrt(-dt)
         logp_fn = lambda prev, mu: _gaussian_logp(prev, mu, scale)

@@ -1,6 +1,6 @@
-"""Triton kernels for the diffusion transition steps (flow SDE/CPS and DDIM), forward and backward.
+"""Triton kernels for the diffusion transition steps (flow SDE/CPS/Dance and DDIM), forward and backward.
 
-All three steps are one affine Gaussian transition with per-sample coefficients:
+All four steps are one affine Gaussian transition with per-sample coefficients:
 
     mean  = a x + b m  (+ c clamp(p x + q m, -clip, clip)   when the DDIM x0 is clipped)
     prev  = mean + scale z                                    (sampled; else prev is given, as data)
@@ -14,7 +14,8 @@ prev) once and writes prev and mean once; the backward reads x, m, z/prev and th
 gradients once and writes dx, dm once. Coefficient launches on [B] tensors from the host would cost
 more than the step itself at SD1.5 sizes, which is why they live here.
 
-`level` is noise_level for "sde", sin(noise_level pi / 2) for "cps" (computed on the host), eta for DDIM.
+`level` is noise_level for "sde" and "dance", sin(noise_level pi / 2) for "cps" (computed on the host), eta for
+DDIM.
 Partial sums go to a [B, 2, C] fp32 buffer and a second small kernel finishes them in a fixed order,
 so results are deterministic (no atomics).
 """
@@ -24,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-FLOW_SDE, FLOW_CPS, DDIM = 0, 1, 2
+FLOW_SDE, FLOW_CPS, DDIM, FLOW_DANCE = 0, 1, 2, 3
 PRED_EPSILON, PRED_SAMPLE, PRED_V = 0, 1, 2
 # tl.constexpr so that @triton.jit code may read it (a plain float global fails to compile on a GPU)
 LOG_SQRT_2PI = tl.constexpr(0.9189385332046727)
@@ -54,11 +55,14 @@ def _coefficients(p0, p1, level, sigma_max, MODE: tl.constexpr, PRED: tl.constex
     c = 0.0
     p = 0.0
     q = 0.0
-    if MODE == 0:  # flow "sde"
+    if MODE == 0 or MODE == 3:  # flow "sde" (Flow-GRPO), "dance" (DanceGRPO: the same step with std = level)
         sigma = p0
         dt = p1 - sigma
-        s = tl.where(sigma == 1.0, sigma_max, sigma)
-        std = level * tl.sqrt_rn(_div(sigma, 1.0 - s))
+        if MODE == 0:
+            s = tl.where(sigma == 1.0, sigma_max, sigma)
+            std = level * tl.sqrt_rn(_div(sigma, 1.0 - s))
+        else:
+            std = level + 0.0 * sigma
         a = 1.0 + _div(std * std, 2.0 * sigma) * dt
         b = (1.0 + _div(std * std * (1.0 - sigma), 2.0 * sigma)) * dt
         scale = std * tl.sqrt_rn(-dt)
