@@ -67,7 +67,8 @@ def _case(kind: str):
     return call, oracle
 
 
-KINDS = ["flow-sde", "flow-cps", "flow-dance", "ddim-eps", "ddim-sample", "ddim-v", "ddim-eps-clip", "ddim-v-clip-clipeps"]
+KINDS = ["flow-sde", "flow-cps", "flow-dance", "ddim-eps", "ddim-sample", "ddim-v", "ddim-eps-clip",
+         "ddim-v-clip-clipeps"]
 
 
 def _max_err(a: torch.Tensor | None, b: torch.Tensor | None) -> float:

@@ -124,7 +124,8 @@ def _step(policy: DiffusionPolicy, schedule: Schedule, i: int, x: torch.Tensor, 
         return flow_sde_step(x, out, float(sigmas[i]), float(sigmas[i + 1]), noise_level=noise_level, sde_type=sde_type,
                              prev_sample=prev_sample, generator=generator, sigma_max=sigma_max, ref_mean=ref_mean)
     cfg = policy.scheduler.config
-    return ddim_step(out, x, float(schedule.alphas_cumprod[i]), float(schedule.alphas_cumprod_prev[i]), eta=noise_level, prediction_type=cfg.prediction_type,
+    return ddim_step(out, x, float(schedule.alphas_cumprod[i]), float(schedule.alphas_cumprod_prev[i]),
+                     eta=noise_level, prediction_type=cfg.prediction_type,
                      clip_sample_range=cfg.clip_sample_range if cfg.clip_sample else None, prev_sample=prev_sample,
                      generator=generator, ref_mean=ref_mean)
 
@@ -152,8 +153,8 @@ def _check_int(name: str, value, low: int) -> int:
 def stochastic_steps(schedule, kind: str) -> torch.Tensor:
     """[S] bool: the steps whose transition has noise. A CPS step into sigma = 0 (the last flow step) and a DDIM
     step into alphas_cumprod = 1 (or into its own: t = 0) are deterministic (std 0): they run as ODE steps, with no
-    log-prob, and are never trained (Flow-GRPO's timestep_fraction 0.99 leaves CPS's last step out for the same reason: its KL term divides
-    by std^2 = 0; their CPS log-prob has no sampling behind it)."""
+    log-prob, and are never trained (Flow-GRPO's timestep_fraction 0.99 leaves CPS's last step out for the same
+    reason: its KL term divides by std^2 = 0; their CPS log-prob has no sampling behind it)."""
     if kind == "cps":
         return schedule.sigmas[1:] > 0
     if kind == "ddim":
