@@ -61,18 +61,37 @@ LIST=0
 RUN_TESTS=1
 ONLY_TESTS=()
 PROFILE=0
+# the value of option $1, or an error naming it (a missing value, or the next option taken for one)
+value_of() {
+    if [ $# -lt 2 ] || [ "${2#--}" != "$2" ]; then
+        echo "gpu_check.sh: $1 needs a value (benchmarks/gpu_check.sh --help)" >&2
+        exit 2
+    fi
+}
 while [ $# -gt 0 ]; do
     case "$1" in
-        --part) PART="$2"; shift 2 ;;
-        --budget) BUDGET="$2"; shift 2 ;;
+        --part) value_of "$@"; PART="$2"; shift 2 ;;
+        --budget) value_of "$@"; BUDGET="$2"; shift 2 ;;
         --list) LIST=1; shift ;;
         --no-tests) RUN_TESTS=0; shift ;;
-        --tests) ONLY_TESTS+=("$2"); shift 2 ;;
+        --tests) value_of "$@"; ONLY_TESTS+=("$2"); shift 2 ;;
         --profile) PROFILE=1; shift ;;
         -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
+case "$BUDGET" in
+    ''|*[!0-9]*) echo "gpu_check.sh: --budget must be a whole number of seconds, got '$BUDGET'" >&2; exit 2 ;;
+esac
+# a part name is checked before anything runs (a typo would otherwise cost the install and the build)
+KNOWN_PARTS="all tests engine"
+for entry in "${PART_PLAN[@]}"; do KNOWN_PARTS="$KNOWN_PARTS ${entry%%|*}"; done
+CASES_DIR="$(dirname "$0")/../fusedrl/bench/cases"
+if [[ " $KNOWN_PARTS " != *" $PART "* ]] && { [[ "$PART" == _* ]] || [ ! -f "$CASES_DIR/$PART.py" ]; }; then
+    cases=$(cd "$CASES_DIR" && ls ./*.py | sed 's|^\./||; s|\.py$||' | grep -v '^_' | tr '\n' ' ')
+    echo "gpu_check.sh: unknown part '$PART'; parts: $KNOWN_PARTS, or a case module: $cases(--list)" >&2
+    exit 2
+fi
 
 if [ "$LIST" = 1 ]; then
     echo "parts (benchmarks/gpu_check.sh --part NAME --budget SECONDS; budget $BUDGET s here):"

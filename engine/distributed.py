@@ -197,10 +197,39 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict,
     else:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(sharded_model, optimizer, optim_state_dict=state,
-                                 options=StateDictOptions(full_state_dict=True))
+        options = StateDictOptions(full_state_dict=True)
+        if _keyed_by_index(state):  # saved by one process (optimizer.state_dict()), resumed on several
+            state = _keyed_by_name(state, optimizer, sharded_model)
+        set_optimizer_state_dict(sharded_model, optimizer, optim_state_dict=state, options=options)
     for group, values in zip(optimizer.param_groups, built_with, strict=True):
         group.update(values)
+
+
+def _keyed_by_index(state: dict) -> bool:
+    return any(isinstance(p, int) for group in state.get("param_groups", ()) for p in group.get("params", ()))
+
+
+def _keyed_by_name(state: dict, optimizer: torch.optim.Optimizer, sharded_model: torch.nn.Module) -> dict:
+    """An `optimizer.state_dict()` (parameters numbered in param-group order) keyed by the parameter names that
+    `get_optimizer_state_dict` uses for `sharded_model`, whose optimizer was built the same way (same groups,
+    same order). A collective: every process calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    # the sharded form: every process gets the names (the whole form goes to rank 0 only, with cpu_offload)
+    names = get_optimizer_state_dict(sharded_model, optimizer, options=StateDictOptions())
+    groups = []
+    number_to_name = {}
+    saved_groups, name_groups = state["param_groups"], names["param_groups"]
+    if len(saved_groups) != len(name_groups):
+        raise ValueError(f"the saved optimizer state has {len(saved_groups)} parameter groups, this optimizer "
+                         f"{len(name_groups)}")
+    for saved, named in zip(saved_groups, name_groups):
+        if len(saved["params"]) != len(named["params"]):
+            raise ValueError(f"the saved optimizer state has a group of {len(saved['params'])} parameters where this "
+                             f"optimizer has {len(named['params'])}")
+        number_to_name.update(zip(saved["params"], named["params"]))
+        groups.append({**saved, "params": list(named["params"])})
+    return {"state": {number_to_name[k]: v for k, v in state["state"].items()}, "param_groups": groups}
 
 
 @contextlib.contextmanager

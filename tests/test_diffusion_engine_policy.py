@@ -73,6 +73,11 @@ def test_encode_decode_predict_shapes(tiny_dirs, family):
     assert len(emb) == 3 and emb.embeds.ndim == 3 and (emb.pooled is None) == (family == "sd")
     assert torch.equal(emb.embeds[0], emb.embeds[2])  # cached per prompt string
     assert set(policy._cache) == {"a cat", "a dog"}
+    # a prompt's cached embedding does not depend on the prompts it was first encoded with (a resumed run's
+    # cache starts empty and meets its prompts in other company)
+    alone = load_policy(tiny_dirs[family]).encode_prompts(["a dog"])
+    assert torch.equal(alone.embeds[0], emb.embeds[1])
+    assert alone.pooled is None or torch.equal(alone.pooled[0], emb.pooled[1])
     x, t = _inputs(policy, 3)
     with torch.no_grad():
         for g in (1.0, 3.0):

@@ -32,3 +32,22 @@ def test_syntax_help_and_list():
 def test_unknown_argument_is_refused():
     out = _run("--budjet", "10")
     assert out.returncode == 2 and "unknown argument --budjet" in out.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--part",), "--part needs a value"),
+    (("--part", "--list"), "--part needs a value"),  # --list is no part name: it started a whole run
+    (("--tests",), "--tests needs a value"),
+    (("--budget", "abc", "--list"), "--budget must be a whole number of seconds, got 'abc'"),
+    (("--part", "bogus"), "unknown part 'bogus'; parts: all tests engine"),  # refused before install and build
+    (("--part", "__init__"), "unknown part '__init__'"),
+])
+def test_bad_values_are_refused_before_any_work(args, message):
+    out = _run(*args)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert "gpu_check: part=" not in out.stdout  # nothing started
+
+
+def test_case_module_parts_are_accepted():
+    assert _run("--part", "rewards", "--list").returncode == 0
+    assert _run("--part", "llm_vs_trl", "--list").returncode == 0

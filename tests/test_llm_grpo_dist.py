@@ -176,3 +176,28 @@ def test_two_process_cli_run_and_resume(tmp_path, lora):
         assert optim_state.keys() == ckpt.tensors.keys()
         for k, v in optim_state.items():
             assert v["exp_avg"].shape == ckpt.tensors[k].shape and not hasattr(v["exp_avg"], "placements"), k
+
+
+def test_full_finetuning_saved_by_one_process_resumes_on_two(tmp_path):
+    """One process saves the optimizer state numbered by parameter (optimizer.state_dict()); FSDP2 loads it by
+    parameter name: the resume maps one onto the other (it failed with KeyError 'state.0.step'), and train.log says
+    that the samples now differ from an uninterrupted one-process run."""
+    from fusedrl.engine.runs import read_checkpoint, read_metrics
+
+    out = tmp_path / "run"
+    argv = ["train", "llm-grpo", "--out", str(out), "--prompts.per_step", "4", "--sampling.group_size", "2",
+            "--run.steps", "1", "--run.checkpoint_every", "1", "--no-run.progress", "--no-run.tensorboard",
+            "--no-lora.enabled", "--run.eval_every", "0"]
+    mp.spawn(_cli_worker, args=(1, free_port(), argv), nprocs=1, join=True)
+    saved = read_checkpoint(out / "checkpoints" / "step-00000001")
+    assert saved.world_size == 1 and all(isinstance(k, int) for k in saved.objects["optim"]["state"])
+    mp.spawn(_cli_worker, args=(2, free_port(), ["train", "llm-grpo", "--out", str(out), "--resume",
+                                                   "--run.steps", "2", "--no-run.progress"]), nprocs=2, join=True)
+    assert [r["step"] for r in read_metrics(out / "metrics.csv") if "skipped" in r] == [1, 2]
+    log = (out / "train.log").read_text()
+    assert "resumed on 2 processes; checkpoint step-00000001 was saved by 1" in log and "differ" in log
+    resumed = read_checkpoint(out / "checkpoints" / "step-00000002")
+    assert resumed.world_size == 2
+    # Adam's step count went on from the saved one: the moments were taken over, not restarted
+    steps = {float(v["step"]) for v in resumed.objects["optim"]["state"].values()}
+    assert steps == {2.0}

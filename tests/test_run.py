@@ -204,6 +204,38 @@ def test_resume_refuses_a_changed_config_unless_allowed(tmp_path):
     assert "lr: 0.2" in (tmp_path / "config.yaml").read_text()
 
 
+@dataclass
+class BatchCfg:
+    batch: int = field(4, "samples per process")
+    run: RunConfig = section(RunConfig, "run")
+
+
+def test_resume_on_another_process_count(tmp_path, monkeypatch):
+    """Checkpoints record the process count; a trainer whose batch is per process refuses a resume on another
+    count unless the batch field may change (and says which value keeps the global batch); others note it."""
+    cfg = BatchCfg(run=_cfg().run)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with Run(tmp_path, cfg) as run:
+        run.save_checkpoint(1, {"w": torch.ones(1)})
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with Run(tmp_path, cfg, resume=True) as run:
+        ckpt = run.load_checkpoint()
+        assert ckpt.world_size == 2
+        with pytest.raises(ConfigError, match=r"batch = 4 per process made 8 samples per step, 4 now; pass "
+                                              r"--batch 8 --allow-change batch to keep them"):
+            run.check_world_size(ckpt, per_process_batch="batch")
+        run.check_world_size(ckpt)
+        run.check_world_size(ckpt, samples_follow_rank=True)
+    log = (tmp_path / "train.log").read_text()
+    assert "resumed on 1 process; checkpoint step-00000001 was saved by 2: same global batch and samples" in log
+    assert "differ from those of an uninterrupted run on 2" in log
+    with Run(tmp_path, replace(cfg, batch=8), resume=True, allow_changed=["batch"]) as run:
+        run.check_world_size(run.load_checkpoint(), per_process_batch="batch")  # allowed: no error
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with Run(tmp_path, replace(cfg, batch=8), resume=True, allow_changed=["batch"]) as run:
+        run.check_world_size(run.load_checkpoint(), per_process_batch="batch")  # the same count: nothing to say
+
+
 def test_a_resumed_optimizer_keeps_its_state_and_takes_the_configs_hyperparameters():
     """`--resume --allow-change optim.lr`: the moments and step counts come from the checkpoint, the learning rate
     (and betas, eps, weight decay) from the config the optimizer is built from now, not the saved one."""

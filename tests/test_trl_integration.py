@@ -442,14 +442,18 @@ def test_patched_loss_matches_trl(trainer, calls, monkeypatch, case):
 
 
 @needs_trl
-def test_uncovered_loss_config_runs_trl_loss(trainer, calls, monkeypatch):
-    """A configuration grpo_loss does not cover (here: the high-entropy token mask) runs TRL's own loss."""
+def test_uncovered_loss_config_runs_trl_loss(trainer, calls, monkeypatch, caplog):
+    """A configuration grpo_loss does not cover (here: the high-entropy token mask) runs TRL's own loss, and says
+    so as a warning (printed with no logging configured)."""
     monkeypatch.setattr(trainer, "top_entropy_quantile", 0.5)
     monkeypatch.setattr(trainer, "current_gradient_accumulation_steps", 1, raising=False)
+    monkeypatch.setattr(fused_trl, "_said", set())
     inputs = _loss_inputs(trainer)
     want = _loss_and_grads(trainer, inputs)
     fused_trl.patch_grpo_trainer(loss=True)
-    got = _loss_and_grads(trainer, inputs)
+    with caplog.at_level("WARNING", logger="fusedrl"):
+        got = _loss_and_grads(trainer, inputs)
+    assert any(r.levelname == "WARNING" and "top_entropy_quantile < 1" in r.getMessage() for r in caplog.records)
     assert calls["grpo_loss"] == 0 and calls["token_logprobs"] == 1
     torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-5)
     assert got[2]["train"].keys() == want[2]["train"].keys()

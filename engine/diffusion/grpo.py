@@ -651,12 +651,14 @@ class GRPOTrainer:
         kept_adv = adv[keep.to(adv.device) > 0]
         metrics.update({"ratio_mean": sums["ratio"] / count, "onpolicy_ratio_err": on_policy_err,
                         "clip_frac": sums["clip_frac"] / count, "approx_kl": sums["approx_kl"] / count,
-                        "logp_mean": sums["logp"] / count,
-                        "adv_abs_mean": kept_adv.abs().mean().item() if len(kept_adv) else 0.0})
+                        "logp_mean": sums["logp"] / count})
         all_mean(metrics, sorted(k for k in metrics if k != "onpolicy_ratio_err"), self.device)  # over every process
         if select:  # the loss metrics over every process's kept samples (a process may have none)
             totals = all_sums([sums[k] for k in (*losses, "kept")], self.device)
             metrics.update({k: t / max(totals[-1], 1.0) for k, t in zip(losses, totals)})
+        # over every process's kept samples, which Pareto selection may spread unevenly
+        adv_sum, adv_n = all_sums([kept_adv.abs().sum().item(), len(kept_adv)], self.device)
+        metrics["adv_abs_mean"] = adv_sum / max(adv_n, 1.0)
         metrics["onpolicy_ratio_err"] = all_max(on_policy_err, self.device)
         metrics.update({"grad_norm": sum(grad_norms) / len(grad_norms), "updates": float(updates),
                         "trained_timesteps": float(len(steps))})
@@ -797,9 +799,10 @@ class GRPOTrainer:
         if run is None:
             raise ValueError("fit() needs a Run (the run folder); use train_step() without one")
         ckpt = run.load_checkpoint()
+        run.check_world_size(ckpt)  # samples are seeded by their place in the global batch, not by the rank
         if ckpt is not None:
             self.load_state(ckpt)
-        n_params = sum(p.numel() * (self.world if hasattr(p, "device_mesh") else 1) for p in self.params.values())
+        n_params = sum(p.numel() for p in self.params.values())  # a DTensor's numel is the whole tensor's
         what = "LoRA" if self.policy.has_lora else "full fine-tuning"
         procs = f" x {self.world} processes ({self.policy.strategy})" if self.world > 1 else ""
         run.info(f"diffusion-grpo: {self.policy.family} model on {self.device}{procs}, {what} "
@@ -821,25 +824,10 @@ class GRPOTrainer:
                 run.log(step, metrics)
             if run.every(step, cfg.run.checkpoint_every) or run.is_last(step):
                 self.save(step)
-        summary = reward_summary(run.out_dir / "metrics.csv") if run.is_main else None
-        if summary:
-            run.info(summary)
+        run.info_reward_summary()
         run.info_peak_memory(self.device)
         if offloaded := cfg.memory.offload_summary():
             run.info(offloaded)
-
-
-def reward_summary(metrics_csv: Path, key: str = "reward_mean") -> str | None:
-    """'reward_mean: first k steps a -> last k steps b (+d)' from a metrics.csv, k = min(10, steps // 4)."""
-    from ..runs import read_metrics
-
-    rows = [r for r in read_metrics(metrics_csv) if key in r and r["step"] > 0]
-    if len(rows) < 2:
-        return None
-    k = max(1, min(10, len(rows) // 4))
-    first = sum(r[key] for r in rows[:k]) / k
-    last = sum(r[key] for r in rows[-k:]) / k
-    return f"{key}: first {k} steps {first:.4g} -> last {k} steps {last:.4g} ({last - first:+.4g})"
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

@@ -509,27 +509,32 @@ class DiffusionPolicy:
             for m in modules:
                 m.to("cpu")
 
+    def _text_encoders_on_device(self):
+        return self._modules_on_device(self.text_encoders, keep=self._text_on_device)
+
     def _encode(self, prompts: list[str]) -> PromptEmbeddings:
+        """The pipeline's encode_prompt; the text encoders must be on the device (_text_encoders_on_device)."""
         pipe, device = self.pipe, self.device
         msl = self.defaults.get("max_sequence_length")
-        with self._modules_on_device(self.text_encoders, keep=self._text_on_device):
-            if self.family == "sd":
-                embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
-                return PromptEmbeddings(embeds)
-            if self.family == "sd3":
-                embeds, _, pooled, _ = pipe.encode_prompt(
-                    prompt=prompts, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
-                    do_classifier_free_guidance=False, max_sequence_length=msl)
-                return PromptEmbeddings(embeds, pooled)
-            embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device,
-                                                   num_images_per_prompt=1, max_sequence_length=msl)
+        if self.family == "sd":
+            embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
+            return PromptEmbeddings(embeds)
+        if self.family == "sd3":
+            embeds, _, pooled, _ = pipe.encode_prompt(
+                prompt=prompts, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
+                do_classifier_free_guidance=False, max_sequence_length=msl)
             return PromptEmbeddings(embeds, pooled)
+        embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device,
+                                               num_images_per_prompt=1, max_sequence_length=msl)
+        return PromptEmbeddings(embeds, pooled)
 
     def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeddings:
         """Text embeddings of `prompts` (B strings) -> PromptEmbeddings [B, ...] on `device`.
 
-        With frozen text encoders each distinct prompt is encoded once (under no_grad) and cached on the CPU;
-        the text encoders are on the accelerator only while encoding (offload_text_encoders). With trainable
+        With frozen text encoders each distinct prompt is encoded once (under no_grad), alone, and cached on the
+        CPU: a batched call's numerics depend on the batch, so a prompt's embedding would depend on the prompts it
+        was first encoded with, and a resumed run (its cache starts empty) would drift from an uninterrupted one.
+        The text encoders are on the accelerator only while encoding (offload_text_encoders). With trainable
         text encoders (LoRA on them) every call encodes, with grad when grad is enabled.
         """
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
@@ -538,13 +543,13 @@ class DiffusionPolicy:
         if not prompts:
             raise ValueError("prompts is empty")
         if self.text_encoder_trainable:
-            return self._encode(prompts)
+            with self._text_encoders_on_device():
+                return self._encode(prompts)
         missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
         if missing:
-            with torch.no_grad():
-                enc = self._encode(missing)
-            for i, p in enumerate(missing):
-                self._cache[p] = enc.index(slice(i, i + 1)).to("cpu")
+            with torch.no_grad(), self._text_encoders_on_device():
+                for p in missing:
+                    self._cache[p] = self._encode([p]).to("cpu")
         return PromptEmbeddings.cat([self._cache[p] for p in prompts]).to(self.device)
 
     def clear_prompt_cache(self) -> None:

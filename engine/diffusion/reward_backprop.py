@@ -581,6 +581,7 @@ def _train(cfg: RewardBackpropConfig, run: Run) -> int:
     if trainer.policy.backbone_patch is not None:
         run.info(trainer.policy.backbone_patch.summary())
     ckpt = run.load_checkpoint()
+    run.check_world_size(ckpt, per_process_batch="sampling.batch_size")
     if ckpt is not None:
         trainer.load_state(ckpt.tensors, ckpt.objects, ckpt.state)
     rc = cfg.run
@@ -608,6 +609,7 @@ def _train(cfg: RewardBackpropConfig, run: Run) -> int:
             # denoiser's weights already
             extra = (lambda folder: trainer.save_weights(folder / LORA_DIR)) if trainer.policy.has_lora else None
             run.save_checkpoint(step, tensors, {"skipped_total": trainer.skipped_total}, objects, write_extra=extra)
+    run.info_reward_summary()
     run.info_peak_memory(trainer.policy.device)
     run.info(f"done: weights in {run.out_dir / weights_dir}"
              + (" (load with pipe.load_lora_weights(...))" if trainer.policy.has_lora else ""))

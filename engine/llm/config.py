@@ -75,6 +75,9 @@ class ModelSection:
                                                          "model (used only when model.name_or_path is none)")
     tiny_hidden_size: int = field(128, "embedded default: hidden size", check=gt(0))
     tiny_layers: int = field(2, "embedded default: decoder layers", check=gt(0))
+    cpu_threads: int | None = field(None, "torch CPU threads while training (none: 1 for the embedded tiny model, "
+                                    "whose ops are too small to share out, else torch's default)", check=gt(0),
+                                    resume_ok=True)
 
     def __post_init__(self) -> None:
         if self.name_or_path is not None:

@@ -225,13 +225,14 @@ def _run(cfg: LLMGRPOConfig, run) -> int | None:
     lora = cfg.lora.enabled
     policy = trainer.policy
     ckpt = run.load_checkpoint()  # after building: the random initialisation must not consume restored streams
+    run.check_world_size(ckpt, samples_follow_rank=True)
     if ckpt is not None:
         policy.load_trainable_state(ckpt.tensors)
         policy.load_optimizer_state(trainer.optimizer, ckpt.objects["optim"])
         trainer.load_state_dict(ckpt.state)
     run.info(f"llm-grpo: {type(policy.model).__name__} on {trainer.device}"
              f"{f' x {world} processes ({policy.strategy})' if world > 1 else ''}, "
-             f"{sum(p.numel() for p in trainer.params) * (world if policy.strategy == 'fsdp' else 1):,} trainable "
+             f"{sum(p.numel() for p in trainer.params):,} trainable "
              f"parameters ({'LoRA' if lora else 'full'}), {len(trainer.records)} prompts, {cfg.prompts.per_step} x "
              f"{cfg.sampling.group_size} completions per step, loss {cfg.grpo.loss_type}, lr {trainer.lr:g}")
     if policy.backbone_patch is not None:
@@ -271,6 +272,7 @@ def _run(cfg: LLMGRPOConfig, run) -> int | None:
                     policy.save_pretrained(folder / "model", state_dict=tensors)
 
             run.save_checkpoint(step, tensors, trainer.state_dict(), {"optim": optim}, write_extra=extra)
+    run.info_reward_summary()
     run.info_peak_memory(trainer.device)
     if offloaded := cfg.memory.offload_summary():
         run.info(offloaded)
@@ -284,14 +286,24 @@ def _run(cfg: LLMGRPOConfig, run) -> int | None:
 def train(cfg: LLMGRPOConfig, run) -> int | None:
     """The `fusedrl train llm-grpo` entry point: runs `_run`, turning config problems found after start-up
     (prompt files, rewards, context length) and out-of-memory errors into a message and exit code 2 / 3."""
+    import torch
+
     from .trainer import OutOfMemoryAdvice, TooManySkips
 
+    threads = cfg.model.cpu_threads or (1 if cfg.model.name_or_path is None else None)
+    before = torch.get_num_threads()
+    if threads is not None:
+        # the embedded default on a 2-core CPU: 24 s on one thread, 73 s on torch's default two (its ~128-wide
+        # ops are too small to share out: the threads wait on each other)
+        torch.set_num_threads(threads)
     try:
         return _run(cfg, run)
     except ConfigError as exc:
         message, code = str(exc), 2
     except (OutOfMemoryAdvice, TooManySkips) as exc:
         message, code = str(exc), 3
+    finally:
+        torch.set_num_threads(before)
     run.info(f"llm-grpo stopped: {message}")
     print(f"fusedrl train llm-grpo: {message}", file=sys.stderr)
     return code

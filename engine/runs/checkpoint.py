@@ -5,7 +5,8 @@ Layout (under the run folder's `checkpoints/`):
     step-00000120/
         tensors.safetensors   model / LoRA / EMA tensors (`tensors` argument; safetensors, loads without pickle)
         objects.pt            optimizer, LR scheduler, grad scaler state dicts (`objects`; torch.save)
-        state.json            {"step", "format", "state": <trainer JSON state>, "rng": <capture_rng()>} -
+        state.json            {"step", "format", "state": <trainer JSON state>, "rng": <capture_rng()>,
+                              "world_size": <processes>} -
                               written last: its presence marks a complete checkpoint
         ...                   files the trainer's `write_extra(folder)` writes (e.g. diffusers LoRA weights)
     latest                    text file naming the newest checkpoint folder, for people and tools
@@ -50,6 +51,7 @@ class Checkpoint:
     state: dict[str, Any] = field(default_factory=dict)
     objects: dict[str, Any] = field(default_factory=dict)
     rng: dict[str, Any] | None = None
+    world_size: int | None = None  # the number of processes of the run that saved it (None: not recorded)
 
 
 def step_dir_name(step: int) -> str:
@@ -83,12 +85,13 @@ def _cpu_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
 def write_checkpoint(ckpt_root: str | Path, step: int, tensors: Mapping[str, torch.Tensor] | None = None,
                      state: Mapping[str, Any] | None = None, objects: Mapping[str, Any] | None = None,
                      rng: Mapping[str, Any] | None = None,
-                     write_extra: Callable[[Path], None] | None = None) -> Path:
+                     write_extra: Callable[[Path], None] | None = None, world_size: int | None = None) -> Path:
     """Write checkpoint `step` under `ckpt_root` atomically and point `latest` at it; return its folder.
 
     tensors: name -> tensor (safetensors); state: JSON-serializable trainer state (data position, counters);
     objects: anything `torch.save` takes (optimizer/scheduler state dicts); rng: `capture_rng()`;
-    write_extra(folder): writes more files into the checkpoint before it is committed."""
+    write_extra(folder): writes more files into the checkpoint before it is committed; world_size: the number of
+    processes of the run (read back as Checkpoint.world_size)."""
     from safetensors.torch import save_file
 
     if not isinstance(step, int) or step < 0:
@@ -106,7 +109,8 @@ def write_checkpoint(ckpt_root: str | Path, step: int, tensors: Mapping[str, tor
             torch.save(dict(objects), tmp / OBJECTS)
         if write_extra is not None:
             write_extra(tmp)
-        meta = {"format": FORMAT, "step": step, "state": state, "rng": dict(rng) if rng is not None else None}
+        meta = {"format": FORMAT, "step": step, "state": state, "rng": dict(rng) if rng is not None else None,
+                "world_size": world_size}
         (tmp / STATE).write_text(json.dumps(meta), encoding="utf-8")
         for path in tmp.rglob("*"):
             if path.is_file():
@@ -161,7 +165,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     if (path / OBJECTS).exists():
         objects = torch.load(path / OBJECTS, map_location=map_location, weights_only=weights_only)
     return Checkpoint(step=int(meta["step"]), path=path, tensors=tensors, state=meta.get("state") or {},
-                      objects=objects, rng=meta.get("rng"))
+                      objects=objects, rng=meta.get("rng"), world_size=meta.get("world_size"))
 
 
 def prune_checkpoints(ckpt_root: str | Path, keep: int) -> list[Path]:

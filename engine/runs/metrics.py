@@ -130,3 +130,14 @@ class MetricsCSV:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+def reward_summary(metrics_csv: Path, key: str = "reward_mean") -> str | None:
+    """'reward_mean: first k steps a -> last k steps b (+d)' from a metrics.csv, k = min(10, steps // 4)."""
+    rows = [r for r in read_metrics(metrics_csv) if key in r and r["step"] > 0]
+    if len(rows) < 2:
+        return None
+    k = max(1, min(10, len(rows) // 4))
+    first = sum(r[key] for r in rows[:k]) / k
+    last = sum(r[key] for r in rows[-k:]) / k
+    return f"{key}: first {k} steps {first:.4g} -> last {k} steps {last:.4g} ({last - first:+.4g})"

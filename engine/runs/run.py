@@ -57,7 +57,7 @@ from ..config import (
 from . import checkpoint as ckpt_io
 from .atomic import atomic_write_text
 from .checkpoint import Checkpoint
-from .metrics import RESERVED, MetricsCSV, to_float
+from .metrics import RESERVED, MetricsCSV, reward_summary, to_float
 from .rng import capture_rng, restore_rng
 
 log = logging.getLogger("fusedrl")
@@ -153,6 +153,7 @@ class Run:
         self.config = config
         self.rank = int(os.environ.get("RANK", 0)) if rank is None else int(rank)
         self.is_main = self.rank == 0
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))  # recorded in checkpoints
         run_cfg = getattr(config, "run", None)
         run_cfg = run_cfg if isinstance(run_cfg, RunConfig) else None
 
@@ -177,6 +178,7 @@ class Run:
 
         allow_changed = set(allow_changed)
         _check_fields(type(config), allow_changed)
+        self.allow_changed = frozenset(allow_changed)
         changes = self._prepare_folder(resume, allow_changed)
         if not self.is_main:
             return
@@ -291,6 +293,36 @@ class Run:
             restore_rng(ckpt.rng, generators)
         return ckpt
 
+    def check_world_size(self, ckpt: Checkpoint | None, *, per_process_batch: str | None = None,
+                         samples_follow_rank: bool = False) -> None:
+        """On resuming with another number of processes than the run that saved `ckpt`: refuse, or say what changes.
+
+        per_process_batch: the config field (dotted) that sets a per-process batch: the global batch would change
+            with the process count, so the resume is refused (ConfigError) unless that field is in allow_changed.
+        samples_follow_rank: each process draws its own samples; the run goes on with the same global batch, and a
+            train.log line says that the samples from here on differ from an uninterrupted run.
+        Otherwise the change is only noted in train.log. Checkpoints that did not record it are not checked."""
+        if ckpt is None or ckpt.world_size is None or ckpt.world_size == self.world_size:
+            return
+        saved, now = ckpt.world_size, self.world_size
+        where = f"resumed on {now} process{'es' * (now != 1)}; checkpoint {ckpt.path.name} was saved by {saved}"
+        if per_process_batch is not None and per_process_batch not in self.allow_changed:
+            value = self.config
+            for part in per_process_batch.split("."):
+                value = getattr(value, part)
+            hint = ""
+            if (saved * value) % now == 0:
+                hint = (f"pass --{per_process_batch} {saved * value // now} --allow-change {per_process_batch} to keep "
+                        f"them, or ")
+            raise ConfigError([(per_process_batch, f"{where}: {per_process_batch} = {value} per process made "
+                                f"{saved * value} samples per step, {now * value} now; {hint}--allow-change "
+                                f"{per_process_batch} to accept the change")], header="cannot resume")
+        if samples_follow_rank:
+            self.info(f"{where}: same global batch, but each process samples its own share, so the samples from here "
+                      f"on differ from those of an uninterrupted run on {saved}")
+        else:
+            self.info(f"{where}: same global batch and samples")
+
     def steps(self) -> Iterator[int]:
         """Yield the steps still to do, start_step + 1 .. total_steps; advances the progress bar after each."""
         if self.total_steps <= 0:
@@ -328,6 +360,16 @@ class Run:
             keys = self.progress_keys if self.progress_keys is not None else list(values)[:4]
             self._bar.set_postfix({k: f"{values[k]:.4g}" for k in keys if k in values}, refresh=False)
 
+    def info_reward_summary(self, key: str = "reward_mean") -> None:
+        """Write how `key` moved over the run (first steps vs last steps, `reward_summary`) to train.log and the
+        console, when metrics.csv has it."""
+        if not self.is_main:
+            return
+        self._metrics.sync()
+        summary = reward_summary(self.out_dir / METRICS_FILE, key)
+        if summary:
+            self.info(summary)
+
     def info_peak_memory(self, device: Any) -> None:
         """On a CUDA device: write its peak allocated memory (`torch.cuda.max_memory_allocated`) to train.log."""
         device = torch.device(device)
@@ -362,7 +404,8 @@ class Run:
         self._log_fh.flush()
         os.fsync(self._log_fh.fileno())
         rng = dict(rng) if rng is not None else capture_rng(generators)
-        path = ckpt_io.write_checkpoint(self.out_dir / CKPT_DIR, step, tensors, state, objects, rng, write_extra)
+        path = ckpt_io.write_checkpoint(self.out_dir / CKPT_DIR, step, tensors, state, objects, rng, write_extra,
+                                        world_size=self.world_size)
         removed = ckpt_io.prune_checkpoints(self.out_dir / CKPT_DIR, self.keep_checkpoints)
         self._log_fh.write(f"{_now()} checkpoint step={step} path={path}"
                            + (f" pruned={','.join(p.name for p in removed)}" if removed else "") + "\n")

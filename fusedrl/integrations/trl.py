@@ -79,9 +79,11 @@ _said: set[str] = set()
 
 
 def _say_once(message: str) -> None:
+    """A warning, once per message: a call fusedrl was asked to serve runs TRL's own code (the numbers are TRL's;
+    the speed and memory are not fusedrl's). Python prints warnings with no logging configured."""
     if message not in _said:
         _said.add(message)
-        log.info("fusedrl: %s", message)
+        log.warning("fusedrl: %s", message)
 
 
 def check_trl_version() -> str:
