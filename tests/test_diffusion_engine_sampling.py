@@ -199,6 +199,13 @@ def test_ddim_steps_follow_diffusers_for_each_timestep_spacing(tiny_dirs, spacin
     last_has_noise = spacing != "linspace"
     assert traj.sde_steps.tolist() == list(range(S if last_has_noise else S - 1))
     assert torch.isfinite(traj.log_probs).all()
+    # reward backprop's stochastic steps (DDIM eta > 0) run the same schedule
+    from fusedrl.engine.diffusion.differentiable import denoise, initial_latents, noise_generators
+
+    gens = noise_generators(2, 0)
+    final = denoise(policy, policy.encode_prompts(PROMPTS), schedule, initial_latents(policy, 2, gens), grad_steps=1,
+                    guidance_scale=1.0, generators=gens, noise_level=1.0)
+    assert torch.isfinite(final).all()
 
 
 def test_ddim_thresholding_is_refused(tiny_dirs, tmp_path):

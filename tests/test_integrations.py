@@ -246,6 +246,11 @@ def test_dance_grpo_mean_and_refusals(backend):
         flux_step(v, x, 0.3, sigmas, 3, None, grpo=True, sde_solver=False)
     with pytest.raises(ValueError, match="index must be"):
         flux_step(v, x, 0.3, sigmas, 10, None, grpo=True, sde_solver=True)
+    with pytest.raises(ValueError, match="index must be"):
+        flux_step(v, x, 0.3, sigmas, torch.tensor(1.0), None, grpo=True, sde_solver=True)
+    # DanceGRPO's training loop indexes with a 0-dim int64 tensor (perms[i][j])
+    torch.testing.assert_close(flux_step(v, x, 0.3, sigmas, torch.tensor(3), x, grpo=True, sde_solver=True)[2],
+                               flux_step(v, x, 0.3, sigmas, 3, x, grpo=True, sde_solver=True)[2])
     with pytest.raises(ValueError, match="eta must be"):
         flux_step(v, x, 0.0, sigmas, 3, None, grpo=True, sde_solver=True)
 

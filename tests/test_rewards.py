@@ -484,6 +484,9 @@ def test_aesthetic_head_key_layouts(clip_dir, aesthetic_dir, tmp_path, layout):
     ("Answer: x = -5", -5.0),
     ("Answer: \\frac{1}{2} \\cdot 4 = 2", 2.0),
     ("The answer is 3.5. Then 7 = 7", 3.5),  # the stated value's sentence only
+    ("The answer is 1024 = 2^{10}.", 1024.0),  # stated first, then worked out
+    ("The answer is 12 = 3 \\times 4", 12.0),
+    ("The answer is approx. 5 and 9 more", 5.0),  # an abbreviation's "." ends no sentence with the number
     ("no number here", None),
     ("", None),
     ("\\boxed{unbalanced", None),

@@ -219,21 +219,24 @@ def test_resume_on_another_process_count(tmp_path, monkeypatch):
         run.save_checkpoint(1, {"w": torch.ones(1)})
     monkeypatch.setenv("WORLD_SIZE", "1")
     with Run(tmp_path, cfg, resume=True) as run:
-        ckpt = run.load_checkpoint()
-        assert ckpt.world_size == 2
+        assert run.load_checkpoint().world_size == 2
         with pytest.raises(ConfigError, match=r"batch = 4 per process made 8 samples per step, 4 now; pass "
                                               r"--batch 8 --allow-change batch to keep them"):
-            run.check_world_size(ckpt, per_process_batch="batch")
-        run.check_world_size(ckpt)
-        run.check_world_size(ckpt, samples_follow_rank=True)
+            run.check_world_size(per_process_batch="batch")
+        run.check_world_size()
+        run.check_world_size(samples_follow_rank=True)
     log = (tmp_path / "train.log").read_text()
     assert "resumed on 1 process; checkpoint step-00000001 was saved by 2: same global batch and samples" in log
     assert "differ from those of an uninterrupted run on 2" in log
     with Run(tmp_path, replace(cfg, batch=8), resume=True, allow_changed=["batch"]) as run:
-        run.check_world_size(run.load_checkpoint(), per_process_batch="batch")  # allowed: no error
+        run.check_world_size(per_process_batch="batch")  # 2 x 4 = 1 x 8
+    assert (tmp_path / "train.log").read_text().count("same global batch and samples") == 2
+    with Run(tmp_path, cfg, resume=True, allow_changed=["batch"]) as run:
+        run.check_world_size(per_process_batch="batch")  # allowed, and said: the global batch halves
+    assert "8 -> 4 samples per step (batch 4 -> 4 per process)" in (tmp_path / "train.log").read_text()
     monkeypatch.setenv("WORLD_SIZE", "2")
     with Run(tmp_path, replace(cfg, batch=8), resume=True, allow_changed=["batch"]) as run:
-        run.check_world_size(run.load_checkpoint(), per_process_batch="batch")  # the same count: nothing to say
+        run.check_world_size(per_process_batch="batch")  # the same count: nothing to say
 
 
 def test_a_resumed_optimizer_keeps_its_state_and_takes_the_configs_hyperparameters():

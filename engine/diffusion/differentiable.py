@@ -36,7 +36,7 @@ import torch
 
 from ..checkpointing import checkpoint
 from .policy import DiffusionPolicy, PromptEmbeddings, Schedule
-from .sampling import _ode_step, _step
+from .sampling import _ode_step, _step, stochastic_steps
 
 __all__ = ["decode", "denoise", "initial_latents", "noise_generators", "predict_x0", "renoise", "step_noise"]
 
@@ -74,8 +74,9 @@ def step_noise(policy: DiffusionPolicy, latents: torch.Tensor, generators: Seque
 
 def _transition(policy: DiffusionPolicy, schedule: Schedule, i: int, x: torch.Tensor, out: torch.Tensor,
                 noise_level: float, sde_type: str, z: torch.Tensor | None) -> torch.Tensor:
-    """Step i from x with model output `out`: deterministic when noise_level == 0, else mean + scale * z."""
-    if noise_level == 0:
+    """Step i from x with model output `out`: deterministic when noise_level == 0 or the step has no noise
+    (`stochastic_steps`: "linspace" DDIM's t = 0 into itself), else mean + scale * z."""
+    if noise_level == 0 or not stochastic_steps(schedule, sde_type if policy.is_flow else "ddim")[i]:
         return _ode_step(policy, schedule, i, x.float(), out, sde_type)
     # prev_sample=x only makes the kernel return mean and std without drawing noise; its logp is unused.
     st = _step(policy, schedule, i, x.float(), out, noise_level=noise_level, sde_type=sde_type, prev_sample=x.float())

@@ -799,7 +799,7 @@ class GRPOTrainer:
         if run is None:
             raise ValueError("fit() needs a Run (the run folder); use train_step() without one")
         ckpt = run.load_checkpoint()
-        run.check_world_size(ckpt)  # samples are seeded by their place in the global batch, not by the rank
+        run.check_world_size()  # samples are seeded by their place in the global batch, not by the rank
         if ckpt is not None:
             self.load_state(ckpt)
         n_params = sum(p.numel() for p in self.params.values())  # a DTensor's numel is the whole tensor's

@@ -559,6 +559,10 @@ def _train(cfg: RewardBackpropConfig, run: Run) -> int:
     resolved = resolve(cfg)
     try:
         device = local_device(cfg.device or "auto", field="device")
+        run.check_world_size(per_process_batch="sampling.batch_size")  # before building: a refusal costs nothing
+    except ConfigError as exc:
+        _fail(run, exc)
+        return 2
     except ValueError as exc:
         _fail(run, ConfigError([("device", str(exc).split(": ", 1)[1])]))
         return 2
@@ -581,7 +585,6 @@ def _train(cfg: RewardBackpropConfig, run: Run) -> int:
     if trainer.policy.backbone_patch is not None:
         run.info(trainer.policy.backbone_patch.summary())
     ckpt = run.load_checkpoint()
-    run.check_world_size(ckpt, per_process_batch="sampling.batch_size")
     if ckpt is not None:
         trainer.load_state(ckpt.tensors, ckpt.objects, ckpt.state)
     rc = cfg.run

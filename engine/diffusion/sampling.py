@@ -56,7 +56,7 @@ class Trajectory:
     embeddings: PromptEmbeddings [B, ...] (conditional; detached) used at sampling.
     latents: [B, S + 1, C, h, w] fp32: latents[:, 0] the initial noise, latents[:, i + 1] the result of
         step i, latents[:, S] the final latents.
-    schedule: Schedule (timesteps [S], sigmas [S + 1] or alphas_cumprod [S + 1]).
+    schedule: Schedule (timesteps [S]; sigmas [S + 1], or alphas_cumprod and alphas_cumprod_prev [S]).
     sde_steps: [K] int64, ascending, the steps sampled with noise (and a log-prob).
     log_probs: [B, K] fp32, log p(latents[:, s + 1] | latents[:, s]) for s in sde_steps.
     images: [B, 3, H, W] fp32 in [0, 1], or None (decode=False).

@@ -225,7 +225,7 @@ def _run(cfg: LLMGRPOConfig, run) -> int | None:
     lora = cfg.lora.enabled
     policy = trainer.policy
     ckpt = run.load_checkpoint()  # after building: the random initialisation must not consume restored streams
-    run.check_world_size(ckpt, samples_follow_rank=True)
+    run.check_world_size(samples_follow_rank=True)
     if ckpt is not None:
         policy.load_trainable_state(ckpt.tensors)
         policy.load_optimizer_state(trainer.optimizer, ckpt.objects["optim"])

@@ -111,12 +111,17 @@ def parse_number(text: str, which: str = "last") -> float | None:
 
 
 def _stated_value(span: str) -> str:
-    """The part of an "answer is ..." span that holds the value: its first sentence, and of a worked equation
-    in it ("2^{10} = 1024", "x = 5") the right-hand side; an explanation ("7 because 3 + 4 = 7") keeps its
-    first number."""
+    """The part of an "answer is ..." span that holds the value: its first sentence (the whole span when that has
+    no number: "approx. 5"), and of a worked equation in it ("2^{10} = 1024", "x = 5") the right-hand side; an
+    answer stated first ("1024 = 2^{10}") or explained ("7 because 3 + 4 = 7") keeps its first number."""
     sentence = _SENTENCE_END.split(span, 1)[0]
-    if "=" in sentence and not _WORD.search(sentence.split("=", 1)[0]):
-        return sentence.rsplit("=", 1)[1]
+    if parse_number(sentence) is None:
+        return span
+    if "=" in sentence:
+        lhs = sentence.split("=", 1)[0]
+        stated_first = _NUMBER.fullmatch(lhs.strip(" \t$")) is not None
+        if not stated_first and not _WORD.search(lhs):
+            return sentence.rsplit("=", 1)[1]
     return sentence
 
 

@@ -6,7 +6,7 @@ Layout (under the run folder's `checkpoints/`):
         tensors.safetensors   model / LoRA / EMA tensors (`tensors` argument; safetensors, loads without pickle)
         objects.pt            optimizer, LR scheduler, grad scaler state dicts (`objects`; torch.save)
         state.json            {"step", "format", "state": <trainer JSON state>, "rng": <capture_rng()>,
-                              "world_size": <processes>} -
+                              "world_size": <processes>, "config": {dotted path: value}} -
                               written last: its presence marks a complete checkpoint
         ...                   files the trainer's `write_extra(folder)` writes (e.g. diffusers LoRA weights)
     latest                    text file naming the newest checkpoint folder, for people and tools
@@ -85,13 +85,15 @@ def _cpu_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
 def write_checkpoint(ckpt_root: str | Path, step: int, tensors: Mapping[str, torch.Tensor] | None = None,
                      state: Mapping[str, Any] | None = None, objects: Mapping[str, Any] | None = None,
                      rng: Mapping[str, Any] | None = None,
-                     write_extra: Callable[[Path], None] | None = None, world_size: int | None = None) -> Path:
+                     write_extra: Callable[[Path], None] | None = None, world_size: int | None = None,
+                     config: Mapping[str, Any] | None = None) -> Path:
     """Write checkpoint `step` under `ckpt_root` atomically and point `latest` at it; return its folder.
 
     tensors: name -> tensor (safetensors); state: JSON-serializable trainer state (data position, counters);
     objects: anything `torch.save` takes (optimizer/scheduler state dicts); rng: `capture_rng()`;
     write_extra(folder): writes more files into the checkpoint before it is committed; world_size: the number of
-    processes of the run (read back as Checkpoint.world_size)."""
+    processes of the run (read back as Checkpoint.world_size); config: the run's config as {dotted path: value}
+    (JSON values), the one this checkpoint was trained with (`read_meta`)."""
     from safetensors.torch import save_file
 
     if not isinstance(step, int) or step < 0:
@@ -110,7 +112,7 @@ def write_checkpoint(ckpt_root: str | Path, step: int, tensors: Mapping[str, tor
         if write_extra is not None:
             write_extra(tmp)
         meta = {"format": FORMAT, "step": step, "state": state, "rng": dict(rng) if rng is not None else None,
-                "world_size": world_size}
+                "world_size": world_size, "config": dict(config) if config is not None else None}
         (tmp / STATE).write_text(json.dumps(meta), encoding="utf-8")
         for path in tmp.rglob("*"):
             if path.is_file():
@@ -166,6 +168,15 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
         objects = torch.load(path / OBJECTS, map_location=map_location, weights_only=weights_only)
     return Checkpoint(step=int(meta["step"]), path=path, tensors=tensors, state=meta.get("state") or {},
                       objects=objects, rng=meta.get("rng"), world_size=meta.get("world_size"))
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """Checkpoint folder `path`'s state.json without its tensors and objects: "step", "state", "rng", and (where
+    recorded) "world_size" and "config" ({dotted path: value} of the run that saved it)."""
+    try:
+        return json.loads((Path(path) / STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not a complete fusedrl checkpoint (cannot read {STATE}: {exc})") from exc
 
 
 def prune_checkpoints(ckpt_root: str | Path, keep: int) -> list[Path]:

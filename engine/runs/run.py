@@ -48,7 +48,9 @@ from ..config import (
     build_config,
     config_diff,
     config_yaml,
+    dump_config,
     field,
+    flatten,
     ge,
     gt,
     leaf_paths,
@@ -293,30 +295,44 @@ class Run:
             restore_rng(ckpt.rng, generators)
         return ckpt
 
-    def check_world_size(self, ckpt: Checkpoint | None, *, per_process_batch: str | None = None,
-                         samples_follow_rank: bool = False) -> None:
-        """On resuming with another number of processes than the run that saved `ckpt`: refuse, or say what changes.
+    def _flat_config(self) -> dict[str, Any] | None:
+        if not dataclasses.is_dataclass(self.config):
+            return None
+        return {path: (value if isinstance(value, (int, float, str, bool, type(None))) else str(value))
+                for path, value in flatten(dump_config(self.config)).items()}
+
+    def check_world_size(self, *, per_process_batch: str | None = None, samples_follow_rank: bool = False) -> None:
+        """On resuming with another number of processes than the run that saved the checkpoint: refuse, or say what
+        changes. Call it before building anything (it reads the checkpoint's state.json only).
 
         per_process_batch: the config field (dotted) that sets a per-process batch: the global batch would change
             with the process count, so the resume is refused (ConfigError) unless that field is in allow_changed.
         samples_follow_rank: each process draws its own samples; the run goes on with the same global batch, and a
             train.log line says that the samples from here on differ from an uninterrupted run.
         Otherwise the change is only noted in train.log. Checkpoints that did not record it are not checked."""
-        if ckpt is None or ckpt.world_size is None or ckpt.world_size == self.world_size:
+        meta = {} if self.checkpoint_path is None else ckpt_io.read_meta(self.checkpoint_path)
+        saved, now = meta.get("world_size"), self.world_size
+        if saved is None or saved == now:
             return
-        saved, now = ckpt.world_size, self.world_size
-        where = f"resumed on {now} process{'es' * (now != 1)}; checkpoint {ckpt.path.name} was saved by {saved}"
-        if per_process_batch is not None and per_process_batch not in self.allow_changed:
+        where = (f"resumed on {now} process{'es' * (now != 1)}; checkpoint {self.checkpoint_path.name} was saved by "
+                 f"{saved}")
+        if per_process_batch is not None:
             value = self.config
             for part in per_process_batch.split("."):
                 value = getattr(value, part)
-            hint = ""
-            if (saved * value) % now == 0:
-                hint = (f"pass --{per_process_batch} {saved * value // now} --allow-change {per_process_batch} to keep "
-                        f"them, or ")
-            raise ConfigError([(per_process_batch, f"{where}: {per_process_batch} = {value} per process made "
-                                f"{saved * value} samples per step, {now * value} now; {hint}--allow-change "
-                                f"{per_process_batch} to accept the change")], header="cannot resume")
+            old = (meta.get("config") or {}).get(per_process_batch, value)  # what the checkpoint trained with
+            if saved * old != now * value:
+                if per_process_batch not in self.allow_changed:
+                    hint = ""
+                    if (saved * value) % now == 0:
+                        hint = (f"pass --{per_process_batch} {saved * value // now} --allow-change {per_process_batch} "
+                                f"to keep them, or ")
+                    raise ConfigError([(per_process_batch, f"{where}: {per_process_batch} = {value} per process made "
+                                        f"{saved * value} samples per step, {now * value} now; {hint}--allow-change "
+                                        f"{per_process_batch} to accept the change")], header="cannot resume")
+                self.info(f"{where}: {saved * old} -> {now * value} samples per step ({per_process_batch} "
+                          f"{old} -> {value} per process)")
+                return
         if samples_follow_rank:
             self.info(f"{where}: same global batch, but each process samples its own share, so the samples from here "
                       f"on differ from those of an uninterrupted run on {saved}")
@@ -405,7 +421,7 @@ class Run:
         os.fsync(self._log_fh.fileno())
         rng = dict(rng) if rng is not None else capture_rng(generators)
         path = ckpt_io.write_checkpoint(self.out_dir / CKPT_DIR, step, tensors, state, objects, rng, write_extra,
-                                        world_size=self.world_size)
+                                        world_size=self.world_size, config=self._flat_config())
         removed = ckpt_io.prune_checkpoints(self.out_dir / CKPT_DIR, self.keep_checkpoints)
         self._log_fh.write(f"{_now()} checkpoint step={step} path={path}"
                            + (f" pruned={','.join(p.name for p in removed)}" if removed else "") + "\n")

@@ -6,6 +6,8 @@ speed and memory, not the learning curve:
 - `fusedrl.integrations.flow_grpo.sde_step_with_logprob`: Flow-GRPO's
   `flow_grpo.diffusers_patch.sd3_sde_with_logprob.sde_step_with_logprob` (flow-matching SDE / CPS
   step on a `FlowMatchEulerDiscreteScheduler`), over `fusedrl.kernels.flow_sde_step`.
+- `fusedrl.integrations.dance_grpo.flux_step`: DanceGRPO's `flux_step` (fastvideo/train_grpo_flux.py; MixGRPO
+  copies it), over `fusedrl.kernels.flow_sde_step(..., sde_type="dance")`.
 - `fusedrl.integrations.ddpo.ddim_step_with_logprob`: DDPO's
   `ddpo_pytorch.diffusers_patch.ddim_with_logprob.ddim_step_with_logprob` (DDIM step on a
   `DDIMScheduler`), over `fusedrl.kernels.ddim_step`.

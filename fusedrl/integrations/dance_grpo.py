@@ -14,6 +14,7 @@ std_dev_t sqrt(-dt). Same arguments and results as the original, in one fused pa
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -39,7 +40,7 @@ def flux_step(
         latents: [B, ...] the current latent (DanceGRPO passes it in fp32).
         eta: the noise scale, > 0 (DanceGRPO's scripts: 0.3).
         sigmas: [S + 1] the sigma schedule (DanceGRPO: sd3_time_shift(shift, linspace(1, 0, S + 1))).
-        index: the step, 0 <= index < S: from sigmas[index] to sigmas[index + 1].
+        index: the step, 0 <= index < S (an int or a 0-dim integer tensor): from sigmas[index] to sigmas[index + 1].
         prev_sample: [B, ...] a given next latent (its log-prob is computed; no noise is drawn), or None.
         grpo: True: sample (when prev_sample is None) and return the log-prob; False: the deterministic mean.
         sde_solver: must be True (the score-corrected mean DanceGRPO trains with); False, the Euler mean
@@ -59,9 +60,14 @@ def flux_step(
                          "step; DanceGRPO trains with sde_solver=True")
     if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1:
         raise TypeError(f"sigmas must be a 1-D tensor (the schedule), got {type(sigmas).__name__}")
-    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < sigmas.shape[0] - 1:
+    try:  # an int, or a 0-dim integer tensor (DanceGRPO's training loop passes perms[i][j])
+        step = operator.index(index) if not isinstance(index, bool) else None
+    except TypeError:
+        step = None
+    if step is None or not 0 <= step < sigmas.shape[0] - 1:
         raise ValueError(f"index must be an int in [0, {sigmas.shape[0] - 2}] (sigmas has {sigmas.shape[0]} "
                          f"entries), got {index!r}")
+    index = step
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta > 0:
         raise ValueError(f"eta must be a float > 0, got {eta!r}")
     sigma, sigma_next = float(sigmas[index]), float(sigmas[index + 1])

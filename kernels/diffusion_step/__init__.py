@@ -1,4 +1,4 @@
-"""Diffusion trajectory steps with Gaussian log-probabilities (Flow-GRPO SDE/CPS, DDPO DDIM).
+"""Diffusion trajectory steps with Gaussian log-probabilities (Flow-GRPO SDE/CPS, DanceGRPO, DDPO DDIM).
 
 - `api.py`: the public functions `flow_sde_step`, `ddim_step` and `StepOutput`
 - `reference.py`: the torch formulas (oracle and CPU path)
