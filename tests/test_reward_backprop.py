@@ -387,3 +387,27 @@ def test_help_documents_every_option(capsys):
             assert f"--{fi.path}" in text, fi.path
             assert fi.help and " ".join(fi.help.split())[:40] in text, fi.path
     assert "embedded default" in text and "alignprop" in text
+
+
+def test_cli_resume_on_another_process_count_is_refused_cleanly(tmp_path, capsys, monkeypatch):
+    """sampling.batch_size is per process: a checkpoint saved by 2 processes resumed by 1 would halve the global
+    batch. The refusal comes before the model is built, as a message and exit code 2, naming the batch that keeps
+    the global one."""
+    import json
+
+    out = tmp_path / "run"
+    argv = ["train", "reward-backprop", "--out", str(out), "--sampling.num_steps", "2", "--run.eval_every", "0",
+            "--run.checkpoint_every", "1", "--no-run.progress", "--no-run.tensorboard"]
+    assert main([*argv, "--run.steps", "1"]) == 0
+    state = out / "checkpoints" / "step-00000001" / "state.json"
+    meta = json.loads(state.read_text())
+    assert meta["world_size"] == 1 and meta["config"]["sampling.batch_size"] >= 1
+    state.write_text(json.dumps({**meta, "world_size": 2}))  # as if two processes had saved it
+    capsys.readouterr()
+    loaded = []
+    monkeypatch.setattr("fusedrl.engine.diffusion.policy.load_policy", lambda *a, **k: loaded.append(1))
+    assert main([*argv, "--run.steps", "2", "--resume"]) == 2
+    err = capsys.readouterr().err
+    batch = meta["config"]["sampling.batch_size"]
+    assert f"--sampling.batch_size {2 * batch} --allow-change sampling.batch_size to keep them" in err
+    assert not loaded and "stopped by" not in (out / "train.log").read_text()
