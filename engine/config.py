@@ -118,17 +118,20 @@ def config_errors(path: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def model_loading_errors(model_field: str, lora_field: str | None = None) -> Iterator[None]:
+def model_loading_errors(model_field: str, lora_field: str | None = None,
+                         text_lora_field: str | None = None) -> Iterator[None]:
     """Loading the model a config names: a model that cannot be found or read (an OSError from from_pretrained: a
     wrong path or hub id, no network) and LoRA targets the model lacks (peft's NoMatchingPeftModuleError) become
-    ConfigErrors naming the field, not tracebacks."""
+    ConfigErrors naming the field, not tracebacks (`text_lora_field` for the text encoders' targets: the loader
+    marks those errors `text_encoder = True`)."""
     try:
         yield
     except OSError as exc:
         raise ConfigError([(model_field, f"could not be loaded: {exc}")]) from exc
     except ValueError as exc:
         if lora_field is not None and type(exc).__name__ == "NoMatchingPeftModuleError":
-            raise ConfigError([(lora_field, str(exc))]) from exc
+            field_ = text_lora_field if getattr(exc, "text_encoder", False) and text_lora_field else lora_field
+            raise ConfigError([(field_, str(exc))]) from exc
         raise
 
 

@@ -257,10 +257,18 @@ def test_several_updates_per_step_are_off_policy_and_clipped(tiny_dirs):
 
 
 def test_trained_timesteps_are_a_seeded_subset(tiny_dirs):
-    trainer = GRPOTrainer(_cfg(tiny_dirs["sd3"], **{"grpo.timestep_fraction": 0.5}))
+    trainer = GRPOTrainer(_cfg(tiny_dirs["sd3"], **{"grpo.timestep_fraction": 0.5,
+                                                   "grpo.timestep_selection": "random"}))
     picks = [trainer.trained_steps(s, list(range(10))) for s in (1, 2, 1)]
     assert all(len(p) == 5 and p == sorted(p) for p in picks)
     assert picks[0] == picks[2] and picks[0] != picks[1]
+
+
+@pytest.mark.parametrize("fraction,count", [(0.99, 9), (0.3, 3), (0.5, 5), (0.05, 1), (1.0, 10)])
+def test_trained_timesteps_count_and_order_as_flow_grpo(tiny_dirs, fraction, count):
+    """Flow-GRPO trains the first int(num_steps x timestep_fraction) steps (its 0.99 leaves the last one out)."""
+    trainer = GRPOTrainer(_cfg(tiny_dirs["sd3"], **{"grpo.timestep_fraction": fraction}))
+    assert trainer.trained_steps(1, list(range(10))) == list(range(count))
 
 
 def test_nan_reward_skips_the_step_and_changes_nothing(tiny_dirs):
@@ -358,6 +366,24 @@ def test_ema_and_full_finetuning_with_a_reference_copy(tiny_dirs):
     full.train_step(1)
     m = full.train_step(2)
     assert m["skipped"] == 0 and m["kl"] > 0
+
+
+def test_full_finetuning_exports_its_ema(tiny_dirs, tmp_path):
+    """Full fine-tuning with grpo.ema saves denoiser_ema/ beside denoiser/ (only LoRA's EMA was exported)."""
+    import diffusers
+
+    trainer = GRPOTrainer(_cfg(tiny_dirs["sd3"], **{"lora.enabled": False, "grpo.ema": True, "grpo.ema_decay": 0.5,
+                                                   "optim.lr": 1e-3}))
+    trainer.train_step(1)
+    trainer.train_step(2)
+    trainer.save_weights(tmp_path)
+    load = lambda name: diffusers.SD3Transformer2DModel.from_pretrained(tmp_path / name).state_dict()
+    weights, ema = load("denoiser"), load("denoiser_ema")
+    name = "denoiser.pos_embed.proj.weight"  # trainer.params are named "denoiser.<the model's own name>"
+    key = name.removeprefix("denoiser.")
+    torch.testing.assert_close(ema[key], trainer.ema.shadow[name].to(ema[key].dtype))
+    torch.testing.assert_close(weights[key], trainer.params[name].detach().to(weights[key].dtype))
+    assert not torch.equal(ema[key], weights[key])
 
 
 def test_mixed_precision_bf16_step_runs(tiny_dirs):

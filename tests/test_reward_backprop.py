@@ -411,3 +411,12 @@ def test_cli_resume_on_another_process_count_is_refused_cleanly(tmp_path, capsys
     batch = meta["config"]["sampling.batch_size"]
     assert f"--sampling.batch_size {2 * batch} --allow-change sampling.batch_size to keep them" in err
     assert not loaded and "stopped by" not in (out / "train.log").read_text()
+
+
+def test_options_the_method_does_not_read_are_named():
+    assert make_cfg(method="alignprop").unused_options() == ["backprop.truncation_k (for method draft)"]
+    assert make_cfg(method="draft").unused_options() == []
+    assert make_cfg(**{"method": "draft", "backprop.lv_samples": 5, "backprop.refl_margin": 2.0}).unused_options() == [
+        "backprop.lv_samples (for method draft-lv)", "backprop.refl_margin (for method refl)"]
+    assert make_cfg(**{"method": "draft", "backprop.k_range": [1, 2]}).unused_options() == [
+        "backprop.truncation_k (backprop.k_range replaces it)"]

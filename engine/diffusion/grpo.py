@@ -10,7 +10,8 @@ Each training step:
    come (in a background thread with `reward.background`, overlapping the next chunk's sampling);
 2. scores the images (`reward.names`, weighted), and forms group advantages (`group_advantages`:
    (r - group mean) / (group std + 1e-4), clamped to +-grpo.adv_clip_max);
-3. picks the trained timesteps: a seeded random `grpo.timestep_fraction` of the SDE steps;
+3. picks the trained timesteps: `grpo.timestep_fraction` of the SDE steps, the first ones (Flow-GRPO) or a seeded
+   random subset (`grpo.timestep_selection random`);
 4. for each inner epoch, each micro-batch (the sampler's own, so the recomputed log-probs repeat its
    numerics and the on-policy ratio is exactly 1 in fp32) and each trained timestep: recomputes the
    log-prob under the current policy (`recompute_logprobs`), takes Flow-GRPO's loss through
@@ -226,8 +227,9 @@ class GRPOTrainer:
                                 f"must split evenly over the {self.world} processes")])
         seed_everything(cfg.run.seed)
         p = cfg.prompts
-        if p.train is None:
-            self.train_prompts = list(DEFAULT_PROMPTS)
+        if p.train is None:  # the built-in list, in its order unless prompts.limit picks a seeded few
+            self.train_prompts = load_prompts(list(DEFAULT_PROMPTS), seed=cfg.run.seed if p.limit else None,
+                                              limit=p.limit)
         else:
             with config_errors("prompts.train"):
                 self.train_prompts = load_prompts(p.train, field=p.column, split=p.split, seed=cfg.run.seed,
@@ -306,7 +308,7 @@ class GRPOTrainer:
         # run.seed alone (not of whether the embedded model had to be built first)
         seed_everything(cfg.run.seed)
         try:
-            with model_loading_errors("model.model", "lora.target_modules"):
+            with model_loading_errors("model.model", "lora.target_modules", "lora.text_encoder_target_modules"):
                 policy = load_policy(model, device=self.device, dtype=None if m.dtype == "auto" else m.dtype,
                                      vae_dtype=None if m.vae_dtype == "auto" else m.vae_dtype, lora=lora or False,
                                      reference_copy=lora is None and cfg.grpo.beta > 0,
@@ -553,13 +555,17 @@ class GRPOTrainer:
         return out
 
     def trained_steps(self, step: int, sde_steps: Sequence[int]) -> list[int]:
-        """The SDE steps trained at `step`: a seeded random `grpo.timestep_fraction` of them (at least one)."""
+        """The SDE steps trained at `step`: int(`grpo.timestep_fraction` x their number) of them (at least one), the
+        first ones or a seeded random subset (`grpo.timestep_selection`)."""
         import torch
 
         sde_steps = list(sde_steps)
-        k = max(1, min(len(sde_steps), int(round(len(sde_steps) * self.cfg.grpo.timestep_fraction))))
+        # Flow-GRPO's int(num_steps * timestep_fraction); the epsilon keeps 0.3 x 10 at 3 (2.9999... in floats)
+        k = max(1, min(len(sde_steps), math.floor(len(sde_steps) * self.cfg.grpo.timestep_fraction + 1e-9)))
         if k == len(sde_steps):
             return sde_steps
+        if self.cfg.grpo.timestep_selection == "first":
+            return sde_steps[:k]
         g = torch.Generator().manual_seed(_seed(self.cfg.run.seed, "timesteps", step))
         return sorted(sde_steps[i] for i in torch.randperm(len(sde_steps), generator=g)[:k].tolist())
 
@@ -756,17 +762,24 @@ class GRPOTrainer:
         self.consecutive_skips = int(ckpt.state.get("consecutive_skips", 0))
         self.skipped_total = int(ckpt.state.get("skipped_total", 0))
 
-    def save_weights(self, folder: Path, denoiser: Any = None) -> None:
-        """The trained weights in diffusers' formats under `folder`: lora/ (+ lora_ema/), or denoiser/
-        (`denoiser`: `policy.plain_denoiser()`, taken by the caller on every process; else taken here)."""
+    def save_weights(self, folder: Path, denoiser: Any = None, denoiser_ema: Any = None) -> None:
+        """The trained weights in diffusers' formats under `folder`: lora/ (+ lora_ema/), or denoiser/ (+
+        denoiser_ema/) (`denoiser`, `denoiser_ema`: `policy.plain_denoiser()` of the weights and of the EMA, taken by
+        the caller on every process under FSDP2, where it is a collective; else taken here)."""
         if self.policy.has_lora:
             self.policy.save_lora(folder / "lora")
             if self.ema is not None:
                 with self.ema.swapped():
                     self.policy.save_lora(folder / "lora_ema")
-        else:
-            (denoiser if denoiser is not None else self.policy.plain_denoiser()).save_pretrained(
-                folder / "denoiser", safe_serialization=True)
+            return
+        (denoiser if denoiser is not None else self.policy.plain_denoiser()).save_pretrained(
+            folder / "denoiser", safe_serialization=True)
+        if self.ema is not None:
+            if denoiser_ema is None:
+                with self.ema.swapped():
+                    self.policy.plain_denoiser().save_pretrained(folder / "denoiser_ema", safe_serialization=True)
+            else:
+                denoiser_ema.save_pretrained(folder / "denoiser_ema", safe_serialization=True)
 
     def save(self, step: int) -> Path | None:
         """A checkpoint (and the run folder's lora/, replaced atomically). Every process calls it (under FSDP2
@@ -775,6 +788,10 @@ class GRPOTrainer:
             return None
         tensors, optim = self.state_tensors(), self.policy.optimizer_state(self.optimizer)
         plain = None if self.policy.has_lora else self.policy.plain_denoiser()  # a collective under FSDP2
+        plain_ema = None
+        if not self.policy.has_lora and self.ema is not None and self.policy.strategy == "fsdp":
+            with self.ema.swapped():
+                plain_ema = self.policy.plain_denoiser()  # a copy (a collective): the swap is undone after
         objects = {"optim": optim}
         if self.scaler is not None:
             objects["scaler"] = self.scaler.state_dict()
@@ -783,9 +800,9 @@ class GRPOTrainer:
                                          "skipped_total": self.skipped_total,
                                          **({"prompt_stats": self.prompt_stats.state_dict()}
                                             if self.prompt_stats is not None else {})},
-                                        objects, write_extra=lambda folder: self.save_weights(folder, plain))
+                                        objects, write_extra=lambda folder: self.save_weights(folder, plain, plain_ema))
         if path is not None:
-            for name in ("lora", "lora_ema", "denoiser"):
+            for name in ("lora", "lora_ema", "denoiser", "denoiser_ema"):
                 if (path / name).exists():
                     _replace_dir(path / name, self.run.out_dir / name)
         return path
@@ -813,6 +830,9 @@ class GRPOTrainer:
                     "blocks" if self.checkpointed else ""))
         if self.policy.backbone_patch is not None:
             run.info(self.policy.backbone_patch.summary())
+        if not self.policy.is_flow and cfg.sampling.sde_type != "sde":
+            run.info(f"sampling.sde_type {cfg.sampling.sde_type} is for flow models: this DDIM model samples "
+                     f"DDPO's step (eta = sampling.noise_level)")
         if run.start_step == 0 and cfg.run.eval_every > 0:
             run.log(0, self._guarded(self.evaluate, 0))
         for step in run.steps():

@@ -101,6 +101,8 @@ class LoraSection:
     def __post_init__(self) -> None:
         if self.target_modules is not None and not self.target_modules:
             raise ValueError("target_modules: give at least one module name, or none for the default")
+        if self.text_encoder and not self.text_encoder_target_modules:
+            raise ValueError("text_encoder_target_modules: give at least one module name (with lora.text_encoder)")
 
 
 @dataclass
@@ -173,6 +175,17 @@ class SamplingSection:
         if self.window_shift_every and self.sde_window is None:
             raise ValueError("window_shift_every: moves sampling.sde_window, which is not set (none: every step is "
                              "an SDE step)")
+        if self.sde_type == "cps":  # CPS's last step, into sigma = 0, has no noise: no log-prob to train on
+            if self.sde_window is None and self.steps == 1:
+                raise ValueError("steps: 1 step under sde_type cps is its last step, into sigma = 0, which has no "
+                                 "noise (nothing to train); use 2 or more steps, or sde_type sde")
+            if self.sde_window is not None and self.sde_window[1] - self.sde_window[0] == 1:
+                last = self.sde_window[0] == self.steps - 1
+                reaches = self.window_shift_every and self.window_shift_stride > 0
+                if last or reaches:
+                    raise ValueError(f"sde_window: a one-step window {'at' if last else 'sliding to'} the last step "
+                                     f"({self.steps - 1}) holds only CPS's step into sigma = 0, which has no noise; "
+                                     "widen it or keep it earlier")
 
     def window_at(self, step: int) -> tuple[int, int] | None:
         """The SDE window of training step `step` (1-based): sde_window moved by window_shift_stride once every
@@ -261,11 +274,16 @@ class GRPOSection:
         "replaces grpo.std's group statistics; 0: off", check=ge(0))
     prompt_stats_min_count: int = field(16, "rewards a prompt needs before its own statistics are used",
                                         check=gt(0))
-    timestep_fraction: float = field(1.0, "fraction of the SDE steps trained in each step (a seeded random subset, "
-                                     "at least one)", check=Check(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    timestep_fraction: float = field(1.0, "fraction of the SDE steps trained in each step: int(fraction x steps), at "
+                                     "least one, as Flow-GRPO counts them (0.99 of 10: 9)",
+                                     check=Check(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    timestep_selection: Literal["first", "random"] = field(
+        "first", "which SDE steps timestep_fraction trains: the first ones (Flow-GRPO), or a seeded random subset "
+        "drawn anew each step (DDPO / DanceGRPO shuffle the timesteps)")
     inner_epochs: int = field(1, "passes over each step's samples (later passes are off-policy: the clip acts)",
                               check=gt(0))
-    ema: bool = field(False, "keep an EMA of the trainable weights; evaluation and the saved lora_ema/ use it")
+    ema: bool = field(False, "keep an EMA of the trainable weights; evaluation and the saved lora_ema/ (full "
+                      "fine-tuning: denoiser_ema/) use it")
     ema_decay: float = field(0.95, "EMA decay per optimizer step", check=between(0, 1))
     reference_ema_decay: float | None = field(
         None, "full fine-tuning with beta > 0: move the reference copy towards the policy with this EMA decay after "

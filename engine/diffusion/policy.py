@@ -297,7 +297,11 @@ class DiffusionPolicy:
                 names = ["text_encoder"] + (["text_encoder_2"] if self.family == "sd3" else [])
                 for name in names:
                     te = getattr(pipe, name)
-                    _inject_lora(te, lora.peft_config(lora.text_encoder_target_modules))
+                    try:
+                        _inject_lora(te, lora.peft_config(lora.text_encoder_target_modules))
+                    except ValueError as exc:  # peft's NoMatchingPeftModuleError: say whose targets they were
+                        exc.text_encoder = True
+                        raise
                     self.lora_text_encoders.append(te)
             self.compute_dtype = self.dtype
         else:

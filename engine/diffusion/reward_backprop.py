@@ -584,6 +584,8 @@ def _train(cfg: RewardBackpropConfig, run: Run) -> int:
              f"rewards={cfg.reward.names} device={device}{procs}")
     if trainer.policy.backbone_patch is not None:
         run.info(trainer.policy.backbone_patch.summary())
+    if unused := cfg.unused_options():
+        run.info(f"not used by method {cfg.method}: {', '.join(unused)}")
     ckpt = run.load_checkpoint()
     if ckpt is not None:
         trainer.load_state(ckpt.tensors, ckpt.objects, ckpt.state)

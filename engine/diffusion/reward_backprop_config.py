@@ -248,6 +248,22 @@ class RewardBackpropConfig:
         if problems:
             raise ValueError("; ".join(problems))
 
+    def unused_options(self) -> list[str]:
+        """The backprop options set away from their defaults that `method` does not read (a config file shared by
+        several methods may set them; the trainer names them in train.log, so that none seems to act)."""
+        bp, defaults, out = self.backprop, BackpropConfig(), []
+        for name, methods in _METHOD_OPTIONS.items():
+            if self.method not in methods and getattr(bp, name) != getattr(defaults, name):
+                out.append(f"backprop.{name} (for method {' / '.join(methods)})")
+        if self.method == "draft" and bp.k_range is not None and bp.truncation_k != defaults.truncation_k:
+            out.append("backprop.truncation_k (backprop.k_range replaces it)")
+        return out
+
+
+# the backprop options each method reads (the others must keep their defaults)
+_METHOD_OPTIONS = {"truncation_k": ("draft",), "k_range": ("alignprop", "draft"), "lv_samples": ("draft-lv",),
+                   "refl_range": ("refl",), "refl_margin": ("refl",)}
+
 
 @dataclass(frozen=True)
 class Resolved:
