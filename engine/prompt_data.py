@@ -31,11 +31,11 @@ T = TypeVar("T")
 
 
 def _rows_txt(path: Path, field: str) -> list[dict]:
-    return [{"_line": n, field: line} for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)]
+    return [{"_line": n, field: line} for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1)]
 
 
 def _rows_json(path: Path, field: str) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -59,7 +59,7 @@ def _rows_json(path: Path, field: str) -> list[dict]:
 
 
 def _rows_csv(path: Path, field: str) -> list[dict]:
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
         rows = [{"_line": n, **row} for n, row in enumerate(reader, 2)]
         if reader.fieldnames is not None and field not in reader.fieldnames:
@@ -95,7 +95,11 @@ def _rows_dataset(name: str, split: str, field: str) -> list[dict]:
                 raise ValueError(f"{name}: no split {split!r} (splits: {list(ds)})")
             ds = ds[split]
     else:
-        ds = datasets.load_dataset(name, split=split)
+        try:
+            ds = datasets.load_dataset(name, split=split)
+        except Exception as exc:  # network, hub and format errors alike: say what was looked for
+            raise ValueError(f"{name!r} is no {'/'.join(FILE_TYPES)} file, and loading it as a datasets dataset "
+                             f"failed: {type(exc).__name__}: {exc}") from exc
     if field not in ds.column_names:
         raise ValueError(f"dataset {name!r} (split {split!r}) has no column {field!r} (columns: {ds.column_names})")
     return list(ds)
@@ -111,6 +115,9 @@ def read_rows(source: str | os.PathLike, *, field: str = "prompt", split: str = 
         raise ValueError(f"prompt file {str(source)!r}: unsupported extension {ext!r}; use one of "
                          f"{', '.join(FILE_TYPES)} (or a datasets dataset)")
     if ext not in FILE_TYPES:
+        if ext and "/" not in str(source) and not path.is_dir():  # "prompts.tsv2": a file name, not a hub dataset id
+            raise ValueError(f"prompt file {str(source)!r}: unknown extension {ext!r}; use one of "
+                             f"{', '.join(FILE_TYPES)} (or a datasets dataset: a hub id or a saved folder)")
         return _rows_dataset(str(source), split, field)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {str(source)!r} does not exist")

@@ -40,6 +40,12 @@ def test_csv_column_and_errors(tmp_path):
     assert load_prompts(f, field="text") == ["a cat", "a dog, running"]
     with pytest.raises(ValueError, match=r"no column 'prompt' \(columns: \['id', 'text'\]\)"):
         load_prompts(f)
+    # Excel's "CSV UTF-8" (and some editors' JSONL / TXT) start with a byte-order mark: not part of the first name
+    f.write_bytes(b"\xef\xbb\xbftext,id\na cat,1\n")
+    assert load_prompts(f, field="text") == ["a cat"]
+    (tmp_path / "p.jsonl").write_bytes(b'\xef\xbb\xbf{"prompt": "a fox"}\n')
+    (tmp_path / "p.txt").write_bytes(b"\xef\xbb\xbfa owl\n")
+    assert load_prompts(tmp_path / "p.jsonl") == ["a fox"] and load_prompts(tmp_path / "p.txt") == ["a owl"]
 
 
 def test_empty_missing_and_unsupported(tmp_path):
@@ -51,6 +57,8 @@ def test_empty_missing_and_unsupported(tmp_path):
         load_prompts(tmp_path / "missing.txt")
     with pytest.raises(ValueError, match="unsupported extension '.tsv'"):
         load_prompts(tmp_path / "p.tsv")
+    with pytest.raises(ValueError, match="unknown extension '.tsv2'"):  # a typo, not a hub dataset (no network wait)
+        load_prompts("prompts.tsv2")
     (tmp_path / "l.json").write_text('["a cat", {"prompt": "a dog"}]')  # .json and .parquet read too
     assert load_prompts(tmp_path / "l.json") == ["a cat", "a dog"]
     with pytest.raises(TypeError, match="source"):

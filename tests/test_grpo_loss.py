@@ -180,3 +180,17 @@ def test_num_items_tensor_is_one_positive_number():
             grpo_loss(logp, old, adv, mask, num_items=torch.tensor(-7.0))
     one = grpo_loss(logp, old, adv, mask, num_items=torch.tensor([300.0], device=logp.device))[0]
     assert one.shape == () and torch.equal(one, grpo_loss(logp, old, adv, mask, num_items=300.0)[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_token_completions_average_metrics_over_kept_tokens(backend, use_backend):
+    """Token-level ratios of completions one token wide are [B, 1]: still per token, so a masked row (logp 0 where
+    the label is ignored, a real old logp) stays out of ratio_mean / kl / clip ratios on every backend (the torch
+    path once took [B, 1] for per-sequence and averaged it in: ratio_mean 74.7 here)."""
+    use_backend(backend)
+    t = lambda rows: torch.tensor(rows, device=DEVICE)
+    logp, old, ref = t([[-1.0], [0.0]]), t([[-1.0], [-5.0]]), t([[-1.0], [-3.0]])
+    _, m = grpo_loss(logp, old, t([1.0, -1.0]), t([[1.0], [0.0]]), ref_logp=ref, beta=0.04)
+    assert m["ratio_mean"].item() == pytest.approx(1.0)
+    assert m["kl"].item() == pytest.approx(0.0, abs=1e-6)
+    assert m["clip_ratio/region_mean"].item() == 0.0

@@ -451,6 +451,12 @@ def test_prompt_plus_completion_longer_than_context_is_refused(model_dirs, tmp_p
         llm_grpo.build(_cfg(model_dirs["qwen2"], **{"prompts.train": str(tmp_path / "p.jsonl"),
                                                     "prompts.max_prompt_length": 58,
                                                     "sampling.max_completion_length": 8}), tmp_path)
+    # the long prompt only among the evaluation prompts: that field is named (it blamed prompts.train)
+    (tmp_path / "short.jsonl").write_text(json.dumps({"prompt": "2=", "answer": "2"}) + "\n")
+    with pytest.raises(ConfigError, match="prompts.eval: the longest evaluation prompt has 60 tokens"):
+        llm_grpo.build(_cfg(model_dirs["qwen2"], **{"prompts.train": str(tmp_path / "short.jsonl"),
+                                                    "prompts.eval": str(tmp_path / "p.jsonl"),
+                                                    "sampling.max_completion_length": 8}), tmp_path)
 
 
 def test_adapter_saved_with_checkpointed_layers_has_every_lora_weight(model_dirs, tmp_path):
@@ -516,8 +522,19 @@ def test_a_reward_that_needs_answers_is_refused_before_the_model_loads(model_dir
     monkeypatch.setattr(policy.Policy, "from_pretrained", lambda *a, **k: pytest.fail("the model loaded"))
     cfg = _cfg(model_dirs["qwen2"], **{"prompts.train": str(tmp_path / "p.jsonl")})
     with pytest.raises(ConfigError, match=r"prompts.train: the numeric_answer reward needs reference answers, and 2 "
-                                          r"of the 2 training prompts have none: set prompts.answer_field"):
+                                          r"of the 2 training prompts have none or an empty one \(the first: record "
+                                          r"0, prompt '1\+1='\): set prompts.answer_field"):
         llm_grpo.build(cfg, tmp_path)
+    # a blank CSV cell, and an answer with no number: refused up front too (they crashed the run when first drawn)
+    (tmp_path / "q.csv").write_text("question,solution\n1+1=,2\n2+1=,\n")
+    over = {"prompts.train": str(tmp_path / "q.csv"), "prompts.prompt_field": "question",
+            "prompts.answer_field": "solution"}
+    with pytest.raises(ConfigError, match=r"1 of the 2 training prompts have none or an empty one"):
+        llm_grpo.build(_cfg(model_dirs["qwen2"], **over), tmp_path)
+    (tmp_path / "q.csv").write_text("question,solution\n1+1=,2\n2+1=,N/A\n")
+    with pytest.raises(ConfigError, match=r"cannot use the answer of record \d of the training prompts \(prompt "
+                                          r"'2\+1='\): has no finite number: 'N/A'"):
+        llm_grpo.build(_cfg(model_dirs["qwen2"], **over), tmp_path)
 
 
 def test_evaluation_prompts_metrics_and_rng(model_dirs, tmp_path):
@@ -573,3 +590,18 @@ def test_full_fine_tuning_reference_copy_is_patched_too(model_dirs, tmp_path):
     trainer = llm_grpo.build(cfg, tmp_path)
     for model in (trainer.policy.model, trainer.policy.ref_model):
         assert sum("forward" in m.__dict__ for m in model.modules()) == 5 + 2  # 5 RMSNorms, 2 SwiGLU MLPs
+
+
+def test_a_stop_string_that_is_a_special_token_stops(model_dirs):
+    """A stop string naming a special token (e.g. "<|im_end|>" on a model whose EOS is another token) ends the row:
+    the check decodes with special tokens kept (it decoded without them and never saw it)."""
+    from fusedrl.engine.llm.generation import _StopStrings
+
+    tok = Policy.from_pretrained(str(model_dirs["qwen2"])).tokenizer
+    unk, a = tok.convert_tokens_to_ids("<unk>"), tok.convert_tokens_to_ids("1")
+    stop = _StopStrings(tok, ["<unk>"], prompt_len=2, rows=2, device="cpu")
+    ids = torch.tensor([[a, a, a, unk], [a, a, a, a]])
+    assert stop(ids[:, :3], None).tolist() == [False, False]
+    assert stop(ids, None).tolist() == [True, False] and stop.stopped_at.tolist() == [2, -1]
+    plain = _StopStrings(tok, ["11"], prompt_len=2, rows=2, device="cpu")
+    assert plain.skip_special  # plain-text stops keep decoding without special tokens

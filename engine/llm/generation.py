@@ -92,6 +92,12 @@ class _StopStrings:
         self.tokenizer = tokenizer
         self.stop = list(stop)
         self.tail = max(len(s) for s in self.stop) + 2  # tokens decoded per check: each gives >= 1 character
+        # a stop string holding a special token ("<|im_end|>" on a model whose EOS is another token) is only seen
+        # in a decode that keeps special tokens
+        specials = set(getattr(tokenizer, "all_special_tokens", None) or ())
+        specials |= {t.content for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values()
+                     if getattr(t, "special", False)}
+        self.skip_special = not any(sp and sp in s for s in self.stop for sp in specials)
         self.prompt_len = prompt_len
         self.stopped_at = torch.full((rows,), -1, dtype=torch.long, device=device)
 
@@ -102,7 +108,8 @@ class _StopStrings:
             todo = (~done).nonzero()[:, 0].tolist()
             if todo:
                 start = max(self.prompt_len, input_ids.shape[1] - self.tail)
-                tails = self.tokenizer.batch_decode(input_ids[todo, start:].tolist(), skip_special_tokens=True)
+                tails = self.tokenizer.batch_decode(input_ids[todo, start:].tolist(),
+                                                    skip_special_tokens=self.skip_special)
                 for row, text in zip(todo, tails):
                     if any(s in text for s in self.stop):
                         self.stopped_at[row] = n_new

@@ -27,6 +27,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,19 +60,23 @@ def _dtype(name: str, device):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def check_context(cfg: LLMGRPOConfig, prompt_lengths: list[int], context: int | None, model_name: str) -> None:
-    """Refuse (ConfigError naming the fields) when the longest prompt plus max_completion_length does not fit the
-    model's context."""
-    if context is None or not prompt_lengths:
+def check_context(cfg: LLMGRPOConfig, prompt_lengths: list[int], context: int | None, model_name: str,
+                  eval_lengths: Sequence[int] = ()) -> None:
+    """Refuse (ConfigError naming the fields) when the longest prompt (training, or `eval_lengths`' evaluation
+    prompts) plus max_completion_length does not fit the model's context."""
+    if context is None or not (prompt_lengths or eval_lengths):
         return
     c = cfg.sampling.max_completion_length
-    longest = max(prompt_lengths)
+    longest = max([*prompt_lengths, *eval_lengths])
+    in_eval = max(eval_lengths, default=-1) > max(prompt_lengths, default=-1)
     if c >= context:
         raise ConfigError([("sampling.max_completion_length", f"{c} tokens do not fit the context of {model_name} "
                             f"({context} tokens) with any prompt; lower it below {context}")])
     if longest + c > context:
-        where = "prompts.max_prompt_length" if cfg.prompts.max_prompt_length is not None else "prompts.train"
-        raise ConfigError([(where, f"the longest prompt has {longest} tokens, which with "
+        where = ("prompts.max_prompt_length" if cfg.prompts.max_prompt_length is not None else
+                 "prompts.eval" if in_eval else "prompts.train")
+        which = "evaluation prompt" if in_eval else "prompt"
+        raise ConfigError([(where, f"the longest {which} has {longest} tokens, which with "
                             f"sampling.max_completion_length = {c} makes {longest + c} > the context of "
                             f"{model_name} ({context} tokens); lower sampling.max_completion_length or set "
                             f"prompts.max_prompt_length <= {context - c} (keeps the last tokens of each prompt)")])
@@ -140,9 +145,11 @@ def build(cfg: LLMGRPOConfig, out_dir: str | os.PathLike | None = None) -> Any:
         tokenizer = load_tokenizer(source, revision=m.revision, trust_remote_code=m.trust_remote_code)
         model_config = transformers.AutoConfig.from_pretrained(source, revision=m.revision,
                                                                trust_remote_code=m.trust_remote_code)
-    lengths = [len(t) for t in tokenize_prompts(tokenizer, [r.prompt for r in records + eval_records],
-                                                cfg.prompts.max_prompt_length)]
-    check_context(cfg, lengths, context_length(model_config), "the embedded model" if embedded else source)
+    lengths, eval_lengths = ([len(t) for t in tokenize_prompts(tokenizer, [r.prompt for r in recs],
+                                                               cfg.prompts.max_prompt_length)]
+                             for recs in (records, eval_records))
+    check_context(cfg, lengths, context_length(model_config), "the embedded model" if embedded else source,
+                  eval_lengths)
 
     lora = None
     if cfg.lora.enabled:

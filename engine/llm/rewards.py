@@ -67,14 +67,24 @@ def build_reward_terms(names: Sequence[str] = (), function: str | Callable | Non
 
 def check_answers(terms: Sequence[RewardTerm], records: Sequence[Any], what: str) -> None:
     """ValueError naming the first reward that needs reference answers when some of `records` (prompt records,
-    `what`: where they come from) have none: found before the model loads, not at the first step."""
+    `what`: where they come from) have none (or an empty one: a blank CSV cell), or one the reward cannot use
+    (its `reference_error`, e.g. numeric_answer's answer with no number): found before the model loads, not
+    when that prompt is first drawn, maybe hours into a run."""
     for term in terms:
-        if getattr(term.fn, "needs_answers", False):
-            missing = sum(1 for r in records if r.answer is None)
-            if missing:
-                raise ValueError(f"the {term.name} reward needs reference answers, and {missing} of the "
-                                 f"{len(records)} {what} have none: set prompts.answer_field to the answer column "
-                                 "(or choose a reward that needs no answers)")
+        if not getattr(term.fn, "needs_answers", False):
+            continue
+        missing = [i for i, r in enumerate(records)
+                   if r.answer is None or (isinstance(r.answer, str) and not r.answer.strip())]
+        if missing:
+            raise ValueError(f"the {term.name} reward needs reference answers, and {len(missing)} of the "
+                             f"{len(records)} {what} have none or an empty one (the first: record {missing[0]}, "
+                             f"prompt {records[missing[0]].prompt!r}): set prompts.answer_field to the answer column, "
+                             "fill them in (or choose a reward that needs no answers)")
+        check = getattr(term.fn, "reference_error", None)
+        for i, r in enumerate(records) if check is not None else ():
+            if (problem := check(r.answer)) is not None:
+                raise ValueError(f"the {term.name} reward cannot use the answer of record {i} of the {what} "
+                                 f"(prompt {r.prompt!r}): {problem}")
 
 
 def _call(fn: Callable, completions: list[str], prompts: list[str], answers: list, completion_ids: list) -> Any:

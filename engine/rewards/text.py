@@ -170,13 +170,20 @@ class NumericAnswerReward(TextReward):
         self.correct_reward, self.wrong_reward, self.invalid_reward = correct_reward, wrong_reward, invalid_reward
         self.fallback_last_number = fallback_last_number
 
-    def _reference(self, answer, index: int) -> float:
+    def reference_error(self, answer) -> str | None:
+        """Why `answer` cannot be a reference (None when it can): trainers check their data with it up front."""
         if isinstance(answer, bool) or not isinstance(answer, str | int | float):
-            raise TypeError(f"answers[{index}] must be a str or a number; got {type(answer).__name__}")
+            return f"must be a str or a number; got {type(answer).__name__}"
         value = float(answer) if not isinstance(answer, str) else final_number(answer)
         if value is None or not math.isfinite(value):
-            raise ValueError(f"answers[{index}] has no finite number: {answer!r}")
-        return value
+            return f"has no finite number: {answer!r}"
+        return None
+
+    def _reference(self, answer, index: int) -> float:
+        problem = self.reference_error(answer)
+        if problem is not None:
+            raise (TypeError if problem.startswith("must be") else ValueError)(f"answers[{index}] {problem}")
+        return float(answer) if not isinstance(answer, str) else final_number(answer)
 
     def _score_texts(self, completions, prompts, answers) -> torch.Tensor:
         out = []

@@ -92,31 +92,35 @@ def grpo_loss(
     else:  # "luspo"
         loss = masked.sum(-1).mean()
 
-    return loss, _metrics(loss_type, per_token_kl, ratio, coef_1, advantages, mask, eps_low, eps_high, entropy)
+    return loss, _metrics(loss_type, per_token_kl, ratio, coef_1, advantages, mask, eps_low, eps_high, entropy,
+                          importance_level == "sequence")
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """TRL's `global_masked_mean` on one process: per-sequence values ([B, 1]) are averaged over
-    sequences, per-token values ([B, T]) over the tokens the mask keeps."""
-    x = x.detach()
-    if x.shape[1] == 1:
-        return x.sum() / max(x.shape[0], 1)
-    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+def _metrics(loss_type, per_token_kl, ratio, clipped_ratio, advantages, mask, eps_low, eps_high, entropy, sequence):
+    """`clipped_ratio` is the ratio after the two-sided `delta` clamp: TRL counts clipping on it.
 
+    TRL's `global_masked_mean` on one process: per-sequence values (the [B, 1] weights of sequence-level ratios,
+    and what is derived from them) are averaged over sequences, per-token values over the tokens the mask keeps.
+    Which is which follows `sequence` (importance_level), not the shape: with completions one token wide a token
+    level [B, 1] value is per token (TRL's shape test averages it over masked rows too)."""
 
-def _metrics(loss_type, per_token_kl, ratio, clipped_ratio, advantages, mask, eps_low, eps_high, entropy):
-    """`clipped_ratio` is the ratio after the two-sided `delta` clamp: TRL counts clipping on it."""
-    metrics = {"ratio_mean": _masked_mean(ratio, mask)}
+    def masked_mean(x: torch.Tensor) -> torch.Tensor:
+        x = x.detach()
+        if sequence and x.shape[1] == 1:
+            return x.sum() / max(x.shape[0], 1)
+        return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+    metrics = {"ratio_mean": masked_mean(ratio)}
     if per_token_kl is not None:
-        metrics["kl"] = _masked_mean(per_token_kl, mask)
+        metrics["kl"] = masked_mean(per_token_kl)
     if entropy is not None:
-        metrics["entropy"] = _masked_mean(entropy.to(mask.dtype), mask)
+        metrics["entropy"] = masked_mean(entropy.to(mask.dtype))
     if loss_type in CLIP_FAMILY:
         low = ((clipped_ratio < 1 - eps_low) & (advantages < 0)).to(mask.dtype)
         high = ((clipped_ratio > 1 + eps_high) & (advantages > 0)).to(mask.dtype)
-        metrics["clip_ratio/low_mean"] = _masked_mean(low, mask)
-        metrics["clip_ratio/high_mean"] = _masked_mean(high, mask)
-        metrics["clip_ratio/region_mean"] = _masked_mean(torch.maximum(low, high), mask)
+        metrics["clip_ratio/low_mean"] = masked_mean(low)
+        metrics["clip_ratio/high_mean"] = masked_mean(high)
+        metrics["clip_ratio/region_mean"] = masked_mean(torch.maximum(low, high))
     elif loss_type == "cispo":
-        metrics["cispo_clip_ratio"] = _masked_mean(((ratio > eps_high) & (advantages > 0)).to(mask.dtype), mask)
+        metrics["cispo_clip_ratio"] = masked_mean(((ratio > eps_high) & (advantages > 0)).to(mask.dtype))
     return metrics
