@@ -91,6 +91,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import logging
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -447,6 +449,8 @@ class CheckpointWrapper(nn.Module):
         return self._modules[_WRAPPED]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.training and torch.is_grad_enabled():
+            _drop_kv_cache(kwargs)
         return checkpoint(self._modules[_WRAPPED], *args, policy=self.policy,
                           preserve_rng_state=self.preserve_rng_state, offload_inputs=self.offload_inputs, **kwargs)
 
@@ -463,6 +467,37 @@ class CheckpointWrapper(nn.Module):
 
     def extra_repr(self) -> str:
         return f"policy={self.policy!r}" + (", offload_inputs=True" if self.offload_inputs else "")
+
+
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache")  # "cache": transformers >= 5.2x
+_said_cache = False
+
+
+def _is_kv_cache(name: str, value: Any) -> bool:
+    if value is None:
+        return False
+    if name != "cache":
+        return True
+    cache_utils = sys.modules.get("transformers.cache_utils")  # a generic name: only transformers' Cache objects
+    return cache_utils is not None and isinstance(value, cache_utils.Cache)
+
+
+def _drop_kv_cache(kwargs: dict) -> None:
+    """A checkpointed transformers decoder layer called with a KV cache (use_cache defaults to True, also in
+    training) would append its keys and values to it twice, once more in the recomputation: the cache is left out of
+    training calls, as transformers' own gradient checkpointing does (its GradientCheckpointingLayer)."""
+    global _said_cache
+    dropped = [k for k in _CACHE_KWARGS if _is_kv_cache(k, kwargs.get(k))]
+    for k in dropped:
+        kwargs[k] = None
+    if kwargs.get("use_cache"):
+        kwargs["use_cache"] = False
+        dropped.append("use_cache")
+    if dropped and not _said_cache:
+        _said_cache = True
+        logging.getLogger("fusedrl").warning(
+            "fusedrl checkpointing: training calls of checkpointed layers run without their KV cache (%s), which "
+            "the recomputation would fill twice; pass use_cache=False to say so", ", ".join(dropped))
 
 
 def _selector(module_types, predicate) -> Callable[[str, nn.Module], bool]:

@@ -454,6 +454,36 @@ def test_unet_fully_masked_text_row(unet):
     torch.testing.assert_close(got, stock, atol=2e-3, rtol=1e-2)
 
 
+def test_unet_text_mask_checked_once_per_forward_and_compiles(unet, monkeypatch):
+    """The UNet turns its text mask into one float bias that every cross-attention layer gets: its values are read
+    (a host sync) once per forward, not once per layer; and under torch.compile(fullgraph=True), where they cannot be
+    read, the stock processor serves the masked calls (the check broke the graph: a data-dependent branch)."""
+    g = torch.Generator().manual_seed(5)
+    sample, text = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 7, 24, generator=g)
+    text_mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    with torch.no_grad():
+        ref = unet(sample, 10, encoder_hidden_states=text, encoder_attention_mask=text_mask).sample
+    patch = fusedrl.patch_attention(unet)
+    try:
+        checks = []
+        real_all = torch.Tensor.all
+        monkeypatch.setattr(torch.Tensor, "all", lambda t, *a, **k: checks.append(1) or real_all(t, *a, **k))
+        with torch.no_grad():
+            got = unet(sample, 10, encoder_hidden_states=text, encoder_attention_mask=text_mask).sample
+        monkeypatch.undo()
+        layers = sum(1 for _, m in unet.attn_processors.items() if isinstance(m, da.FusedRLAttnProcessor)) // 2
+        assert len(checks) == 1 and layers > 1
+        _close(got, ref, "unet output")
+        torch._dynamo.reset()
+        compiled = torch.compile(unet, fullgraph=True, backend="aot_eager")
+        with torch.no_grad():
+            out = compiled(sample, 10, encoder_hidden_states=text, encoder_attention_mask=text_mask).sample
+        _close(out, ref, "compiled unet output")
+    finally:
+        patch.undo()
+        torch._dynamo.reset()
+
+
 def test_unet_without_text_mask(unet, count_flash):
     g = torch.Generator().manual_seed(1)
     sample, text = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 5, 24, generator=g)

@@ -497,3 +497,29 @@ def test_torch_compile_traces_the_wrapped_blocks(model_x):
     got = {"x": x.grad, **{n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in model.named_parameters()}}
     assert_same_grads(got, ref)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("policy", ["full", "save_attention"])
+def test_transformers_decoder_layers_train_with_their_default_kv_cache(policy):
+    """A transformers LM's training forward leaves use_cache at its default (True): checkpointed decoder layers run
+    without the cache (the recomputation appended K/V to it a second time and backward failed), and the gradients
+    equal those of the unwrapped model called with use_cache=False."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from fusedrl.engine.checkpointing import apply_checkpointing
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :3] = 0
+    torch.manual_seed(0)
+    ref_model = transformers.LlamaForCausalLM(cfg).train()
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).train()
+    ref_model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss.backward()
+    apply_checkpointing(model, policy, module_types=LlamaDecoderLayer)
+    model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    for (name, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)

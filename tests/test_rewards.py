@@ -255,6 +255,29 @@ def test_preprocess_matches_clip_image_processor():
     torch.testing.assert_close(pre(y), (y - MEAN) / STD)
 
 
+def test_preprocess_letterbox_and_crop_offsets():
+    """fit="pad" is HPSv2's ResizeMaxSize (longer side -> size, black padding split in half, the odd pixel after);
+    crop_offset="round" is torchvision's CenterCrop (Python's round of half the excess), "floor" transformers'."""
+    pre = ClipPreprocess(size=8, crop=8, fit="pad")
+    x = torch.ones(1, 3, 12, 6)  # -> 8 x 4, padded by 2 columns on each side
+    got = pre(x)
+    black, white = (0 - MEAN) / STD, (1 - MEAN) / STD
+    assert got.shape == (1, 3, 8, 8)
+    torch.testing.assert_close(got[..., :, 2:6], white.expand(1, 3, 8, 4))
+    torch.testing.assert_close(got[..., :, :2], black.expand(1, 3, 8, 2))
+    torch.testing.assert_close(got[..., :, 6:], black.expand(1, 3, 8, 2))
+    odd = ClipPreprocess(size=8, crop=8, fit="pad")(torch.ones(1, 3, 8, 5))  # no resize; 3 columns: 1 left, 2 right
+    assert torch.equal(odd[0, 0, 0] == white[0, 0, 0, 0], torch.tensor([False, True, True, True, True, True, False,
+                                                                         False]))
+    ramp = torch.arange(11.0).view(1, 1, 1, 11).expand(1, 3, 8, 11) / 10  # already 8 on its shorter side
+    floor = ClipPreprocess(size=8, crop=8)(ramp)
+    rounded = ClipPreprocess(size=8, crop=8, crop_offset="round")(ramp)
+    torch.testing.assert_close(floor, (ramp[..., 1:9] - MEAN) / STD)  # (11 - 8) // 2 = 1
+    torch.testing.assert_close(rounded, (ramp[..., 2:10] - MEAN) / STD)  # round(1.5) = 2
+    with pytest.raises(ValueError, match="fit must be"):
+        ClipPreprocess(size=8, crop=6, fit="pad")
+
+
 def test_preprocessor_config_is_read(clip_dir, tmp_path):
     import json
     import shutil

@@ -111,6 +111,26 @@ def test_hpsv2_reward_from_checkpoint_file(hps_dir):
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
+def test_hpsv2_letterboxes_non_square_images():
+    """HPSv2 scores with open_clip's keep-ratio resize of the longer side and black padding (ResizeMaxSize; today's
+    open_clip: resize_mode="longest"), not the shorter-side resize and center crop: a 2:3 image keeps its borders."""
+    import numpy as np
+    from open_clip.transform import image_transform
+    from PIL import Image
+
+    from fusedrl.engine.rewards import ClipPreprocess
+
+    x = torch.nn.functional.interpolate(images(1, 6, 9), size=(42, 63), mode="bilinear")
+    x = (x * 255).round() / 255
+    theirs = image_transform(28, is_train=False, resize_mode="longest", interpolation="bicubic")
+    ref = theirs(Image.fromarray((x[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)))
+    got = ClipPreprocess(size=28, crop=28, fit="pad")(x)[0]
+    assert got.shape == ref.shape == (3, 28, 28)
+    assert (got - ref).abs().max() < 0.05  # PIL rounds its resized image to uint8
+    cropped = ClipPreprocess(size=28, crop=28)(x)[0]
+    assert (cropped - ref).abs().max() > 0.5  # the crop loses the borders the padding keeps
+
+
 def test_convert_once_then_from_pretrained(hps_dir, tmp_path):
     oc, path = hps_dir
     out = convert_open_clip_checkpoint(str(path / "HPS_v2.1_compressed.pt"), str(tmp_path / "hf"), TINY_CFG,

@@ -105,9 +105,9 @@ class ClipReward(ImageReward):
 def build_clip_reward(path: str, reward: str, *, tokenizer: str | None = None, fallback_tokenizer: str | None = None,
                       mode: str = "cosine", device=None, dtype: torch.dtype = torch.float32,
                       attn_implementation: str | None = "sdpa", channels_last: bool = True,
-                      image_size: int | None = None, **kw) -> ClipReward:
+                      image_size: int | None = None, fit: str | None = None, **kw) -> ClipReward:
     """A ClipReward from a CLIPModel directory or hub id (tokenizer from `tokenizer`, else `path`, else the
-    fallback; preprocessing from path's preprocessor_config.json, else CLIP's defaults)."""
+    fallback; preprocessing from path's preprocessor_config.json, else CLIP's defaults; `fit`: ClipPreprocess's)."""
     from transformers import CLIPModel
 
     device = resolve_device(device)
@@ -115,7 +115,7 @@ def build_clip_reward(path: str, reward: str, *, tokenizer: str | None = None, f
     model = from_pretrained(CLIPModel, path, reward, "CLIP model", dtype=dtype, device=device, **extra)
     tok = load_tokenizer(tokenizer or path, reward, fallback=None if tokenizer else fallback_tokenizer)
     pre = ClipPreprocess.from_pretrained(path, model.config.vision_config.image_size, size=image_size,
-                                         crop=image_size, channels_last=channels_last)
+                                         crop=image_size, channels_last=channels_last, fit=fit)
     if channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)  # the patch-embedding convolution
     return ClipReward(model, tok, pre, mode=mode, **kw)

@@ -4,7 +4,9 @@ score = <e_img / ||e_img||, e_txt / ||e_txt||>, as HPSv2's `img_score.py` comput
 (`diagonal(image_features @ text_features.T)` of normalized features, no logit scale); about 0.2-0.3.
 HPSv2 publishes an open_clip ViT-H-14 checkpoint (HPS_v2_compressed.pt, HPS_v2.1_compressed.pt, a
 {"state_dict": ...} file); convert_open_clip.py maps it into transformers' CLIPModel. Its preprocessing is
-open_clip's eval transform (resize shorter side 224 bicubic, center crop, OpenAI mean/std), its tokenizer
+the one HPSv2's `img_score.py` gets from its open_clip (`light_augmentation=True`: ResizeMaxSize): the longer side
+resized to 224 (bicubic), the shorter padded with black to a square, OpenAI mean/std; not the shorter-side resize
+and center crop of open_clip's usual eval transform, which scores a non-square image differently. Its tokenizer is
 open_clip's CLIP BPE, which laion/CLIP-ViT-H-14-laion2B-s32B-b79K's CLIPTokenizer reproduces.
 """
 
@@ -63,7 +65,7 @@ def hpsv2(path: str | None = None, *, version: str = "v2.1", tokenizer: str | No
     if path is not None and os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
         return build_clip_reward(path, "hpsv2", tokenizer=tokenizer, fallback_tokenizer=HPSV2_TOKENIZER,
                                  mode="cosine", device=device, dtype=dtype, attn_implementation=attn_implementation,
-                                 channels_last=channels_last, **kw)
+                                 channels_last=channels_last, fit="pad", **kw)
     if path is not None and not looks_local(path) and not os.path.exists(path):
         raise FileNotFoundError(f"hpsv2: {path!r} is not a local file or directory (HPSv2 is not a from_pretrained "
                                 "hub model; pass the checkpoint file, or path=None to download it)")
@@ -76,7 +78,8 @@ def hpsv2(path: str | None = None, *, version: str = "v2.1", tokenizer: str | No
         has_tok = any(f.startswith("tokenizer") for f in os.listdir(local))
         tokenizer = local if has_tok else HPSV2_TOKENIZER
     tok = load_tokenizer(tokenizer, "hpsv2")
-    pre = ClipPreprocess.from_pretrained(None, model.config.vision_config.image_size, channels_last=channels_last)
+    pre = ClipPreprocess.from_pretrained(None, model.config.vision_config.image_size, channels_last=channels_last,
+                                         fit="pad")
     if channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     return ClipReward(model, tok, pre, mode="cosine", **kw)

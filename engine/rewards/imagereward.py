@@ -429,7 +429,8 @@ def imagereward(path: str | None = None, *, tokenizer: str | None = None, med_co
         tokenizer = tok_dir if has_tok else IMAGEREWARD_TOKENIZER
     tok = load_blip_tokenizer(tokenizer)
     size = model.config.vision_config.image_size
-    pre = ClipPreprocess(size=size, crop=size, channels_last=channels_last)
+    # ImageReward's torchvision Resize + CenterCrop: the crop offset rounds where transformers' floors
+    pre = ClipPreprocess(size=size, crop=size, channels_last=channels_last, crop_offset="round")
     if channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     return ImageRewardScore(model, tok, pre, **kw)

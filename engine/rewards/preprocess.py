@@ -28,6 +28,10 @@ class ClipPreprocess:
     """[B, 3, H, W] in [0, 1] -> [B, 3, crop, crop] normalized pixel values, fp32.
 
     Equivalent to, per image: PIL resize (shorter side -> size, bicubic), center crop, (x - mean) / std.
+    crop_offset: where the center crop starts when the excess is odd: "floor" ((h - crop) // 2, transformers'
+        CLIPImageProcessor) or "round" (Python's round((h - crop) / 2), torchvision's CenterCrop, e.g. ImageReward).
+    fit: "crop" (the above) or "pad": open_clip's ResizeMaxSize, which HPSv2 scores with: the longer side ->
+        size, then zero pixels (black, before normalizing) pad the shorter side to a square, half on each side.
     """
 
     size: int = 224
@@ -36,15 +40,33 @@ class ClipPreprocess:
     std: tuple[float, float, float] = OPENAI_CLIP_STD
     mode: str = "bicubic"
     channels_last: bool = False
+    crop_offset: str = "floor"
+    fit: str = "crop"
 
     def __post_init__(self) -> None:
         if self.crop > self.size:
             raise ValueError(f"crop ({self.crop}) must be <= size ({self.size})")
         if self.mode not in ("bicubic", "bilinear"):
             raise ValueError(f"mode must be 'bicubic' or 'bilinear'; got {self.mode!r}")
+        if self.crop_offset not in ("floor", "round"):
+            raise ValueError(f"crop_offset must be 'floor' or 'round'; got {self.crop_offset!r}")
+        if self.fit not in ("crop", "pad") or (self.fit == "pad" and self.crop != self.size):
+            raise ValueError(f"fit must be 'crop' or 'pad' (with crop == size); got {self.fit!r}")
+
+    def _letterbox(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        scale = self.size / max(h, w)
+        if scale != 1.0:
+            nh, nw = round(h * scale), round(w * scale)
+            x = F.interpolate(x, size=(nh, nw), mode=self.mode, antialias=True, align_corners=False)
+            h, w = nh, nw
+        pad_h, pad_w = self.size - h, self.size - w
+        return F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0.0)
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.float()
+        if self.fit == "pad":
+            return self._normalize(self._letterbox(x))
         h, w = x.shape[-2:]
         if min(h, w) != self.size:
             # the shorter side lands exactly on `size`, as in transformers' get_resize_output_image_size
@@ -53,8 +75,13 @@ class ClipPreprocess:
             nw = self.size if w == short else int(self.size * w / short)
             x = F.interpolate(x, size=(nh, nw), mode=self.mode, antialias=True, align_corners=False)
             h, w = nh, nw
-        top, left = (h - self.crop) // 2, (w - self.crop) // 2
-        x = x[..., top:top + self.crop, left:left + self.crop]
+        if self.crop_offset == "floor":
+            top, left = (h - self.crop) // 2, (w - self.crop) // 2
+        else:
+            top, left = int(round((h - self.crop) / 2)), int(round((w - self.crop) / 2))
+        return self._normalize(x[..., top:top + self.crop, left:left + self.crop])
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         x = (x - mean) / std

@@ -35,6 +35,9 @@ import torch
 logger = logging.getLogger("fusedrl")
 
 _MASKED_BIAS = -1000.0  # an additive bias at or below this removes the key exactly (fp32 exp underflows)
+# The last float mask checked, (weakref to it, its version, result): one forward hands the same bias tensor to every
+# attention layer, and each processor would otherwise check it again (a host sync each).
+_last_mask_check: tuple | None = None
 _said: set[str] = set()
 
 
@@ -51,9 +54,10 @@ class _Base:
     def __init__(self, stock, *, fallback_log: bool = True):
         self.stock = stock
         self.fallback_log = fallback_log
-        self._mask_cache: tuple | None = None
 
     def _say_once(self, reason: str, *, fallback: bool = True) -> None:
+        if torch.compiler.is_compiling():  # no logging inside a traced graph (it would break it)
+            return
         key = f"{type(self).__name__}: {reason}"
         if self.fallback_log and key not in _said:
             _said.add(key)
@@ -65,8 +69,10 @@ class _Base:
 
     def _key_mask(self, mask: torch.Tensor | None, batch: int, n_kv: int) -> tuple[torch.Tensor | None, str | None]:
         """(key padding mask [B, Nkv] bool or None, None) when `mask` is a key mask, else (None, why not)."""
+        global _last_mask_check
         if mask is None:
             return None, None
+        given = mask
         if mask.ndim == 4 and mask.shape[1] == 1 and mask.shape[2] == 1:
             mask = mask[:, 0]
         if mask.ndim == 3 and mask.shape[1] == 1:
@@ -77,13 +83,15 @@ class _Base:
             return mask, None
         if not mask.is_floating_point():
             return None, f"a {mask.dtype} attention mask"
+        if torch.compiler.is_compiling():  # its values cannot be read while tracing: the stock processor serves it
+            return None, "a float attention mask under torch.compile (a 0 / -inf key mask is only known at run time)"
         # The same bias tensor reaches every attention layer of one forward: check it once (a host sync).
         try:
-            version = mask._version
+            version = given._version
         except RuntimeError:  # inference-mode tensors have no version counter: no caching
             version = None
-        cached = self._mask_cache
-        if version is not None and cached is not None and cached[0]() is mask and cached[1] == version:
+        cached = _last_mask_check
+        if version is not None and cached is not None and cached[0]() is given and cached[1] == version:
             return cached[2], cached[3]
         keep = mask == 0
         if bool((keep | (mask <= _MASKED_BIAS)).all()):
@@ -91,7 +99,7 @@ class _Base:
         else:
             keys, why = None, "an additive attention bias that is not a 0 / -inf-like key mask"
         if version is not None:
-            self._mask_cache = (weakref.ref(mask), version, keys, why)
+            _last_mask_check = (weakref.ref(given), version, keys, why)
         return keys, why
 
 
