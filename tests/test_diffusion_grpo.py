@@ -155,6 +155,27 @@ def test_sde_window_moves_over_training_and_stops_at_either_end():
         build_config(DiffusionGRPOConfig, {"sampling.window_shift_stride": 0})
 
 
+def test_random_window_as_flow_grpo_fast():
+    """sampling.window_random_range: each step puts sde_window's size at a random start in [lo, hi - size], drawn
+    from the run's seed and the step (every process the same window); bad ranges are refused."""
+    cfg = build_config(DiffusionGRPOConfig, {"sampling.steps": 10, "sampling.sde_window": [0, 2],
+                                             "sampling.window_random_range": [1, 6]})
+    windows = [cfg.sampling.window_at(step, seed=7) for step in range(1, 41)]
+    assert all(1 <= a and b == a + 2 and b <= 6 for a, b in windows)
+    assert {a for a, _ in windows} == {1, 2, 3, 4}  # every start is drawn
+    assert windows == [cfg.sampling.window_at(step, seed=7) for step in range(1, 41)]  # seeded
+    assert windows != [cfg.sampling.window_at(step, seed=8) for step in range(1, 41)]
+    for over, match in [({"sampling.window_random_range": [0, 4]}, "places sampling.sde_window"),
+                        ({"sampling.sde_window": [0, 3], "sampling.window_random_range": [2, 4]}, "hi - 3"),
+                        ({"sampling.sde_window": [0, 2], "sampling.window_random_range": [0, 11]}, "hi <= "),
+                        ({"sampling.sde_window": [0, 2], "sampling.window_random_range": [0, 4],
+                          "sampling.window_shift_every": 1}, "does not also slide"),
+                        ({"sampling.sde_type": "cps", "sampling.sde_window": [0, 1],
+                          "sampling.window_random_range": [5, 10]}, "can reach the last step")]:
+        with pytest.raises(ConfigError, match=match):
+            build_config(DiffusionGRPOConfig, {"sampling.steps": 10, **over})
+
+
 def test_training_samples_the_moved_window_and_evaluation_the_configured_one(tiny_dirs, monkeypatch):
     cfg = _cfg(tiny_dirs["sd3"], **{"sampling.steps": 4, "sampling.sde_window": [0, 2],
                                     "sampling.window_shift_every": 1})

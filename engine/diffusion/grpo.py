@@ -413,8 +413,8 @@ class GRPOTrainer:
                 init = ([_seed(cfg.run.seed, "train-init", step, i // G) for i in idx]
                         if cfg.sampling.same_initial_noise else None)
                 seeds = [_seed(cfg.run.seed, "train", step, i) for i in idx]
-                traj = self._sample([prompts[i // G] for i in idx], 1, cfg.sampling.window_at(step), seeds=seeds,
-                                    initial_noise_seeds=init)
+                window = cfg.sampling.window_at(step, cfg.run.seed)
+                traj = self._sample([prompts[i // G] for i in idx], 1, window, seeds=seeds, initial_noise_seeds=init)
                 traj.group_ids = torch.tensor([i // G for i in idx])
                 micro += [m + offset for m in traj.micro_batches()]
                 offset += len(traj)
@@ -495,8 +495,8 @@ class GRPOTrainer:
 
         t0 = time.perf_counter()
         metrics: dict[str, float] = {}
-        if self.cfg.sampling.window_shift_every:
-            metrics["sde_window_start"] = float(self.cfg.sampling.window_at(step)[0])
+        if self.cfg.sampling.window_shift_every or self.cfg.sampling.window_random_range is not None:
+            metrics["sde_window_start"] = float(self.cfg.sampling.window_at(step, self.cfg.run.seed)[0])
         self._phase = "sampling"
         traj, local_raw, micro, bad_images = self.sample_and_score(step)
         t_sample = time.perf_counter() - t0

@@ -159,6 +159,9 @@ class SamplingSection:
     same_initial_noise: bool = field(False, "all images of a group start from the same noise (DanceGRPO); with "
                                      "sde_window, they share the ODE steps before the window and branch at its "
                                      "start (B2-DiffuRL's branch sampling)")
+    window_random_range: tuple[int, int] | None = field(
+        None, "(lo, hi): each training step places sde_window's size at a seeded random start in [lo, hi - size] "
+        "(Flow-GRPO-Fast's sde_window_size / sde_window_range); none: sde_window stays (or slides)", metavar="INT")
     height: int | None = field(None, "image height in px (none: the model's default)", check=gt(0))
     width: int | None = field(None, "image width in px (none: the model's default)", check=gt(0))
     micro_batch: int | None = field(None, "samples per denoiser call, in sampling and in training (the same "
@@ -175,24 +178,42 @@ class SamplingSection:
         if self.window_shift_every and self.sde_window is None:
             raise ValueError("window_shift_every: moves sampling.sde_window, which is not set (none: every step is "
                              "an SDE step)")
+        if self.window_random_range is not None:
+            if self.sde_window is None:
+                raise ValueError("window_random_range: places sampling.sde_window (its size), which is not set")
+            if self.window_shift_every:
+                raise ValueError("window_random_range: a random window does not also slide (window_shift_every)")
+            lo, hi = self.window_random_range
+            size = self.sde_window[1] - self.sde_window[0]
+            if not 0 <= lo <= hi - size or hi > self.steps:
+                raise ValueError(f"window_random_range: must satisfy 0 <= lo <= hi - {size} (sde_window's size) and "
+                                 f"hi <= sampling.steps = {self.steps}; got {list(self.window_random_range)}")
         if self.sde_type == "cps":  # CPS's last step, into sigma = 0, has no noise: no log-prob to train on
             if self.sde_window is None and self.steps == 1:
                 raise ValueError("steps: 1 step under sde_type cps is its last step, into sigma = 0, which has no "
                                  "noise (nothing to train); use 2 or more steps, or sde_type sde")
             if self.sde_window is not None and self.sde_window[1] - self.sde_window[0] == 1:
                 last = self.sde_window[0] == self.steps - 1
-                reaches = self.window_shift_every and self.window_shift_stride > 0
+                reaches = ((self.window_shift_every and self.window_shift_stride > 0)
+                           or (self.window_random_range is not None and self.window_random_range[1] == self.steps))
                 if last or reaches:
-                    raise ValueError(f"sde_window: a one-step window {'at' if last else 'sliding to'} the last step "
+                    raise ValueError(f"sde_window: a one-step window {'at' if last else 'that can reach'} the last step "
                                      f"({self.steps - 1}) holds only CPS's step into sigma = 0, which has no noise; "
                                      "widen it or keep it earlier")
 
-    def window_at(self, step: int) -> tuple[int, int] | None:
+    def window_at(self, step: int, seed: int = 0) -> tuple[int, int] | None:
         """The SDE window of training step `step` (1-based): sde_window moved by window_shift_stride once every
-        window_shift_every steps, clamped so that it stays within [0, steps) at its size; None: every step."""
+        window_shift_every steps, clamped so that it stays within [0, steps) at its size, or placed at a random start
+        in window_random_range (drawn from `seed` and `step`: every process draws the same); None: every step."""
         if self.sde_window is None:
             return None
         start, end = self.sde_window
+        if self.window_random_range is not None:
+            import random
+
+            lo, hi = self.window_random_range
+            start = random.Random(f"{seed}:sde_window:{step}").randint(lo, hi - (end - start))
+            return start, start + (self.sde_window[1] - self.sde_window[0])
         if not self.window_shift_every:
             return start, end
         size = end - start
