@@ -197,9 +197,9 @@ class SamplingSection:
                 reaches = ((self.window_shift_every and self.window_shift_stride > 0)
                            or (self.window_random_range is not None and self.window_random_range[1] == self.steps))
                 if last or reaches:
-                    raise ValueError(f"sde_window: a one-step window {'at' if last else 'that can reach'} the last step "
-                                     f"({self.steps - 1}) holds only CPS's step into sigma = 0, which has no noise; "
-                                     "widen it or keep it earlier")
+                    where = "at" if last else "that can reach"
+                    raise ValueError(f"sde_window: a one-step window {where} the last step ({self.steps - 1}) holds "
+                                     "only CPS's step into sigma = 0, which has no noise; widen it or keep it earlier")
 
     def window_at(self, step: int, seed: int = 0) -> tuple[int, int] | None:
         """The SDE window of training step `step` (1-based): sde_window moved by window_shift_stride once every
