@@ -605,3 +605,15 @@ def test_a_stop_string_that_is_a_special_token_stops(model_dirs):
     assert stop(ids, None).tolist() == [True, False] and stop.stopped_at.tolist() == [2, -1]
     plain = _StopStrings(tok, ["11"], prompt_len=2, rows=2, device="cpu")
     assert plain.skip_special  # plain-text stops keep decoding without special tokens
+
+
+def test_the_tiny_tokenizer_keeps_spaces_when_loaded_back(model_dirs):
+    """The embedded default's character tokenizer is saved as a generic fast tokenizer; transformers 5's AutoTokenizer
+    would rebuild it as the config's Qwen2Tokenizer, which dropped the spaces of a user's prompt."""
+    from fusedrl.engine.llm.policy import load_tokenizer
+    from fusedrl.engine.llm.tiny import build_tiny_tokenizer
+
+    for arch in ("qwen2", "llama"):
+        tok = load_tokenizer(str(model_dirs[arch]))
+        assert tok("1 + 2=")["input_ids"] == build_tiny_tokenizer()("1 + 2=")["input_ids"]
+        assert tok.decode(tok("1 + 2=")["input_ids"]) == "1 + 2=" and tok.padding_side == "left"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -403,11 +404,24 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False):
-    """The model's tokenizer, left-padding, with a pad token (EOS when it has none)."""
+    """The model's tokenizer, left-padding, with a pad token (EOS when it has none).
+
+    A local folder whose tokenizer was saved as a generic fast tokenizer (tokenizer_config.json's tokenizer_class
+    "TokenizersBackend" / "PreTrainedTokenizerFast", e.g. the embedded default's character tokenizer) loads as one:
+    transformers 5's AutoTokenizer builds the model type's class instead (a Qwen2Tokenizer for a Qwen2 config),
+    whose own pre-tokenization dropped the spaces of such a vocabulary."""
+    import json
+
     import transformers
 
     tok = transformers.AutoTokenizer.from_pretrained(name_or_path, revision=revision,
                                                      trust_remote_code=trust_remote_code)
+    generic = ("TokenizersBackend", "PreTrainedTokenizerFast")
+    saved = os.path.join(str(name_or_path), "tokenizer_config.json")
+    if os.path.isfile(saved) and type(tok).__name__ not in generic:
+        with open(saved, encoding="utf-8") as f:
+            if json.load(f).get("tokenizer_class") in generic:
+                tok = transformers.PreTrainedTokenizerFast.from_pretrained(name_or_path)
     tok.padding_side = "left"
     if tok.pad_token is None:
         if tok.eos_token is None:
