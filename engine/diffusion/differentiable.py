@@ -74,9 +74,8 @@ def step_noise(policy: DiffusionPolicy, latents: torch.Tensor, generators: Seque
 
 def _transition(policy: DiffusionPolicy, schedule: Schedule, i: int, x: torch.Tensor, out: torch.Tensor,
                 noise_level: float, sde_type: str, z: torch.Tensor | None) -> torch.Tensor:
-    """Step i from x with model output `out`: deterministic when noise_level == 0 or the step has no noise
-    (`stochastic_steps`: "linspace" DDIM's t = 0 into itself), else mean + scale * z."""
-    if noise_level == 0 or not stochastic_steps(schedule, sde_type if policy.is_flow else "ddim")[i]:
+    """Step i from x with model output `out`: deterministic when noise_level == 0, else mean + scale * z."""
+    if noise_level == 0:
         return _ode_step(policy, schedule, i, x.float(), out, sde_type)
     # prev_sample=x only makes the kernel return mean and std without drawing noise; its logp is unused.
     st = _step(policy, schedule, i, x.float(), out, noise_level=noise_level, sde_type=sde_type, prev_sample=x.float())
@@ -178,15 +177,18 @@ def denoise(
         raise ValueError("noise_level > 0 needs generators (one per sample) for the step noise")
     end = S if stop_at is None else stop_at
     first_grad = S - grad_steps if stop_at is None else S
+    # steps with no noise ("linspace" DDIM's t = 0 into itself) run as ODE steps
+    noisy = stochastic_steps(schedule, sde_type if policy.is_flow else "ddim").tolist()
     x = latents.float()
     for i in range(start, end):
         z = step_noise(policy, x, generators) if noise_level > 0 else None
+        level = noise_level if noisy[i] else 0.0
         if i < first_grad or not torch.is_grad_enabled():
             with torch.no_grad():
-                x = _step_fn(policy, schedule, i, embeddings, guidance_scale, noise_level, sde_type, x, z)
+                x = _step_fn(policy, schedule, i, embeddings, guidance_scale, level, sde_type, x, z)
         else:
             # functools.partial binds i now: the recompute in backward runs after the loop has moved on.
-            fn = functools.partial(_step_fn, policy, schedule, i, embeddings, guidance_scale, noise_level, sde_type)
+            fn = functools.partial(_step_fn, policy, schedule, i, embeddings, guidance_scale, level, sde_type)
             x = checkpoint(fn, x, z, policy=checkpointing)
     if stop_at is not None:
         fn = functools.partial(_x0_fn, policy, schedule, stop_at, embeddings, guidance_scale)

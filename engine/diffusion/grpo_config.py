@@ -208,15 +208,15 @@ class SamplingSection:
         if self.sde_window is None:
             return None
         start, end = self.sde_window
+        size = end - start
         if self.window_random_range is not None:
             import random
 
             lo, hi = self.window_random_range
-            start = random.Random(f"{seed}:sde_window:{step}").randint(lo, hi - (end - start))
-            return start, start + (self.sde_window[1] - self.sde_window[0])
+            start = random.Random(f"{seed}:sde_window:{step}").randint(lo, hi - size)
+            return start, start + size
         if not self.window_shift_every:
             return start, end
-        size = end - start
         moved = start + self.window_shift_stride * ((step - 1) // self.window_shift_every)
         start = min(max(moved, 0), self.steps - size)
         return start, start + size

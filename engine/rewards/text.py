@@ -170,20 +170,26 @@ class NumericAnswerReward(TextReward):
         self.correct_reward, self.wrong_reward, self.invalid_reward = correct_reward, wrong_reward, invalid_reward
         self.fallback_last_number = fallback_last_number
 
-    def reference_error(self, answer) -> str | None:
-        """Why `answer` cannot be a reference (None when it can): trainers check their data with it up front."""
+    @staticmethod
+    def _parse_reference(answer) -> tuple[float | None, Exception | None]:
+        """(the reference's number, None), or (None, the TypeError / ValueError that says why there is none)."""
         if isinstance(answer, bool) or not isinstance(answer, str | int | float):
-            return f"must be a str or a number; got {type(answer).__name__}"
+            return None, TypeError(f"must be a str or a number; got {type(answer).__name__}")
         value = float(answer) if not isinstance(answer, str) else final_number(answer)
         if value is None or not math.isfinite(value):
-            return f"has no finite number: {answer!r}"
-        return None
+            return None, ValueError(f"has no finite number: {answer!r}")
+        return value, None
+
+    def reference_error(self, answer) -> str | None:
+        """Why `answer` cannot be a reference (None when it can): trainers check their data with it up front."""
+        problem = self._parse_reference(answer)[1]
+        return None if problem is None else str(problem)
 
     def _reference(self, answer, index: int) -> float:
-        problem = self.reference_error(answer)
+        value, problem = self._parse_reference(answer)
         if problem is not None:
-            raise (TypeError if problem.startswith("must be") else ValueError)(f"answers[{index}] {problem}")
-        return float(answer) if not isinstance(answer, str) else final_number(answer)
+            raise type(problem)(f"answers[{index}] {problem}")
+        return value
 
     def _score_texts(self, completions, prompts, answers) -> torch.Tensor:
         out = []

@@ -155,10 +155,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     from safetensors.torch import load_file
 
     path = Path(path)
-    try:
-        meta = json.loads((path / STATE).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path} is not a complete fusedrl checkpoint (cannot read {STATE}: {exc})") from exc
+    meta = read_meta(path)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path / STATE}: checkpoint format {meta.get('format')!r}; this fusedrl reads {FORMAT}")
     device = str(map_location)

@@ -317,9 +317,7 @@ class Run:
         where = (f"resumed on {now} process{'es' * (now != 1)}; checkpoint {self.checkpoint_path.name} was saved by "
                  f"{saved}")
         if per_process_batch is not None:
-            value = self.config
-            for part in per_process_batch.split("."):
-                value = getattr(value, part)
+            value = self._flat_config()[per_process_batch]
             old = (meta.get("config") or {}).get(per_process_batch, value)  # what the checkpoint trained with
             if saved * old != now * value:
                 if per_process_batch not in self.allow_changed:
