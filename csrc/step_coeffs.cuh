@@ -8,7 +8,17 @@
 // All math is fp32, as in the Triton kernels. `/` and sqrtf round correctly (the Triton side asks
 // for div_rn / sqrt_rn to match) and logf is the accurate one, as long as the build does not pass
 // --use_fast_math (it must not: small stds make logp sensitive).
+//
+// The header also compiles as plain C++ (no nvcc), so tests/test_step_coeffs_host.py checks these
+// coefficients against the float64 reference on a machine without a GPU.
 #pragma once
+
+#if defined(__CUDACC__)
+#define FUSEDRL_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#include <math.h>
+#define FUSEDRL_HOST_DEVICE inline
+#endif
 
 namespace fusedrl {
 
@@ -29,8 +39,8 @@ struct StepCoeffs {
 
 // p0, p1 are (sigma, sigma_next) for the flow steps and (alpha_t, alpha_prev) for DDIM. `level` is
 // noise_level ("sde", "dance"), sin(noise_level pi / 2) ("cps", from the host) or eta (DDIM).
-__device__ __forceinline__ StepCoeffs step_coefficients(float p0, float p1, float level, float sigma_max,
-                                                       int mode, int pred, bool has_clip, bool clipped_eps) {
+FUSEDRL_HOST_DEVICE StepCoeffs step_coefficients(float p0, float p1, float level, float sigma_max, int mode, int pred,
+                                                 bool has_clip, bool clipped_eps) {
   StepCoeffs k{};  // c = p = q = 0 unless the DDIM x0 is clipped
   if (mode == kFlowSde || mode == kFlowDance) {
     const float sigma = p0;
