@@ -161,6 +161,50 @@ def test_disable_adapter_gives_the_base_model(tiny_dirs, family):
     assert torch.equal(off, ref) and torch.equal(again, adapted)  # re-enabled on exit
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_text_encoder_only_lora(tiny_dirs, family, tmp_path):
+    """TexForce's recipe: LoRA on the CLIP text encoder(s) alone. The denoiser stays frozen but passes the gradient
+    to the embeddings; the adapter-off model is the base model; the saved file holds the text encoders' layers only
+    and diffusers' load_lora_weights reproduces the policy's outputs."""
+    import diffusers
+
+    policy = load_policy(tiny_dirs[family], lora=LoraOptions(rank=4, alpha=8, text_encoder=True, denoiser=False))
+    assert policy.trained_part() == "LoRA on the text encoder(s)"
+    assert not any(p.requires_grad for p in policy.denoiser.parameters())
+    assert not any("lora_" in n for n, _ in policy.denoiser.named_parameters())
+    trainable = policy.trainable_parameters()
+    te_params = {id(p) for te in policy.lora_text_encoders for p in te.parameters()}
+    assert trainable and all(id(p) in te_params for p in trainable)
+    _randomize_lora(policy)
+    x, t = _inputs(policy)
+    prompts = ["a cat", "a dog"]
+    base = load_policy(tiny_dirs[family], lora=False)
+    with torch.no_grad():
+        expected = base.predict(x, t, base.encode_prompts(prompts), 2.0)
+        with policy.disable_adapter():
+            off = policy.predict(x, t, policy.encode_prompts(prompts), 2.0)
+        adapted = policy.predict(x, t, policy.encode_prompts(prompts), 2.0)
+    torch.testing.assert_close(off, expected, atol=1e-6, rtol=1e-6)
+    assert (adapted - expected).abs().max() > 1e-4
+    policy.predict(x, t, policy.encode_prompts(prompts), 2.0).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable if "lora_B" in _name(policy, p))
+
+    sd = policy.lora_state_dicts()
+    assert not any(k.startswith(("unet", "transformer")) for k in sd) and "text_encoder_lora_layers" in sd
+    policy.save_lora(tmp_path / "lora")
+    extra = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" else {}
+    pipe = diffusers.DiffusionPipeline.from_pretrained(tiny_dirs[family], **extra)
+    pipe.load_lora_weights(tmp_path / "lora")
+    loaded = load_policy(pipe, lora=False)
+    with torch.no_grad():
+        theirs = loaded.predict(x, t, loaded.encode_prompts(prompts), 2.0)
+    torch.testing.assert_close(theirs, adapted, atol=1e-5, rtol=1e-5)
+
+
+def _name(policy, param) -> str:
+    return next(n for te in policy.lora_text_encoders for n, p in te.named_parameters() if p is param)
+
+
 def test_full_finetuning_with_reference_copy_and_ema(tiny_dirs):
     policy = load_policy(tiny_dirs["sd3"], lora=False, reference_copy=True)
     assert policy.lora is None and policy.compute_dtype == torch.float32
@@ -189,6 +233,8 @@ def test_full_finetuning_with_reference_copy_and_ema(tiny_dirs):
 def test_argument_errors(tiny_dirs):
     with pytest.raises(ValueError, match="rank"):
         LoraOptions(rank=0)
+    with pytest.raises(ValueError, match="LoRA on nothing"):
+        LoraOptions(denoiser=False)
     with pytest.raises(ValueError, match="reference_copy"):
         load_policy(tiny_dirs["sd"], reference_copy=True)
     with pytest.raises(ValueError, match="dtype"):

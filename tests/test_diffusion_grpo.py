@@ -267,6 +267,33 @@ def test_one_grpo_step_updates_lora_on_policy(tiny_dirs, family):
     assert m2["kl"] > 0 and m2["onpolicy_ratio_err"] <= 1e-5
 
 
+def test_text_encoder_only_lora_step(tiny_dirs):
+    """TexForce: LoRA on the CLIP text encoders alone. The step trains only them, on policy; the reference (adapter
+    off) re-encodes the prompts without them, so the KL is 0 at first and > 0 once they have moved."""
+    cfg = _cfg(tiny_dirs["sd3"], **{"lora.denoiser": False, "lora.text_encoder": True, "grpo.beta": 0.05,
+                                    "sampling.guidance_scale": 2.0, "optim.lr": 5e-2})
+    trainer = GRPOTrainer(cfg)
+    assert trainer.policy.trained_part() == "LoRA on the text encoder(s)"
+    before = _snapshot(trainer)
+    assert before and all(n.startswith("text_encoder_") and "lora_" in n for n in before)
+    m = trainer.train_step(1)
+    assert m["skipped"] == 0 and m["updates"] == 1
+    assert m["onpolicy_ratio_err"] <= 1e-5 and m["kl"] == pytest.approx(0.0, abs=1e-8)
+    assert not _same(before, _snapshot(trainer))
+    m2 = trainer.train_step(2)
+    assert m2["kl"] > 0 and m2["onpolicy_ratio_err"] <= 1e-5
+
+
+@pytest.mark.parametrize(("over", "message"), [
+    ({"lora.denoiser": False}, "lora.denoiser: false leaves LoRA on nothing"),
+    ({"lora.denoiser": False, "lora.text_encoder": True, "lora.target_modules": ["to_q"]},
+     "lora.target_modules: names denoiser modules, but lora.denoiser is false"),
+])
+def test_lora_placement_errors_name_the_field(over, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(DiffusionGRPOConfig, over)
+
+
 def test_several_updates_per_step_are_off_policy_and_clipped(tiny_dirs):
     cfg = _cfg(tiny_dirs["sd3"], **{"optim.grad_accum": 1, "sampling.micro_batch": 1, "prompts.per_step": 2,
                                     "optim.lr": 0.05, "grpo.clip_range": 1e-5})

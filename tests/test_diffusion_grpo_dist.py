@@ -31,7 +31,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarnin
 STEPS = 2
 
 
-def _config(model_dir: str, strategy: str, text_encoder: bool = False, **over):
+def _config(model_dir: str, strategy: str, text_encoder: bool | str = False, **over):
+    """text_encoder: True puts LoRA on the CLIP text encoders too, "only" on them alone (TexForce)."""
     from fusedrl.engine.config import build_config
     from fusedrl.engine.diffusion.grpo import DiffusionGRPOConfig
 
@@ -39,10 +40,10 @@ def _config(model_dir: str, strategy: str, text_encoder: bool = False, **over):
         "model.model": model_dir, "lora.enabled": strategy == "ddp", "prompts.per_step": 2,
         "sampling.group_size": 2, "sampling.steps": 3, "sampling.micro_batch": 2, "optim.lr": 1e-2,
         "grpo.beta": 0.05, "grpo.clip_range": 1e-3, "run.seed": 5, "memory.gradient_checkpointing": "full",
-        "lora.text_encoder": text_encoder, **over})
+        "lora.text_encoder": bool(text_encoder), "lora.denoiser": text_encoder != "only", **over})
 
 
-def _train(model_dir: str, strategy: str, text_encoder: bool = False, pareto: str = "none") -> dict:
+def _train(model_dir: str, strategy: str, text_encoder: bool | str = False, pareto: str = "none") -> dict:
     """STEPS steps of GRPOTrainer in this process (or this process's part); the gradients at each optimizer step
     and the weights after, whole."""
     from fusedrl.engine.diffusion.grpo import GRPOTrainer
@@ -61,7 +62,7 @@ def _train(model_dir: str, strategy: str, text_encoder: bool = False, pareto: st
     return {"metrics": metrics, "grads": grads, "params": params, "strategy": trainer.policy.strategy}
 
 
-def _worker(rank: int, world: int, port: int, model_dir: str, strategy: str, text_encoder: bool, pareto: str,
+def _worker(rank: int, world: int, port: int, model_dir: str, strategy: str, text_encoder: bool | str, pareto: str,
             out: str) -> None:
     setup_process(rank, world, port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -79,13 +80,14 @@ def model_dir(tmp_path_factory) -> str:
 
 
 @pytest.mark.parametrize(("strategy", "text_encoder", "pareto"),
-                         [("ddp", False, "none"), ("ddp", True, "none"), ("fsdp", False, "none"),
-                          ("ddp", False, "batch")],
-                         ids=["ddp-lora", "ddp-lora-text-encoder", "fsdp-full", "ddp-lora-pareto"])
+                         [("ddp", False, "none"), ("ddp", True, "none"), ("ddp", "only", "none"),
+                          ("fsdp", False, "none"), ("ddp", False, "batch")],
+                         ids=["ddp-lora", "ddp-lora-text-encoder", "ddp-lora-text-encoder-only", "fsdp-full",
+                              "ddp-lora-pareto"])
 def test_two_processes_equal_one_process_with_the_same_batch(model_dir, tmp_path, strategy, text_encoder, pareto,
                                                              monkeypatch):
     """ddp-lora-text-encoder: LoRA on the CLIP text encoders too, whose gradients lie outside the DDP wrapper and
-    are averaged by the trainer. ddp-lora-pareto: only the step's brightest image is trained on (one reward), on one
+    are averaged by the trainer; -only: on them alone (no DDP wrapper at all, the trainer averages everything). ddp-lora-pareto: only the step's brightest image is trained on (one reward), on one
     of the two processes: its weight counts every process's kept samples."""
     monkeypatch.setenv("FUSEDRL_BACKEND", "torch")
     torch.set_num_threads(1)
@@ -93,7 +95,8 @@ def test_two_processes_equal_one_process_with_the_same_batch(model_dir, tmp_path
     mp.spawn(_worker, args=(2, free_port(), model_dir, strategy, text_encoder, pareto, str(tmp_path)), nprocs=2,
              join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    assert any(n.startswith("text_encoder") for n in single["grads"][0]) == text_encoder
+    assert any(n.startswith("text_encoder") for n in single["grads"][0]) == bool(text_encoder)
+    assert any(n.startswith("denoiser") for n in single["grads"][0]) == (text_encoder != "only")
     assert single["strategy"] is None and all(r["strategy"] == strategy for r in ranks)
     for r in ranks:
         for i, (want, got) in enumerate(zip(single["metrics"], r["metrics"])):

@@ -22,6 +22,7 @@ from fusedrl.engine.diffusion.reward_backprop import (  # noqa: E402
     OutOfMemory,
     RewardBackprop,
     RewardBackpropConfig,
+    build_policy,
     build_reward,
 )
 from fusedrl.engine.rewards import CombinedReward  # noqa: E402
@@ -120,6 +121,27 @@ def test_one_training_step_of_each_method(policies, family, method):
     changed = [n for n, p in lora_params(policy).items() if not torch.equal(p, before[n])]
     assert len(changed) == len(before)  # AdamW moved every LoRA tensor
     assert trainer.optimizer.state  # the update was applied
+
+
+@pytest.mark.parametrize("family", ("sd", "flux"))
+def test_text_encoder_only_lora_trains_through_the_frozen_denoiser(tmp_path, family):
+    """TexForce: --no-lora.denoiser --lora.text_encoder; the reward's gradient passes the frozen denoiser and moves
+    the text encoders' LoRA only (Flux: its CLIP encoder, never T5)."""
+    cfg = make_cfg(model=str(tiny_model_dir(family, tmp_path)), **{
+        "lora.denoiser": False, "lora.text_encoder": True, "lora.rank": 4, "sampling.guidance_scale": 2.0})
+    policy = build_policy(cfg)
+    trainer = RewardBackprop(cfg, policy, build_reward(cfg))
+    assert trainer.named_params and all(n.startswith("text_encoder_") and "lora_" in n
+                                        for n, _ in trainer.named_params)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # B != 0, so that A gets a gradient too
+        for n, p in trainer.named_params:
+            p.copy_(torch.randn(p.shape, generator=g) * (0.05 if "lora_B" in n else 0.3))
+    before = {n: p.detach().clone() for n, p in trainer.named_params}
+    metrics = trainer.train_step(1)
+    assert metrics["skipped"] == 0 and metrics["grad_norm"] > 0
+    assert all(not torch.equal(p, before[n]) for n, p in trainer.named_params)
+    assert not any(p.requires_grad for p in policy.denoiser.parameters())
 
 
 def test_draft_lv_renoises_the_final_sample_for_extra_last_steps(policies, monkeypatch):
@@ -335,6 +357,10 @@ def test_out_of_memory_names_the_settings_to_lower(policies, monkeypatch):
     ({"reward.names": ["target_color"], "reward.options": {"target_color": {"target": [0, 2, 0]}}},
      "options.target_color: target must be 3 numbers in [0, 1]"),
     ({"reward.options": {"aesthetic": {}}}, "options: ['aesthetic'] name no reward in names (['brightness'])"),
+    ({"lora.denoiser": False}, "lora.denoiser: false leaves LoRA on nothing"),
+    ({"lora.denoiser": False, "lora.text_encoder": True, "lora.target_modules": ["to_q"]},
+     "lora.target_modules: names denoiser modules, but lora.denoiser is false"),
+    ({"lora.text_encoder": True, "lora.text_encoder_target_modules": []}, "lora.text_encoder_target_modules: give"),
 ])
 def test_bad_config_names_the_field(overrides, expected):
     with pytest.raises(ConfigError) as info:

@@ -295,7 +295,7 @@ class GRPOTrainer:
             if targets is None:
                 targets = TINY_LORA_TARGETS if m.model is None else list(DEFAULT_LORA_TARGETS)
             lora = LoraOptions(rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, target_modules=list(targets),
-                               text_encoder=lo.text_encoder,
+                               text_encoder=lo.text_encoder, denoiser=lo.denoiser,
                                text_encoder_target_modules=list(lo.text_encoder_target_modules))
         kwargs = {k: v for k, v in (("revision", m.revision), ("variant", m.variant)) if v is not None}
         self._info(f"loading {m.model or 'the embedded tiny SD3-shaped model'} on {self.device}")
@@ -820,7 +820,7 @@ class GRPOTrainer:
         if ckpt is not None:
             self.load_state(ckpt)
         n_params = sum(p.numel() for p in self.params.values())  # a DTensor's numel is the whole tensor's
-        what = "LoRA" if self.policy.has_lora else "full fine-tuning"
+        what = self.policy.trained_part()
         procs = f" x {self.world} processes ({self.policy.strategy})" if self.world > 1 else ""
         run.info(f"diffusion-grpo: {self.policy.family} model on {self.device}{procs}, {what} "
                  f"({n_params:,} trainable parameters), "

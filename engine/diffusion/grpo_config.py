@@ -97,12 +97,19 @@ class LoraSection:
     text_encoder: bool = field(False, "also put LoRA on the CLIP text encoder(s) (TexForce)")
     text_encoder_target_modules: list[str] = field(DEFAULT_TEXT_LORA_TARGETS,
                                                    "text-encoder modules that get LoRA (with lora.text_encoder)")
+    denoiser: bool = field(True, "LoRA on the denoiser; --no-lora.denoiser with --lora.text_encoder trains the "
+                           "text encoder(s) alone (TexForce)")
 
     def __post_init__(self) -> None:
         if self.target_modules is not None and not self.target_modules:
             raise ValueError("target_modules: give at least one module name, or none for the default")
         if self.text_encoder and not self.text_encoder_target_modules:
             raise ValueError("text_encoder_target_modules: give at least one module name (with lora.text_encoder)")
+        if self.enabled and not self.denoiser and not self.text_encoder:
+            raise ValueError("denoiser: false leaves LoRA on nothing; set lora.text_encoder to train the text "
+                             "encoder(s) alone, or --no-lora.enabled for full fine-tuning")
+        if not self.denoiser and self.target_modules is not None:
+            raise ValueError("target_modules: names denoiser modules, but lora.denoiser is false")
 
 
 @dataclass

@@ -69,6 +69,8 @@ class LoraOptions:
     target_modules: module names (peft matching) in the denoiser; default its attention projections.
     text_encoder: also put LoRA on the CLIP text encoder(s) (TexForce); prompt embeddings are then not
         cached, and text encoders stay on the accelerator.
+    denoiser: LoRA on the denoiser (default). False, with text_encoder=True: the text encoder(s) alone are
+        trained, TexForce's own recipe; the frozen denoiser still passes the gradient to the embeddings.
     """
 
     rank: int = 8
@@ -76,6 +78,7 @@ class LoraOptions:
     dropout: float = 0.0
     target_modules: Sequence[str] = DEFAULT_LORA_TARGETS
     text_encoder: bool = False
+    denoiser: bool = True
     text_encoder_target_modules: Sequence[str] = DEFAULT_TEXT_LORA_TARGETS
     init: str | bool = "gaussian"  # peft's init_lora_weights: B = 0, so the adapter starts as the identity
 
@@ -89,6 +92,9 @@ class LoraOptions:
         if isinstance(self.target_modules, str) or not self.target_modules:
             raise ValueError(f"LoraOptions.target_modules must be a non-empty list of names, "
                              f"got {self.target_modules!r}")
+        if not (self.denoiser or self.text_encoder):
+            raise ValueError("LoraOptions: denoiser=False leaves LoRA on nothing; set text_encoder=True to train the "
+                             "text encoder(s) alone")
 
     def peft_config(self, targets: Sequence[str]):
         from peft import LoraConfig
@@ -291,7 +297,8 @@ class DiffusionPolicy:
         _place(self.vae, "cpu" if self.offload_vae else self.device, self.vae_dtype)
         self.lora_text_encoders: list[nn.Module] = []
         if lora is not None:
-            self.denoiser.add_adapter(lora.peft_config(lora.target_modules))
+            if lora.denoiser:
+                self.denoiser.add_adapter(lora.peft_config(lora.target_modules))
             if lora.text_encoder:
                 # CLIP encoders only: diffusers' LoRA loaders take text_encoder(_2), never T5.
                 names = ["text_encoder"] + (["text_encoder_2"] if self.family == "sd3" else [])
@@ -342,13 +349,25 @@ class DiffusionPolicy:
 
     def train(self, mode: bool = True) -> DiffusionPolicy:
         """Set the trainable modules' train/eval mode (dropout in LoRA); frozen modules stay in eval."""
-        for m in [self.denoiser, *self.lora_text_encoders]:
+        for m in self._adapted_modules() if self.has_lora else [self.denoiser]:
             m.train(mode)
         return self
+
+    def _adapted_modules(self) -> list[nn.Module]:
+        """The modules that carry LoRA: the denoiser (unless lora.denoiser is False) and the LoRA text encoders."""
+        return ([self.denoiser] if self.lora.denoiser else []) + self.lora_text_encoders
 
     @property
     def has_lora(self) -> bool:
         return self.lora is not None
+
+    def trained_part(self) -> str:
+        """What training changes, in words for a log: "full fine-tuning", "LoRA on the denoiser", ..."""
+        if not self.has_lora:
+            return "full fine-tuning"
+        where = (["the denoiser"] if self.lora.denoiser else []) + (["the text encoder(s)"] if
+                                                                    self.lora_text_encoders else [])
+        return "LoRA on " + " and ".join(where)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -359,7 +378,7 @@ class DiffusionPolicy:
                                "use reference() with a policy loaded with reference_copy=True")
         from diffusers.utils.peft_utils import set_adapter_layers
 
-        mods = [self.denoiser, *self.lora_text_encoders]
+        mods = self._adapted_modules()
         for m in mods:
             set_adapter_layers(m, enabled=False)
         try:
@@ -405,7 +424,8 @@ class DiffusionPolicy:
         - "ddp" (LoRA): DistributedDataParallel over the denoiser; every forward that back-propagates goes
           through it (one forward per backward, as the GRPO trainer does), so gradients are averaged during
           backward. Trainable text-encoder LoRA weights lie outside it: `unsynced_parameters()` lists them
-          for the trainer to average (`engine.distributed.average_gradients`).
+          for the trainer to average (`engine.distributed.average_gradients`). With no LoRA on the denoiser
+          (text encoders alone) nothing is wrapped, and the trainer averages all there is that way.
         - "fsdp" (full fine-tuning): FSDP2 `fully_shard` of every block (`block_names`) and of the denoiser,
           and of the frozen reference copy the same way; parameters become DTensor shards.
         """
@@ -420,8 +440,9 @@ class DiffusionPolicy:
             # broadcast at each forward (the keyword is forward_sync_buffers from torch 2.14 on).
             accepted = inspect.signature(DistributedDataParallel).parameters
             quiet = "forward_sync_buffers" if "forward_sync_buffers" in accepted else "broadcast_buffers"
-            self._ddp = DistributedDataParallel(
-                self.denoiser, device_ids=[self.device.index] if self.device.type == "cuda" else None, **{quiet: False})
+            if self.lora.denoiser:  # else nothing in the denoiser trains: DDP refuses such a module
+                self._ddp = DistributedDataParallel(self.denoiser, device_ids=[self.device.index] if
+                                                    self.device.type == "cuda" else None, **{quiet: False})
         elif strategy == "fsdp":
             if self.has_lora:
                 raise ValueError("parallelize('fsdp') is for full fine-tuning; LoRA uses 'ddp'")
@@ -442,7 +463,7 @@ class DiffusionPolicy:
     def no_sync(self) -> Any:
         """A context (around forward and backward) in which gradients accumulate on each process without being
         averaged: all but the last backward of an update."""
-        if self.strategy == "ddp":
+        if self._ddp is not None:
             return self._ddp.no_sync()
         if self.strategy == "fsdp":
             from ..distributed import fsdp_no_sync
@@ -722,13 +743,14 @@ class DiffusionPolicy:
         from peft.utils import get_peft_model_state_dict
 
         out: dict[str, Any] = {}
-        key = "unet" if self.family == "sd" else "transformer"
-        from ..checkpointing import wrappers_lifted
+        if self.lora.denoiser:
+            from ..checkpointing import wrappers_lifted
 
-        with wrappers_lifted(self.denoiser):  # else peft leaves out the LoRA layers of checkpointed blocks
-            sd = get_peft_model_state_dict(self.denoiser)
-        out[f"{key}_lora_layers"] = convert_state_dict_to_diffusers(sd) if self.family == "sd" else sd
-        out[f"{key}_lora_adapter_metadata"] = self.denoiser.peft_config["default"].to_dict()
+            key = "unet" if self.family == "sd" else "transformer"
+            with wrappers_lifted(self.denoiser):  # else peft leaves out the LoRA layers of checkpointed blocks
+                sd = get_peft_model_state_dict(self.denoiser)
+            out[f"{key}_lora_layers"] = convert_state_dict_to_diffusers(sd) if self.family == "sd" else sd
+            out[f"{key}_lora_adapter_metadata"] = self.denoiser.peft_config["default"].to_dict()
         for name, te in zip(("text_encoder", "text_encoder_2"), self.lora_text_encoders):
             out[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(te))
             out[f"{name}_lora_adapter_metadata"] = te.peft_config["default"].to_dict()

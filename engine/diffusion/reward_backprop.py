@@ -499,9 +499,10 @@ def build_policy(cfg: RewardBackpropConfig, resolved: Resolved | None = None, *,
     lora = None
     if lc.enabled:
         lora = LoraOptions(rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, target_modules=resolved.lora_targets,
-                           text_encoder=lc.text_encoder)
+                           text_encoder=lc.text_encoder, denoiser=lc.denoiser,
+                           text_encoder_target_modules=list(lc.text_encoder_target_modules))
     kwargs = {"revision": cfg.revision} if cfg.revision else {}
-    with model_loading_errors("model", "lora.target_modules"):
+    with model_loading_errors("model", "lora.target_modules", "lora.text_encoder_target_modules"):
         return load_policy(cfg.model, device=device if device is not None else cfg.device,
                            dtype=None if cfg.dtype == "auto" else cfg.dtype, lora=lora,
                            offload_text_encoders=cfg.memory.offload_text_encoders,
@@ -579,9 +580,9 @@ def _train(cfg: RewardBackpropConfig, run: Run) -> int:
     if trainer.world > 1:
         how = "FSDP2" if trainer.policy.strategy == "fsdp" else "gradients averaged"
         procs = f" x {trainer.world} processes ({how})"
+    targets = f" lora_targets={list(resolved.lora_targets)}" if cfg.lora.enabled and cfg.lora.denoiser else ""
     run.info(f"reward-backprop: method={cfg.method} model={cfg.model or 'embedded tiny SD3'} lr={resolved.lr} "
-             f"lora_targets={list(resolved.lora_targets) if cfg.lora.enabled else 'full fine-tuning'} "
-             f"rewards={cfg.reward.names} device={device}{procs}")
+             f"training={trainer.policy.trained_part()}{targets} rewards={cfg.reward.names} device={device}{procs}")
     if trainer.policy.backbone_patch is not None:
         run.info(trainer.policy.backbone_patch.summary())
     if unused := cfg.unused_options():

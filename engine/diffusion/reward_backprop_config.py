@@ -15,7 +15,7 @@ from ..checkpointing import POLICIES
 from ..config import Check, between, field, ge, gt, section
 from ..prompt_data import FILE_TYPES
 from ..runs import RunConfig
-from .policy import DEFAULT_LORA_TARGETS
+from .policy import DEFAULT_LORA_TARGETS, DEFAULT_TEXT_LORA_TARGETS
 
 __all__ = [
     "BackpropConfig", "EMBEDDED_LORA_TARGETS", "EMBEDDED_LR", "LoraConfig", "MemoryConfig", "OptimConfig",
@@ -53,6 +53,19 @@ class LoraConfig:
         f"{list(DEFAULT_LORA_TARGETS)}, plus proj_out on the embedded tiny model")
     text_encoder: bool = field(False, "also LoRA on the CLIP text encoder(s) (TexForce); embeddings are then "
                                "recomputed with gradient at every step")
+    text_encoder_target_modules: list[str] = field(list(DEFAULT_TEXT_LORA_TARGETS),
+                                                   "text-encoder modules given LoRA (with lora.text_encoder)")
+    denoiser: bool = field(True, "LoRA on the denoiser; false with lora.text_encoder: the text encoder(s) alone "
+                           "(TexForce)")
+
+    def __post_init__(self) -> None:
+        if self.text_encoder and not self.text_encoder_target_modules:
+            raise ValueError("text_encoder_target_modules: give at least one module name (with lora.text_encoder)")
+        if self.enabled and not self.denoiser and not self.text_encoder:
+            raise ValueError("denoiser: false leaves LoRA on nothing; set lora.text_encoder to train the text "
+                             "encoder(s) alone, or lora.enabled false for full fine-tuning")
+        if not self.denoiser and self.target_modules is not None:
+            raise ValueError("target_modules: names denoiser modules, but lora.denoiser is false")
 
 
 @dataclass
