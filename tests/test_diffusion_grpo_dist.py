@@ -87,8 +87,9 @@ def model_dir(tmp_path_factory) -> str:
 def test_two_processes_equal_one_process_with_the_same_batch(model_dir, tmp_path, strategy, text_encoder, pareto,
                                                              monkeypatch):
     """ddp-lora-text-encoder: LoRA on the CLIP text encoders too, whose gradients lie outside the DDP wrapper and
-    are averaged by the trainer; -only: on them alone (no DDP wrapper at all, the trainer averages everything). ddp-lora-pareto: only the step's brightest image is trained on (one reward), on one
-    of the two processes: its weight counts every process's kept samples."""
+    are averaged by the trainer; -only: on them alone (no DDP wrapper at all, the trainer averages everything).
+    ddp-lora-pareto: only the step's brightest image is trained on (one reward), on one of the two processes: its
+    weight counts every process's kept samples."""
     monkeypatch.setenv("FUSEDRL_BACKEND", "torch")
     torch.set_num_threads(1)
     single = _train(model_dir, strategy, text_encoder, pareto)  # one process, the whole batch
