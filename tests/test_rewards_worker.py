@@ -1,6 +1,6 @@
 """RewardWorker: results in submission order, the bounded queue, errors re-raised with their traceback, a hung
 reward timed out instead of hanging the caller, shutdown (normal and cancelling), normal (non-inference) output
-tensors, and the process mode (results, a remote error, a process that dies)."""
+tensors, the process mode (results, a remote error, a process that dies), and a worker dropped without shutdown."""
 
 from __future__ import annotations
 
@@ -229,3 +229,50 @@ def test_process_mode_results_error_and_death():
     with pytest.raises(RewardWorkerError, match="exit code 3"):
         ticket.result(60)
     dies.shutdown()
+
+
+class _Model:
+    """A reward holding something big (a model), to watch it being freed."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return echo(x)
+
+
+def _wait_dead(is_alive, seconds: float = 30.0) -> bool:
+    """Collect garbage until is_alive() turns false (the worker's own thread may still hold it for a moment after
+    resolving the last ticket, so one collection can come too early)."""
+    import gc
+
+    deadline = time.monotonic() + seconds
+    while is_alive() and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.01)
+    return not is_alive()
+
+
+def test_a_dropped_worker_stops_and_frees_its_reward():
+    """Never shut down, and no reference left to it or to its tickets: once collected, its thread ends and its reward
+    (the model) is freed (the thread held the worker strongly, so neither ever went)."""
+    import gc
+    import weakref
+
+    reward = _Model()
+    freed = weakref.ref(reward)
+    worker = RewardWorker(reward)
+    ticket = worker.submit(batch(1))
+    torch.testing.assert_close(ticket.result(10), torch.full((3,), 1.0))
+    thread = worker._thread
+    del worker, ticket, reward
+    assert _wait_dead(thread.is_alive)
+    gc.collect()
+    assert freed() is None
+
+
+@pytest.mark.slow
+def test_a_dropped_process_worker_stops_its_process():
+    worker = RewardWorker(factory=functools.partial(load_reward, "brightness"), mode="process", timeout_s=120)
+    assert worker.submit(batch(0)).result(60).shape == (3,)
+    proc, collector = worker._proc, worker._thread
+    del worker
+    assert _wait_dead(proc.is_alive) and proc.exitcode == 0
+    assert _wait_dead(collector.is_alive)

@@ -22,7 +22,10 @@ Contract:
 - Shutdown: `shutdown()` (or leaving the `with` block normally) scores what was submitted, then stops; leaving the
   block with an exception, or `shutdown(cancel_pending=True)`, lets the oldest unresolved batch (running, or next to
   run) finish and fails the later ones with RewardWorkerError instead of scoring them. A shutdown waits at most
-  `timeout_s` (when set) for the pending batches.
+  `timeout_s` (when set) for the pending batches. A worker dropped without a shutdown (no reference to it or to
+  any of its tickets left) is stopped when it is garbage collected: its thread ends (or its process is told to),
+  so the reward model it holds is freed; its background thread holds it only while building the reward or
+  scoring a batch.
 
 Tensors and devices (thread mode): inputs are detached (and copied with `copy_inputs=True`; otherwise do not
 modify submitted tensors in place before their result arrives). On CUDA the worker scores on its own stream of
@@ -51,6 +54,7 @@ import queue
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Iterator
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
@@ -222,10 +226,15 @@ class RewardWorker:
         self._failure: BaseException | None = None  # why the worker stopped (error / timeout / death)
         self._queue: queue.Queue = queue.Queue()
         if mode == "thread":
-            self._thread = threading.Thread(target=self._thread_main, name=f"RewardWorker-{name}", daemon=True)
+            self._thread = threading.Thread(target=_thread_main, args=(weakref.ref(self), self._queue),
+                                            name=f"RewardWorker-{name}", daemon=True)
             self._thread.start()
+            stop_args: tuple = (self._queue, _STOP)
         else:
             self._start_process()
+            stop_args = (self._in_q, None)
+        # dropped without shutdown(): stop the thread / process (the threads hold the worker only weakly)
+        weakref.finalize(self, _put_quietly, *stop_args).atexit = False
 
     # -- public -------------------------------------------------------------------------------------------------
 
@@ -434,7 +443,9 @@ class RewardWorker:
 
     # -- thread mode --------------------------------------------------------------------------------------------
 
-    def _thread_main(self) -> None:
+    def _thread_setup(self) -> tuple[bool, Any]:
+        """In the worker thread: the CUDA stream (or None) and the reward built; (False, None) when that failed (the
+        worker is stopped)."""
         stream = None
         try:
             if self.device is not None and self.device.type == "cuda":
@@ -446,33 +457,32 @@ class RewardWorker:
         except BaseException as exc:  # noqa: BLE001 - reported through the tickets
             _add_note(exc, f"(raised while building the reward of RewardWorker {self.name})")
             self._stop(exc)
-            return
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            if item.future.done() or self._failure is not None:
-                continue
-            try:
-                with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
-                    if item.event is not None and stream is not None:
-                        stream.wait_event(item.event)
-                    out = self._reward(*item.args, **item.kwargs)
-                    if stream is not None:
-                        stream.synchronize()
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                _add_note(exc, f"(raised in RewardWorker {self.name} while scoring batch {item.future.index})")
-                self._resolve(item.future, exc=exc)
-                if self.stop_on_error or not isinstance(exc, Exception):
-                    err = RewardWorkerError(f"RewardWorker {self.name}: batch {item.future.index} failed with "
-                                            f"{type(exc).__name__}: {exc}")
-                    err.__cause__ = exc
-                    self._stop(err)
-                    return
-            else:
-                self._resolve(item.future, result=out)
-            finally:
-                item = None  # drop the inputs' references once the stream is synchronized
+            return False, None
+        return True, stream
+
+    def _thread_score(self, item: _Item, stream: Any) -> bool:
+        """In the worker thread: scores one batch and resolves its ticket; False when the worker must stop."""
+        if item.future.done() or self._failure is not None:
+            return True
+        try:
+            with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
+                if item.event is not None and stream is not None:
+                    stream.wait_event(item.event)
+                out = self._reward(*item.args, **item.kwargs)
+                if stream is not None:
+                    stream.synchronize()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            _add_note(exc, f"(raised in RewardWorker {self.name} while scoring batch {item.future.index})")
+            self._resolve(item.future, exc=exc)
+            if self.stop_on_error or not isinstance(exc, Exception):
+                err = RewardWorkerError(f"RewardWorker {self.name}: batch {item.future.index} failed with "
+                                        f"{type(exc).__name__}: {exc}")
+                err.__cause__ = exc
+                self._stop(err)
+                return False
+        else:
+            self._resolve(item.future, result=out)
+        return True
 
     # -- process mode -------------------------------------------------------------------------------------------
 
@@ -485,54 +495,97 @@ class RewardWorker:
         self._proc = ctx.Process(target=_process_main, args=(self._factory, device, self._in_q, self._out_q),
                                  name=f"RewardWorker-{self.name}", daemon=True)
         self._proc.start()
-        self._thread = threading.Thread(target=self._collect, name=f"RewardWorker-{self.name}-collect", daemon=True)
+        self._thread = threading.Thread(target=_collect_main, args=(weakref.ref(self), self._proc, self._out_q,
+                                                                    self.poll_s),
+                                        name=f"RewardWorker-{self.name}-collect", daemon=True)
         self._thread.start()
 
-    def _collect(self) -> None:
-        """Parent side of process mode: resolves tickets from the process's messages, in the order they come."""
-        while True:
-            try:
-                msg = self._out_q.get(timeout=self.poll_s)
-            except queue.Empty:
-                if self._proc.is_alive():
-                    continue
-                try:  # the process is gone: its last messages may still be in the pipe
-                    msg = self._out_q.get(timeout=0.5)
-                except (queue.Empty, EOFError, OSError):
-                    with self._lock:
-                        left = bool(self._pending)
-                    if left and self._failure is None:
-                        self._stop(RewardWorkerError(f"RewardWorker {self.name}: the reward process died (exit code "
-                                                     f"{self._proc.exitcode}) with batches unresolved"))
-                    return
-            except (EOFError, OSError):
-                return
-            kind, index, payload = msg
-            with self._lock:
-                item = self._by_index.get(index)
-            if kind == "init_error":
-                exc = _unpickle_error(payload, f"while building the reward of RewardWorker {self.name}")
-                self._stop(exc)
-                return
-            if kind == "ready":
-                self._mark_ready()
+    def _process_gone(self) -> None:
+        """Process mode: the process has exited and its pipe is drained; fail what it left unresolved."""
+        with self._lock:
+            left = bool(self._pending)
+        if left and self._failure is None:
+            self._stop(RewardWorkerError(f"RewardWorker {self.name}: the reward process died (exit code "
+                                         f"{self._proc.exitcode}) with batches unresolved"))
+
+    def _collect(self, msg: tuple) -> bool:
+        """Parent side of process mode: resolves a ticket from one of the process's messages; False when the worker
+        stopped."""
+        kind, index, payload = msg
+        with self._lock:
+            item = self._by_index.get(index)
+        if kind == "init_error":
+            exc = _unpickle_error(payload, f"while building the reward of RewardWorker {self.name}")
+            self._stop(exc)
+            return False
+        if kind == "ready":
+            self._mark_ready()
+            return True
+        if item is None:
+            return True
+        if kind == "ok":
+            dest = item.dest
+            move = functools.partial(torch.Tensor.to, device=dest)
+            out = payload if dest is None else _walk_tensors(payload, move)
+            self._resolve(item.future, result=out)
+        else:
+            exc = _unpickle_error(payload, f"in RewardWorker {self.name}'s process while scoring batch {index}")
+            self._resolve(item.future, exc=exc)
+            if self.stop_on_error:
+                err = RewardWorkerError(f"RewardWorker {self.name}: batch {index} failed with "
+                                        f"{type(exc).__name__}: {exc}")
+                err.__cause__ = exc
+                self._stop(err)
+                return False
+        return True
+
+
+def _put_quietly(q: Any, message: Any) -> None:
+    """The finalizer of a worker dropped without shutdown(): tell its thread / process to stop."""
+    with contextlib.suppress(Exception):
+        q.put(message)
+
+
+def _thread_main(ref: weakref.ref, jobs: queue.Queue) -> None:
+    """Thread mode's loop. It holds the worker only while building the reward or scoring a batch (a queued batch's
+    ticket holds it too), so a worker nobody refers to any more is collected, and its finalizer's _STOP ends this."""
+    worker = ref()
+    if worker is None:
+        return
+    ok, stream = worker._thread_setup()
+    del worker
+    while ok:
+        item = jobs.get()
+        worker = ref()
+        if item is _STOP or worker is None:
+            return
+        ok = worker._thread_score(item, stream)
+        del worker, item  # drop the inputs' references once the stream is synchronized
+
+
+def _collect_main(ref: weakref.ref, proc: Any, out_q: Any, poll_s: float) -> None:
+    """Process mode's collector thread: hands each message of the process to the worker (held only meanwhile)."""
+    while True:
+        try:
+            msg = out_q.get(timeout=poll_s)
+        except queue.Empty:
+            if proc.is_alive():
                 continue
-            if item is None:
-                continue
-            if kind == "ok":
-                dest = item.dest
-                move = functools.partial(torch.Tensor.to, device=dest)
-                out = payload if dest is None else _walk_tensors(payload, move)
-                self._resolve(item.future, result=out)
-            else:
-                exc = _unpickle_error(payload, f"in RewardWorker {self.name}'s process while scoring batch {index}")
-                self._resolve(item.future, exc=exc)
-                if self.stop_on_error:
-                    err = RewardWorkerError(f"RewardWorker {self.name}: batch {index} failed with "
-                                            f"{type(exc).__name__}: {exc}")
-                    err.__cause__ = exc
-                    self._stop(err)
-                    return
+            try:  # the process is gone: its last messages may still be in the pipe
+                msg = out_q.get(timeout=0.5)
+            except (queue.Empty, EOFError, OSError):
+                worker = ref()
+                if worker is not None:
+                    worker._process_gone()
+                return
+        except (EOFError, OSError):
+            return
+        worker = ref()
+        if worker is None or not worker._collect(msg):
+            return
+        del worker
+
+
 
 
 def _pickle_error(exc: BaseException) -> tuple[bytes | None, str, str]:
