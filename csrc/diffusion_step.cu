@@ -1,4 +1,4 @@
-// CUDA kernels of the fused diffusion step (flow SDE/CPS and DDIM), forward and backward: the twin
+// CUDA kernels of the fused diffusion step (flow SDE/CPS/dance and DDIM), forward and backward: the twin
 // of kernels/diffusion_step/triton_kernels.py, which is the spec (same math in fp32, same
 // options, same [B, 2, C] partial-sum layout, C = ceil(D / 4096)).
 //

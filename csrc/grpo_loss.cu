@@ -53,6 +53,11 @@ struct Input {
   int dtype;
 };
 
+// min / max that propagate NaN, as torch.clamp and torch.min do (fminf / fmaxf return the other operand: a NaN
+// log-prob gave a finite loss)
+__device__ __forceinline__ float min_nan(float a, float b) { return (isnan(a) || isnan(b)) ? a + b : fminf(a, b); }
+__device__ __forceinline__ float max_nan(float a, float b) { return (isnan(a) || isnan(b)) ? a + b : fmaxf(a, b); }
+
 __device__ __forceinline__ float load(const Input& in, int64_t i) {
   switch (in.dtype) {
     case kF16: return static_cast<float>(static_cast<const at::Half*>(in.ptr)[i]);
@@ -141,22 +146,22 @@ __global__ void __launch_bounds__(kThreads) grpo_rows_kernel(Args a) {
       float direct = 0.0f;  // dl/dlogp other than through w
       float loss, d_w;
       if constexpr (kKind == LossKind::kClip) {
-        const float c2 = fminf(fmaxf(r, lo), hi);
+        const float c2 = min_nan(max_nan(r, lo), hi);
         const float d_c2 = (r >= lo && r <= hi) ? r : 0.0f;
         float r1 = r, d_r1 = r;
         if (a.has_delta) {
-          r1 = fminf(r, a.delta);
+          r1 = min_nan(r, a.delta);
           d_r1 = r <= a.delta ? r : 0.0f;
         }
         const float x = r1 * adv;
         const float y = c2 * adv;
-        loss = -fminf(x, y);
+        loss = -min_nan(x, y);
         d_w = -adv * (x < y ? d_r1 : (x > y ? d_c2 : 0.5f * (d_r1 + d_c2)));
         // TRL counts clipping on the ratio after the delta clamp
         s[kLow] += (r1 < lo && adv < 0.0f) ? m : 0.0f;
         s[kHigh] += (r1 > hi && adv > 0.0f) ? m : 0.0f;
       } else if constexpr (kKind == LossKind::kCispo) {
-        const float cr = fminf(r, a.eps_high);
+        const float cr = min_nan(r, a.eps_high);
         loss = -cr * adv * lp;
         direct = -cr * adv;
         d_w = 0.0f;

@@ -61,7 +61,9 @@ FUSEDRL_HOST_DEVICE StepCoeffs step_coefficients(float p0, float p1, float level
     const float sigma = p0;
     const float sigma_next = p1;
     k.std = sigma_next * level;
-    const float root = sqrtf(sigma_next * sigma_next - k.std * k.std);
+    // sqrt(sigma_next^2 - std^2) as sigma_next sqrt((1 - level)(1 + level)): equal in exact arithmetic, and never
+    // negative: contracted to an fma, the difference left -(rounding of sigma_next^2) at level = 1, and NaN
+    const float root = sigma_next * sqrtf((1.0f - level) * (1.0f + level));
     k.a = (1.0f - sigma_next) + root;
     k.b = -sigma * (1.0f - sigma_next) + (1.0f - sigma) * root;
     k.scale = k.std;

@@ -181,6 +181,22 @@ def test_very_small_std(backend, sde_type, use_backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_cps_at_noise_level_one(backend, use_backend):
+    """noise_level = 1: std = sigma_next, so the mean is x0 (1 - sigma_next) exactly. sqrt(sigma_next^2 - std^2)
+    contracted to an fma (nvcc, Triton on a GPU) was the rounding of sigma_next^2: NaN for about half the sigmas,
+    a 1e-3 error in the mean for others (tests/test_step_coeffs_host.py shows it on the host with -mfma)."""
+    use_backend(backend)
+    torch.manual_seed(0)
+    x, v = torch.randn(4, 3, 33, device=DEVICE), torch.randn(4, 3, 33, device=DEVICE)
+    sigma = torch.tensor([1.0, 0.95, 0.4, 0.2], device=DEVICE)
+    sigma_next = torch.tensor([0.95, 0.9, 0.3, 0.1], device=DEVICE)
+    out = flow_sde_step(x, v, sigma, sigma_next, noise_level=1.0, sde_type="cps", prev_sample=x)
+    x0 = x - sigma[:, None, None] * v
+    torch.testing.assert_close(out.mean, x0 * (1 - sigma_next[:, None, None]), rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(out.logp).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_deterministic_steps_have_no_logp(backend, use_backend):
     use_backend(backend)
     x, m = torch.randn(2, 3, 8, device=DEVICE), torch.randn(2, 3, 8, device=DEVICE)

@@ -194,3 +194,24 @@ def test_one_token_completions_average_metrics_over_kept_tokens(backend, use_bac
     assert m["ratio_mean"].item() == pytest.approx(1.0)
     assert m["kl"].item() == pytest.approx(0.0, abs=1e-6)
     assert m["clip_ratio/region_mean"].item() == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("delta", [None, 1.5], ids=["no-delta", "delta"])
+@pytest.mark.parametrize("where", ["logp", "old_logp"])
+@pytest.mark.parametrize("loss_type", reference.LOSS_TYPES)
+def test_a_nan_log_prob_gives_a_nan_loss(loss_type, where, delta, backend, use_backend):
+    """A NaN at a kept token makes the loss NaN on every backend, as in the formula (the kernels' min / max took
+    the other operand: the clip family and cispo gave a finite loss from a NaN ratio), so a trainer's NaN guard
+    sees it."""
+    if delta is not None and loss_type in ("cispo", "sapo"):
+        pytest.skip("delta is for the clip family")
+    use_backend(backend)
+    logp, old, adv, mask, _, _ = _inputs(torch.float32, False)
+    mask = torch.ones_like(mask)
+    bad = {"logp": logp, "old_logp": old}[where].clone()
+    bad[0, 3] = float("nan")
+    args = (bad, old) if where == "logp" else (logp, bad)
+    loss, _ = grpo_loss(*args, adv, mask, loss_type=loss_type, delta=delta, max_len=T,
+                        num_items=float(B * T) if loss_type == "dapo" else None)
+    assert torch.isnan(loss), loss

@@ -7,13 +7,15 @@ Every mode-specific line of the CUDA diffusion step lives in that header; the re
 affine map and reduction for every mode. So this checks, with no GPU, the part of the CUDA path that differs
 between modes - "dance" included, which no GPU has run yet. The mode and prediction codes passed in are the
 Python side's own (api.SDE_TYPES, api.DDIM, api.PREDICTION_TYPES), so a code that drifted between the two
-sides fails here too.
+sides fails here too. Each case runs on two builds where the CPU allows: without fused multiply-adds, and with
+every a * b + c contracted to one, as nvcc and Triton do on a GPU (which turned CPS at noise_level 1 into NaN).
 """
 
 from __future__ import annotations
 
 import ctypes
 import math
+import platform
 import shutil
 import subprocess
 from pathlib import Path
@@ -44,8 +46,26 @@ def f32(value: float) -> float:
     return float(torch.tensor(value, dtype=torch.float32))
 
 
-@pytest.fixture(scope="module")
-def coefficients(tmp_path_factory):
+def _contraction_flags() -> list[list[str]]:
+    """Builds to test: without fused multiply-adds, and with every a * b + c contracted to one where the CPU has
+    them, as nvcc and Triton contract (a formula that cancels, such as sigma_next^2 - std^2 at std = sigma_next,
+    turns negative there by the rounding of the product: NaN after a square root)."""
+    flags = [["-ffp-contract=off"]]
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        flags.append(["-ffp-contract=fast"])
+    elif machine in ("x86_64", "amd64"):
+        try:
+            has_fma = " fma " in f" {Path('/proc/cpuinfo').read_text().replace(chr(10), ' ')} "
+        except OSError:
+            has_fma = False
+        if has_fma:
+            flags.append(["-ffp-contract=fast", "-mfma"])
+    return flags
+
+
+@pytest.fixture(scope="module", params=_contraction_flags(), ids=lambda f: "fma" if "fast" in f[0] else "no-fma")
+def coefficients(request, tmp_path_factory):
     """step_coefficients(...) -> dict of the nine fp32 coefficients, from the header built by the host compiler."""
     cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if cxx is None:
@@ -54,9 +74,8 @@ def coefficients(tmp_path_factory):
     source = build / "wrapper.cpp"
     source.write_text(WRAPPER)
     library = build / "libstep_coeffs.so"
-    # -ffp-contract=off: no fused multiply-adds the CUDA build may or may not form; the tolerances below hold either way
-    cmd = [cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-shared", f"-I{CSRC}", str(source),
-           "-o", str(library)]
+    cmd = [cxx, "-std=c++17", "-O2", *request.param, "-fPIC", "-shared", f"-I{CSRC}", str(source), "-o",
+           str(library)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stderr}"
     lib = ctypes.CDLL(str(library))
@@ -123,6 +142,9 @@ FLOW_CASES = [
     ("cps", 1.0, 0.95, 0.7),
     ("cps", 0.6, 0.5, 0.5),
     ("cps", 0.05, 0.02, 0.9),
+    ("cps", 0.2, 0.1, 1.0),  # level = 1: std = sigma_next, the mean's x1 term vanishes
+    ("cps", 0.95, 0.9, 1.0),
+    ("cps", 0.4, 0.3, 1.0),
     ("dance", 1.0, 0.95, 0.3),
     ("dance", 0.5, 0.45, 0.3),
     ("dance", 0.04, 0.0, 0.1),

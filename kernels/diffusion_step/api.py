@@ -155,7 +155,9 @@ def flow_sde_step(
         prev_sample: [B, ...] a given next latent (data: no gradient flows into it); else one is
             sampled as mean + std sqrt(-dt) z ("sde", "dance") or mean + std z ("cps"), z drawn like
             diffusers' `randn_tensor(v.shape, generator, v.device, v.dtype)`.
-        sigma_max: scheduler.sigmas[1], used in place of sigma where sigma == 1 ("sde").
+        sigma_max: scheduler.sigmas[1], used in place of sigma where sigma == 1 ("sde"). Needed at sigma == 1:
+            refused without it when sigma is a float or a CPU tensor; a GPU tensor's values are not read (no host
+            sync), and the step there comes out NaN, as the formula gives.
         ref_mean: [B, ...] the reference policy's mean (adapter-off model) for the KL term.
 
     Returns:

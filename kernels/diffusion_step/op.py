@@ -37,7 +37,7 @@ def _triton_fwd(x, m, p0, p1, noise, given, ref, mode, pred, level, sigma_max, c
     logp = torch.empty((B,), device=x.device, dtype=torch.float32) if want_logp else _empty(x)
     kl = torch.empty((B,), device=x.device, dtype=torch.float32) if ref is not None else _empty(x)
     consts = dict(MODE=mode, PRED=pred, HAS_CLIP=clip > 0, CLIPPED_EPS=clipped_eps)
-    tk._step_fwd_kernel[(C, B)](
+    tk._step_fwd_kernel[(B, C)](
         x, m, p0, p1, noise if sampled else x, given if given is not None else x, ref if ref is not None else x,
         prev if sampled else mean, mean, part,
         D, C, level, sigma_max, clip,
@@ -58,8 +58,9 @@ def _triton_bwd(x, m, p0, p1, noise, given, ref, g_prev, g_mean, g_logp, g_kl, m
     C = triton_cdiv(D, tk.CHUNK)
     gx = torch.empty_like(x)
     gm = torch.empty_like(m)
-    gref = torch.empty_like(ref) if need_g_ref else _empty(x)
-    tk._step_bwd_kernel[(C, B)](
+    # the kernel writes gref with the KL term's gradient; without one it is zero (as the CUDA launcher gives it)
+    gref = (torch.empty_like if g_kl is not None else torch.zeros_like)(ref) if need_g_ref else _empty(x)
+    tk._step_bwd_kernel[(B, C)](
         x, m, p0, p1, noise if noise is not None else x, given if given is not None else x,
         ref if ref is not None else x,
         g_prev if g_prev is not None else x, g_mean if g_mean is not None else x,

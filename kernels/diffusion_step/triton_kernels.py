@@ -72,7 +72,9 @@ def _coefficients(p0, p1, level, sigma_max, MODE: tl.constexpr, PRED: tl.constex
         sigma = p0
         sigma_next = p1
         std = sigma_next * level
-        root = tl.sqrt_rn(sigma_next * sigma_next - std * std)
+        # sqrt(sigma_next^2 - std^2) as sigma_next sqrt((1 - level)(1 + level)): equal in exact arithmetic, and never
+        # negative: contracted to an fma, the difference left -(rounding of sigma_next^2) at level = 1, and NaN
+        root = sigma_next * tl.sqrt_rn((1.0 - level) * (1.0 + level))
         a = (1.0 - sigma_next) + root
         b = -sigma * (1.0 - sigma_next) + (1.0 - sigma) * root
         scale = std
@@ -136,8 +138,8 @@ def _step_fwd_kernel(
     SAMPLED: tl.constexpr, HAS_REF: tl.constexpr, WANT_LOGP: tl.constexpr,
     BLOCK: tl.constexpr, ITERS: tl.constexpr,
 ):
-    pid_c = tl.program_id(0)
-    row = tl.program_id(1)
+    row = tl.program_id(0)  # rows on the grid's first axis (2^31 - 1 programs; the second stops at 65535)
+    pid_c = tl.program_id(1)
     p0 = tl.load(p0_ptr + row)
     p1 = tl.load(p1_ptr + row)
     a, b, c, p, q, scale, std, cq, c0 = _coefficients(p0, p1, level, sigma_max, MODE, PRED, HAS_CLIP, CLIPPED_EPS)
@@ -208,8 +210,8 @@ def _step_bwd_kernel(
     HAS_G_LOGP: tl.constexpr, HAS_G_KL: tl.constexpr, NEED_G_REF: tl.constexpr,
     BLOCK: tl.constexpr, ITERS: tl.constexpr,
 ):
-    pid_c = tl.program_id(0)
-    row = tl.program_id(1)
+    row = tl.program_id(0)  # rows on the grid's first axis (2^31 - 1 programs; the second stops at 65535)
+    pid_c = tl.program_id(1)
     p0 = tl.load(p0_ptr + row)
     p1 = tl.load(p1_ptr + row)
     a, b, c, p, q, scale, std, cq, c0 = _coefficients(p0, p1, level, sigma_max, MODE, PRED, HAS_CLIP, CLIPPED_EPS)

@@ -84,23 +84,26 @@ def _grpo_row_kernel(
         r = tl.exp(w)
         direct = tl.zeros([BLOCK_T], tl.float32)  # dl/dlogp other than through w
         if LOSS == 0:
-            c2 = tl.minimum(tl.maximum(r, 1.0 - eps_low), 1.0 + eps_high)
+            # min / max propagate NaN as torch.clamp and torch.min do (by default they return the other operand:
+            # a NaN log-prob gave a finite loss)
+            c2 = tl.minimum(tl.maximum(r, 1.0 - eps_low, propagate_nan=tl.PropagateNan.ALL), 1.0 + eps_high,
+                            propagate_nan=tl.PropagateNan.ALL)
             d_c2 = tl.where((r >= 1.0 - eps_low) & (r <= 1.0 + eps_high), r, 0.0)
             if HAS_DELTA:
-                r1 = tl.minimum(r, delta)
+                r1 = tl.minimum(r, delta, propagate_nan=tl.PropagateNan.ALL)
                 d_r1 = tl.where(r <= delta, r, 0.0)
             else:
                 r1 = r
                 d_r1 = r
             a = r1 * adv
             b = c2 * adv
-            loss = -tl.minimum(a, b)
+            loss = -tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
             d_w = -adv * tl.where(a < b, d_r1, tl.where(a > b, d_c2, 0.5 * (d_r1 + d_c2)))
             # TRL counts clipping on the ratio after the delta clamp
             s_low += tl.where((r1 < 1.0 - eps_low) & (adv < 0.0), m, 0.0)
             s_high += tl.where((r1 > 1.0 + eps_high) & (adv > 0.0), m, 0.0)
         elif LOSS == 1:
-            cr = tl.minimum(r, eps_high)
+            cr = tl.minimum(r, eps_high, propagate_nan=tl.PropagateNan.ALL)
             loss = -cr * adv * lp
             direct = -cr * adv
             d_w = tl.zeros([BLOCK_T], tl.float32)
