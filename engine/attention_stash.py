@@ -4,7 +4,9 @@ stash of its attention calls' outputs and log-sum-exps, and its recompute replay
 `fusedrl.engine.checkpointing.checkpoint(fn, policy="save_attention")` runs non-reentrant
 `torch.utils.checkpoint` with `context_fn=contexts`: two cheap context managers, one around the forward
 (record) and one around the recompute in backward (replay), that only push the region on a thread-local
-stack (regions nest: the innermost one owns a call) and, while any region is active on any thread,
+stack (regions nest: every region on the stack down to a blocker stashes the call, and a nested region whose
+forward an enclosing region's recompute reruns takes it from that stash: `_route`) and, while any region is
+active on any thread,
 route two entry points through this module:
 - `F.scaled_dot_product_attention` (looked up at call time by diffusers' AttnProcessor2_0, transformers'
   sdpa attention, nn.MultiheadAttention, fusedrl's own torch path): the module attribute is swapped for
@@ -192,6 +194,26 @@ def active() -> bool:
     return bool(_tls.stack)
 
 
+def _route(stack: list[_Context]) -> tuple[Region | None, list[Region]]:
+    """Where the attention call of the innermost region (stack[-1], not a blocker) comes from and goes:
+    (source, records). source: the region whose stash replays it - the innermost region itself in its recompute,
+    or an enclosing region in its recompute that a nested region recording its forward lies in (then the nested
+    region's forward takes the call from the enclosing stash instead of computing it again); None: the call is
+    computed. records: the regions in record mode above the source (or, without one, up to a blocker or the
+    stack's bottom), innermost first: each keeps the call in its stash, so that its own recompute replays it."""
+    top = stack[-1]
+    if top.replay:
+        return top.region, []
+    records = [top.region]
+    for ctx in reversed(stack[:-1]):
+        if ctx.region is None:  # a blocker: the regions below keep out of its calls
+            break
+        if ctx.replay:
+            return ctx.region, records
+        records.append(ctx.region)
+    return None, records
+
+
 # ---- the swap ---------------------------------------------------------------------------------------
 
 _swap_lock = threading.Lock()
@@ -226,26 +248,28 @@ def _release() -> None:
 
 def _fusedrl_hook(q, k, v, key_padding_mask, causal, scale, backend):
     stack = _tls.stack
-    if not stack:
+    if not stack or stack[-1].region is None:
         return None
-    ctx = stack[-1]
-    region = ctx.region
-    if region is None:
-        return None
+    source, records = _route(stack)
     sig = ("flash_attention", q.shape, k.shape, v.shape, q.dtype, q.device, key_padding_mask is None, causal, scale,
            backend)
-    if ctx.replay:
-        entry = region.take(sig)
+    if source is not None:
+        entry = source.take(sig)
+        for region in records:
+            region.entries.append(entry)
         if entry.kind == _FALLBACK or not entry.fresh():
             return None
         return FlashAttention.apply(q, k, v, key_padding_mask, causal, scale, backend, (entry.out, entry.lse))
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-        region.entries.append(_Entry(_FALLBACK, sig))
+        entry = _Entry(_FALLBACK, sig)
+        for region in records:
+            region.entries.append(entry)
         return None
     out, lse = FlashAttention.apply(q, k, v, key_padding_mask, causal, scale, backend)
     entry = _Entry(_FUSEDRL, sig)
     entry.out, entry.lse, entry.version = out.detach(), lse.detach(), out._version
-    region.entries.append(entry)
+    for region in records:
+        region.entries.append(entry)
     return out, lse
 
 
@@ -278,10 +302,8 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     """F.scaled_dot_product_attention while a "save_attention" region is active on some thread."""
     if not torch.compiler.is_compiling() and not kwargs:
         stack = _tls.stack
-        if stack:
-            ctx = stack[-1]
-            if ctx.region is not None:
-                return _region_sdpa(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        if stack and stack[-1].region is not None:
+            return _region_sdpa(stack, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     return _original_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                           scale=scale, enable_gqa=enable_gqa, **kwargs)
 
@@ -345,18 +367,22 @@ def _convert_mask(mask, q, k, backend: int):
     return mask
 
 
-def _region_sdpa(ctx: _Context, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
-    region = ctx.region
+def _region_sdpa(stack: list[_Context], q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
+    source, records = _route(stack)
     sig = ("sdpa", q.shape, k.shape, v.shape, q.dtype, q.device,
            None if mask is None else (mask.shape, mask.dtype), dropout_p, is_causal, scale, enable_gqa)
-    if ctx.replay:
-        entry = region.take(sig)
+    if source is not None:
+        entry = source.take(sig)
         if entry.kind == _FALLBACK:
+            for region in records:
+                region.entries.append(entry)
             return _stock(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa)
         q, k, v, mask, _ = _prepare(q, k, v, mask, is_causal, scale, enable_gqa, choose=False)
         mask = _convert_mask(mask, q, k, entry.backend)
         if not entry.fresh():  # modified in place since: compute this call again
             entry = _Entry(_SDPA, sig, entry.backend)
+        for region in records:
+            region.entries.append(entry)
         return _StashedSDPA.apply(q, k, v, mask, entry.backend, is_causal, scale, entry)
 
     backend = None
@@ -370,11 +396,14 @@ def _region_sdpa(ctx: _Context, q, k, v, mask, dropout_p, is_causal, scale, enab
     if backend is None or backend == _MATH:
         if backend == _MATH:
             _warn_math_attention()
-        region.entries.append(_Entry(_FALLBACK, sig))
+        entry = _Entry(_FALLBACK, sig)
+        for region in records:
+            region.entries.append(entry)
         return _stock(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa)
     entry = _Entry(_SDPA, sig, backend)
     out = _StashedSDPA.apply(q2, k2, v2, _convert_mask(mask2, q2, k2, backend), backend, is_causal, scale, entry)
-    region.entries.append(entry)
+    for region in records:
+        region.entries.append(entry)
     return out
 
 

@@ -23,8 +23,9 @@ Policies (`POLICIES`):
   SDPA would choose, so outputs and gradients equal the stock SDPA's bit for bit) and
   `fusedrl.kernels.flash_attention` (its Triton path; its torch path calls SDPA). See
   `fusedrl.engine.attention_stash` for which SDPA inputs are served; the others are recomputed as under
-  "full". Regions nest (the innermost one owns a call; a nested region of another policy keeps its
-  calls to itself) and are per thread. Under torch.compile, or once `register_attention_op` has
+  "full". Regions nest (each enclosing "save_attention" region stashes a call too, so a nested region's
+  forward rerun by the outer recompute replays it; a nested region of another policy keeps its calls to
+  itself) and are per thread. Under torch.compile, or once `register_attention_op` has
   registered an op, "save_attention" runs on SAC instead, as "save_attention_and_matmuls" does.
 - "save_attention_and_matmuls": selective activation checkpointing (`create_selective_checkpoint_contexts`):
   the outputs of the fused attention ops (`ATTENTION_OPS`: SDPA's flash / efficient / cuDNN / CPU-flash

@@ -207,8 +207,10 @@ def test_autocast_is_reproduced():
 # ---- regions ------------------------------------------------------------------------------------------
 
 def test_nested_regions():
-    """save_attention inside save_attention, and full inside save_attention: each attention call belongs to
-    the innermost region; gradients exact."""
+    """save_attention inside save_attention (by hand: apply_checkpointing never nests), and full inside
+    save_attention; gradients exact. A nested save_attention region's forward, rerun by the outer recompute,
+    takes its calls from the outer stash (it computed them again: one attention forward per call in backward);
+    a region of another policy nested inside keeps its calls out of the outer stash."""
     torch.manual_seed(0)
     a, b, c = Block(), Block(), Block()
     model = nn.ModuleList([a, b, c])
@@ -226,10 +228,30 @@ def test_nested_regions():
     for inner in ("save_attention", "full", "save_attention_and_matmuls"):
         _, got, counts = grads_of(model, x, make("save_attention", inner), count=True)
         assert_exact(got, ref)
-        # the inner region's forward reruns inside the outer recompute (not a replay of the outer stash);
-        # only a "full" inner region reruns its attention once more in its own recompute
-        assert counts[CPU_FLASH] == (2 if inner == "full" else 1), inner
+        # save_attention: no attention forward in backward at any depth; another policy's inner region computes
+        # its call in the outer recompute, and "full" once more in its own
+        assert counts[CPU_FLASH] == {"save_attention": 0, "full": 2, "save_attention_and_matmuls": 1}[inner], inner
     assert F.scaled_dot_product_attention is STOCK_SDPA and not attention_stash.active()
+
+
+def test_three_nested_save_attention_regions_replay_every_call():
+    """Regions three deep, each with its own attention call, the middle one called twice: every call is replayed
+    from the stash of the region being recomputed, so backward runs no attention forward; gradients exact."""
+    torch.manual_seed(0)
+    a, b, c = Block(), Block(), Block()
+    model = nn.ModuleList([a, b, c])
+    x = torch.randn(2, 5, 16)
+
+    def make(policy):
+        inner = lambda t: ckpt.checkpoint(c, t, policy=policy)
+        middle = lambda t: ckpt.checkpoint(lambda u: inner(b(u)), t, policy=policy)
+        return lambda t: ckpt.checkpoint(lambda u: middle(middle(a(u))), t, policy=policy)
+
+    ref = grads_of(model, x, make("none"))[1]
+    _, got, counts = grads_of(model, x, make("save_attention"), count=True)
+    assert counts[CPU_FLASH] == 0
+    assert_exact(got, ref)
+    assert not attention_stash.active()
 
 
 def test_region_called_twice_before_backward_keeps_separate_stashes():
