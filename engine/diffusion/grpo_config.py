@@ -103,13 +103,19 @@ class LoraSection:
     def __post_init__(self) -> None:
         if self.target_modules is not None and not self.target_modules:
             raise ValueError("target_modules: give at least one module name, or none for the default")
-        if self.text_encoder and not self.text_encoder_target_modules:
-            raise ValueError("text_encoder_target_modules: give at least one module name (with lora.text_encoder)")
-        if self.enabled and not self.denoiser and not self.text_encoder:
-            raise ValueError("denoiser: false leaves LoRA on nothing; set lora.text_encoder to train the text "
-                             "encoder(s) alone, or --no-lora.enabled for full fine-tuning")
-        if not self.denoiser and self.target_modules is not None:
-            raise ValueError("target_modules: names denoiser modules, but lora.denoiser is false")
+        check_lora_placement(self)
+
+
+def check_lora_placement(lora: Any) -> None:
+    """The checks of where LoRA goes, shared by both diffusion trainers' LoRA sections (fields enabled, denoiser,
+    target_modules, text_encoder, text_encoder_target_modules); a ValueError names the field."""
+    if lora.text_encoder and not lora.text_encoder_target_modules:
+        raise ValueError("text_encoder_target_modules: give at least one module name (with lora.text_encoder)")
+    if lora.enabled and not lora.denoiser and not lora.text_encoder:
+        raise ValueError("denoiser: false leaves LoRA on nothing; set lora.text_encoder to train the text "
+                         "encoder(s) alone, or lora.enabled false for full fine-tuning")
+    if not lora.denoiser and lora.target_modules is not None:
+        raise ValueError("target_modules: names denoiser modules, but lora.denoiser is false")
 
 
 @dataclass

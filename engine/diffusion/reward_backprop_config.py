@@ -15,6 +15,7 @@ from ..checkpointing import POLICIES
 from ..config import Check, between, field, ge, gt, section
 from ..prompt_data import FILE_TYPES
 from ..runs import RunConfig
+from .grpo_config import check_lora_placement
 from .policy import DEFAULT_LORA_TARGETS, DEFAULT_TEXT_LORA_TARGETS
 
 __all__ = [
@@ -59,13 +60,7 @@ class LoraConfig:
                            "(TexForce)")
 
     def __post_init__(self) -> None:
-        if self.text_encoder and not self.text_encoder_target_modules:
-            raise ValueError("text_encoder_target_modules: give at least one module name (with lora.text_encoder)")
-        if self.enabled and not self.denoiser and not self.text_encoder:
-            raise ValueError("denoiser: false leaves LoRA on nothing; set lora.text_encoder to train the text "
-                             "encoder(s) alone, or lora.enabled false for full fine-tuning")
-        if not self.denoiser and self.target_modules is not None:
-            raise ValueError("target_modules: names denoiser modules, but lora.denoiser is false")
+        check_lora_placement(self)
 
 
 @dataclass
