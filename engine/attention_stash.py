@@ -281,6 +281,19 @@ _FLASH, _EFFICIENT, _CUDNN, _MATH = (int(SDPBackend.FLASH_ATTENTION), int(SDPBac
 _math_warned = False
 
 
+_fallback_warned: set[str] = set()
+
+
+def _warn_fallback(reason: str) -> None:
+    """Once per reason: a fused SDPA call that a 'save_attention' region recomputes instead of saving."""
+    if reason in _fallback_warned:
+        return
+    _fallback_warned.add(reason)
+    warnings.warn(f"fusedrl checkpointing: an attention call inside a 'save_attention' region is recomputed in "
+                  f"backward as under 'full', not saved: {reason}. This warning is shown once.",
+                  RuntimeWarning, stacklevel=5)
+
+
 def _warn_math_attention() -> None:
     global _math_warned
     if _math_warned:
@@ -338,10 +351,16 @@ def _prepare(q, k, v, mask, is_causal, scale, enable_gqa, choose: bool):
         backend = _CPU_FLASH if choice == _FLASH else None
     elif choice == _FLASH:
         backend = _CUDA_FLASH if mask is None and q.shape[-1] % 8 == 0 else None  # no head-dim padding
+        if backend is None:
+            _warn_fallback("SDPA's flash kernel with a head dim that is not a multiple of 8 (SDPA pads it)")
     elif choice == _EFFICIENT:
         backend = _CUDA_EFFICIENT
     elif choice == _CUDNN:
         backend = _CUDA_CUDNN if mask is None else None
+        if backend is None:
+            _warn_fallback("SDPA chose its cuDNN kernel, as it does on Hopper, for a call with attn_mask; run the "
+                           "model under torch.nn.attention.sdpa_kernel([SDPBackend.FLASH_ATTENTION, "
+                           "SDPBackend.EFFICIENT_ATTENTION]) to have masked calls served by the efficient kernel")
     else:
         backend = None
     if backend is None:
@@ -393,6 +412,8 @@ def _region_sdpa(stack: list[_Context], q, k, v, mask, dropout_p, is_causal, sca
             and not (q.is_nested or k.is_nested or v.is_nested)
             and q.shape[-3:-2] == k.shape[-3:-2] == v.shape[-3:-2]):
         q2, k2, v2, mask2, backend = _prepare(q, k, v, mask, is_causal, scale, enable_gqa, choose=True)
+    elif q.dim() >= 3 and k.dim() >= 3 and q.shape[-3] != k.shape[-3] and torch.is_grad_enabled():
+        _warn_fallback("grouped-query attention (fewer key / value heads than query heads)")
     if backend is None or backend == _MATH:
         if backend == _MATH:
             _warn_math_attention()

@@ -284,6 +284,23 @@ RECOMPUTING = ("full", "save_attention", "save_attention_and_matmuls")  # the po
 _TORCH_CHECKPOINT_KEYWORDS = ("determinism_check", "debug", "early_stop")
 
 
+def _rng_devices_positional(fn: Callable, args: tuple, kwargs: dict) -> tuple[Callable, tuple]:
+    """torch.utils.checkpoint saves and restores the RNG state of the devices of its positional tensors only: a block
+    called with keywords alone (diffusers' blocks: `block(hidden_states=..., temb=...)`) had its CUDA RNG state
+    left as the forward moved it, so dropout drew other masks in the recompute (wrong gradients, on a GPU only).
+    Devices that only keyword tensors are on get an empty tensor passed positionally, which `fn` never sees."""
+    have = set(input_offload.accelerator_devices(args))
+    markers = input_offload.device_markers([d for d in input_offload.accelerator_devices(kwargs) if d not in have])
+    if not markers:
+        return fn, args
+    n = len(markers)
+
+    def call_without_markers(*args_: Any, **kwargs_: Any) -> Any:
+        return fn(*args_[n:], **kwargs_)
+
+    return call_without_markers, markers + tuple(args)
+
+
 def checkpoint(fn: Callable, *args: Any, policy: str | Callable = "save_attention",
                preserve_rng_state: bool = True, offload_inputs: bool = False, **kwargs: Any) -> Any:
     """`fn(*args, **kwargs)`, with the activations it saves for backward chosen by `policy`.
@@ -319,6 +336,8 @@ def checkpoint(fn: Callable, *args: Any, policy: str | Callable = "save_attentio
     if policy == "offload":
         with _offload_hooks():
             return fn(*args, **kwargs)
+    if preserve_rng_state and kwargs:
+        fn, args = _rng_devices_positional(fn, args, kwargs)
     options: dict[str, Any] = {}
     # Under torch.compile the selective policies run on SAC, which there only marks graph nodes (no
     # per-op cost) and which the compiler requires of a context_fn; nothing thread-local is touched.

@@ -56,8 +56,28 @@ def is_parameter(t: torch.Tensor) -> bool:
 
 
 def _eligible(value: Any) -> bool:
+    # not an expanded (stride-0) view: it would come back as a dense copy larger than the memory it frees
     return (isinstance(value, torch.Tensor) and value.device.type in DEVICE_TYPES and value.requires_grad
-            and not value.is_leaf and not is_parameter(value) and value.numel() * value.element_size() >= MIN_BYTES)
+            and not value.is_leaf and not is_parameter(value)
+            and MIN_BYTES <= value.numel() * value.element_size() <= value.untyped_storage().nbytes())
+
+
+def accelerator_devices(*trees: Any) -> list[torch.device]:
+    """The distinct devices other than the CPU of the tensors in `trees` (nested tuples, lists, dicts), in the
+    order first met."""
+    from torch.utils._pytree import tree_leaves
+
+    seen: dict[torch.device, None] = {}
+    for leaf in tree_leaves(trees):
+        if isinstance(leaf, torch.Tensor) and leaf.device.type != "cpu":
+            seen.setdefault(leaf.device, None)
+    return list(seen)
+
+
+def device_markers(devices: list[torch.device]) -> tuple[torch.Tensor, ...]:
+    """An empty tensor per device: passed to torch.utils.checkpoint positionally, it makes the checkpoint save and
+    restore that device's RNG state (it looks at its positional arguments only)."""
+    return tuple(torch.empty(0, device=d) for d in devices)
 
 
 class _Input:
@@ -76,7 +96,7 @@ class _Input:
         if t.device.type == "cuda":
             stream = _side_stream(t.device)
             stream.wait_stream(torch.cuda.current_stream(t.device))
-            with torch.cuda.stream(stream):
+            with torch.cuda.stream(stream), torch.no_grad():  # a copy, not an op autograd should record
                 self.host = torch.empty_like(t, device="cpu", pin_memory=True)  # the same strides
                 self.host.copy_(t, non_blocking=True)
                 self.copied = torch.cuda.Event()
@@ -102,7 +122,7 @@ class _Input:
             return
         if self.device.type == "cuda":
             stream = _side_stream(self.device)
-            with torch.cuda.stream(stream):  # after the copy out: the same stream
+            with torch.cuda.stream(stream), torch.no_grad():  # after the copy out: the same stream
                 self.back = self.host.to(self.device, non_blocking=True)
                 self.ready = torch.cuda.Event()
                 self.ready.record(stream)
@@ -192,20 +212,23 @@ def summary() -> str:
 
 
 def run_offloaded(checkpoint_fn, fn, args: tuple, kwargs: dict, **options: Any) -> Any:
-    """`checkpoint_fn(body, marker, **options)` where `body` calls `fn` on the region's arguments, the activation
+    """`checkpoint_fn(body, *markers, **options)` where `body` calls `fn` on the region's arguments, the activation
     inputs among them offloaded (module docstring). `checkpoint_fn` is non-reentrant checkpointing, which runs
-    `body` once in the forward and once more in backward to recompute; `marker`, an empty tensor on the inputs'
-    device, is its only tensor argument (it keeps no activation alive) and tells it which device's RNG state
-    to restore for the recompute (dropout draws the same masks)."""
+    `body` once in the forward and once more in backward to recompute; `markers`, an empty tensor on each device
+    the arguments are on, are its only tensor arguments (they keep no activation alive) and tell it which devices'
+    RNG states to restore for the recompute (dropout draws the same masks). Under CUDA-graph capture nothing is
+    offloaded."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return checkpoint_fn(fn, *args, **options, **kwargs)  # a CUDA graph replays fixed buffers: no copies
     region = Region(args, kwargs)
     if not region.offloaded:
         return checkpoint_fn(fn, *args, **options, **kwargs)
 
-    def body(_marker: torch.Tensor):
+    def body(*_markers: torch.Tensor):
         args_, kwargs_ = region.open()
         return fn(*args_, **kwargs_)
 
     try:
-        return checkpoint_fn(body, torch.empty(0, device=region.offloaded[0].device), **options)
+        return checkpoint_fn(body, *device_markers(accelerator_devices(args, kwargs)), **options)
     finally:
         region.release()

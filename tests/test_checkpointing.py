@@ -390,6 +390,34 @@ def test_function_kwargs_reach_fn_and_get_gradients():
     torch.testing.assert_close(grads["save_attention"], grads["none"])
 
 
+@pytest.mark.parametrize("policy", ("full", "save_attention"))
+def test_keyword_tensors_devices_reach_torch_checkpoint_positionally(policy, monkeypatch):
+    """torch.utils.checkpoint restores the RNG state of its positional tensors' devices only; diffusers calls its
+    blocks with keywords alone, so a GPU's dropout drew other masks in the recompute. A device only keyword
+    tensors are on (meta here, standing in for cuda) reaches it as a positional marker, which fn never sees."""
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+
+    def spy(fn, *args, **kwargs):
+        calls.append([a.device.type for a in args if isinstance(a, torch.Tensor)])
+        return real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", spy)
+    w = torch.randn(4, 4, requires_grad=True)
+    seen = []
+
+    def fn(x=None, extra=None):
+        seen.append((x.device.type, extra.device.type))
+        return x @ w
+
+    y = ckpt.checkpoint(fn, policy=policy, x=torch.randn(2, 4), extra=torch.empty(3, device="meta"))
+    y.sum().backward()
+    assert calls == [["meta"]] and seen[0] == ("cpu", "meta") and w.grad is not None
+    calls.clear()
+    ckpt.checkpoint(fn, torch.randn(2, 4), policy=policy, extra=torch.randn(3))  # the CPU's state is always kept
+    assert calls == [["cpu"]]
+
+
 def test_apply_checkpointing_wraps_in_place_and_undoes(model_x):
     model, x = model_x
     keys = list(model.state_dict())

@@ -276,3 +276,14 @@ def test_a_dropped_process_worker_stops_its_process():
     del worker
     assert _wait_dead(proc.is_alive) and proc.exitcode == 0
     assert _wait_dead(collector.is_alive)
+
+
+def test_a_cuda_device_without_an_index_is_the_current_one(monkeypatch):
+    """torch.cuda.set_device refuses torch.device("cuda"): the worker's thread died at start-up with it (what
+    rewards/loading.py hands out)."""
+    from fusedrl.engine.rewards.worker import _resolve_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert _resolve_device("cuda") == torch.device("cuda", 3)
+    assert _resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert _resolve_device(torch.device("cpu")) == torch.device("cpu") and _resolve_device(None) is None

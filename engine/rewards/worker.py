@@ -29,11 +29,13 @@ Contract:
 
 Tensors and devices (thread mode): inputs are detached (and copied with `copy_inputs=True`; otherwise do not
 modify submitted tensors in place before their result arrives). On CUDA the worker scores on its own stream of
-`device`, after an event recorded on the submitting thread's current stream (so it sees finished inputs), and
-synchronizes that stream before resolving the ticket; `result()` marks returned CUDA tensors as used by the
-caller's current stream (`record_stream`). Scores come back where the reward puts them (ImageReward: on the
-images' device). The reward runs under `torch.no_grad()`, so the returned tensors are normal tensors (not
-inference tensors) usable in the trainer's autograd graph.
+`device` ("cuda" alone: the current device; none: the creator's current device, no side stream), after the events
+recorded on the submitting thread's current streams of every device its inputs are on (so it sees finished
+inputs), and synchronizes that stream, and its streams of the devices the results are on, before resolving the
+ticket; `result()` marks returned CUDA tensors as used by the caller's current stream (`record_stream`). Scores
+come back where the reward puts them (ImageReward: on the images' device). The reward runs under
+`torch.no_grad()`, so the returned tensors are normal tensors (not inference tensors) usable in the trainer's
+autograd graph.
 
 Process mode (`mode="process"`): the reward is built in a spawned process by `factory` (a picklable callable, e.g.
 `functools.partial(load_reward, "hpsv2", path, device="cuda:1")`); inputs travel through torch.multiprocessing
@@ -168,7 +170,7 @@ class _Item:
     future: RewardFuture
     args: tuple
     kwargs: dict
-    event: Any = None  # a CUDA event recorded on the submitter's stream
+    events: tuple = ()  # (device, CUDA event recorded on the submitter's current stream there), per input device
     dest: torch.device | None = None  # process mode: where tensor results go
 
 
@@ -213,7 +215,10 @@ class RewardWorker:
         self.mode, self.name, self.max_pending = mode, name, max_pending
         self.timeout_s, self.stop_on_error = timeout_s, stop_on_error
         self.copy_inputs, self.poll_s = copy_inputs, poll_s
-        self.device = None if device is None else torch.device(device)
+        self.device = _resolve_device(device)
+        # device None: the worker thread runs on the creator's current CUDA device (a new thread starts on 0)
+        self._submitter_cuda_device = (torch.cuda.current_device() if device is None and torch.cuda.is_initialized()
+                                       else None)
         self._reward, self._factory = reward, factory
         self._lock = threading.Condition()
         self._pending: collections.deque[RewardFuture] = collections.deque()  # unresolved, in submission order
@@ -362,11 +367,13 @@ class RewardWorker:
 
         args, kwargs = _walk_tensors(args, prep), _walk_tensors(kwargs, prep)
         first = _first_tensor((args, kwargs))
-        event = None
-        if self.mode == "thread" and first is not None and first.is_cuda:
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(first.device))
-        return _Item(future, args, kwargs, event, None if first is None else first.device)
+        events = []
+        if self.mode == "thread":
+            for device in _cuda_devices((args, kwargs)):
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(device))
+                events.append((device, event))
+        return _Item(future, args, kwargs, tuple(events), None if first is None else first.device)
 
     def _raise_if_closed(self) -> None:
         if self._failure is not None:
@@ -451,6 +458,8 @@ class RewardWorker:
             if self.device is not None and self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
                 stream = torch.cuda.Stream(self.device)
+            elif self._submitter_cuda_device is not None:  # the thread starts on device 0: take the creator's
+                torch.cuda.set_device(self._submitter_cuda_device)
             if self._factory is not None:
                 self._reward = self._factory()
             self._mark_ready()
@@ -466,11 +475,15 @@ class RewardWorker:
             return True
         try:
             with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
-                if item.event is not None and stream is not None:
-                    stream.wait_event(item.event)
+                for device, event in item.events:  # the inputs are finished on the submitter's streams
+                    (stream if stream is not None else torch.cuda.current_stream(device)).wait_event(event)
                 out = self._reward(*item.args, **item.kwargs)
+                # the results are finished before the ticket resolves: the side stream, and this thread's streams
+                # on the devices the outputs are on (a reward moving its scores to the images' device)
                 if stream is not None:
                     stream.synchronize()
+                for device in _cuda_devices(out):
+                    torch.cuda.current_stream(device).synchronize()
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
             _add_note(exc, f"(raised in RewardWorker {self.name} while scoring batch {item.future.index})")
             self._resolve(item.future, exc=exc)
@@ -538,6 +551,24 @@ class RewardWorker:
                 self._stop(err)
                 return False
         return True
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device | None:
+    """torch.device(device), a CUDA device without an index made the current one (torch.cuda.set_device refuses
+    "cuda" alone)."""
+    if device is None:
+        return None
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _cuda_devices(tree: Any) -> list[torch.device]:
+    """The distinct CUDA devices of the tensors in tree (nested tuples, lists, dicts)."""
+    found: dict[torch.device, None] = {}
+    _walk_tensors(tree, lambda t: found.setdefault(t.device, None) if t.is_cuda else None)
+    return list(found)
 
 
 def _put_quietly(q: Any, message: Any) -> None:
