@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ..device_guard import on_inputs_device
 from ..tiles import device_limits
 from . import triton_kernels as tk
 
@@ -67,6 +68,7 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 
 @torch.library.custom_op("fusedrl::flash_attention_fwd", mutates_args=())
+@on_inputs_device
 def flash_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
     causal: bool, scale: float, backend: str,
@@ -101,6 +103,7 @@ def _(q, k, v, key_padding_mask, causal, scale, backend):
 
 
 @torch.library.custom_op("fusedrl::flash_attention_bwd", mutates_args=())
+@on_inputs_device
 def flash_attention_bwd(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     dlse: torch.Tensor | None, key_padding_mask: torch.Tensor | None, causal: bool, scale: float, backend: str,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..device_guard import on_inputs_device
 from . import triton_kernels as tk
 
 EMPTY = (0,)
@@ -87,6 +88,7 @@ def triton_next_pow2(n: int) -> int:
 
 
 @torch.library.custom_op("fusedrl::diffusion_step_fwd", mutates_args=())
+@on_inputs_device
 def diffusion_step_fwd(
     x: torch.Tensor, m: torch.Tensor, p0: torch.Tensor, p1: torch.Tensor,
     noise: torch.Tensor | None, given: torch.Tensor | None, ref: torch.Tensor | None,
@@ -114,6 +116,7 @@ def _(x, m, p0, p1, noise, given, ref, mode, pred, level, sigma_max, clip, clipp
 
 
 @torch.library.custom_op("fusedrl::diffusion_step_bwd", mutates_args=())
+@on_inputs_device
 def diffusion_step_bwd(
     x: torch.Tensor, m: torch.Tensor, p0: torch.Tensor, p1: torch.Tensor,
     noise: torch.Tensor | None, given: torch.Tensor | None, ref: torch.Tensor | None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..device_guard import on_inputs_device
 from . import triton_kernels as tk
 
 
@@ -19,6 +20,7 @@ def _check_backend(backend: str) -> None:
 
 
 @torch.library.custom_op("fusedrl::grpo_rows", mutates_args=())
+@on_inputs_device
 def grpo_rows(
     logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: torch.Tensor, mask: torch.Tensor,
     ref_logp: torch.Tensor | None, entropy: torch.Tensor | None,

@@ -33,6 +33,7 @@ import os
 import torch
 import triton
 
+from ..device_guard import on_inputs_device
 from ..tiles import device_limits
 from . import hidden_chunked_triton as ck
 from . import hidden_triton as hk
@@ -182,6 +183,7 @@ def _check(backend: str, strategy: str, hidden: torch.Tensor) -> str:
 
 
 @torch.library.custom_op("fusedrl::hidden_logprobs_fwd", mutates_args=())
+@on_inputs_device
 def hidden_logprobs_fwd(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
     temperature: float, softcap: float, ignore_index: int, want_entropy: bool, backend: str, strategy: str,
@@ -246,6 +248,7 @@ def _(hidden, weight, bias, labels, temperature, softcap, ignore_index, want_ent
 
 
 @torch.library.custom_op("fusedrl::hidden_logprobs_bwd", mutates_args=())
+@on_inputs_device
 def hidden_logprobs_bwd(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
     lse: torch.Tensor, entropy: torch.Tensor, g_logp: torch.Tensor | None, g_entropy: torch.Tensor | None,

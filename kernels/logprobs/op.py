@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..device_guard import on_inputs_device
 from . import triton_kernels as tk
 
 EMPTY = (0,)
@@ -19,6 +20,7 @@ def _check_backend(backend: str) -> None:
 
 
 @torch.library.custom_op("fusedrl::logprobs_fwd", mutates_args=())
+@on_inputs_device
 def logprobs_fwd(
     logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int, want_entropy: bool,
     backend: str,
@@ -51,6 +53,7 @@ def _(logits, labels, temperature, ignore_index, want_entropy, backend):
 
 
 @torch.library.custom_op("fusedrl::logprobs_bwd", mutates_args=())
+@on_inputs_device
 def logprobs_bwd(
     logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
     g_logp: torch.Tensor | None, g_entropy: torch.Tensor | None, temperature: float, ignore_index: int,

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import torch
 
+from ..device_guard import on_inputs_device
 from . import triton_kernels as tk
 
 EMPTY = (0,)
 
 
 @torch.library.custom_op("fusedrl::rms_norm_fwd", mutates_args=())
+@on_inputs_device
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (y [N, H] in the promoted dtype of x and weight, rstd [N] fp32)."""
     N, H = x.shape
@@ -30,6 +32,7 @@ def _(x, weight, eps):
 
 
 @torch.library.custom_op("fusedrl::rms_norm_bwd", mutates_args=())
+@on_inputs_device
 def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
                  want_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (dx [N, H] in x's dtype, dweight [H] in weight's dtype, or empty when not wanted)."""

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import torch
 
+from ..device_guard import on_inputs_device
 from . import triton_kernels as tk
 
 
 @torch.library.custom_op("fusedrl::rotary", mutates_args=())
+@on_inputs_device
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
     """-> y (or dx) [B, H, S, D], laid out as x, in the promoted dtype of x and cos."""
     B, H, S, D = x.shape

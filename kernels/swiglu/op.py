@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..device_guard import on_inputs_device
 from . import triton_kernels as tk
 
 
@@ -13,6 +14,7 @@ def _grid(n: int) -> tuple[int]:
 
 
 @torch.library.custom_op("fusedrl::silu_mul_fwd", mutates_args=())
+@on_inputs_device
 def silu_mul_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     y = torch.empty_like(gate)
     if gate.numel():
@@ -27,6 +29,7 @@ def _(gate, up):
 
 
 @torch.library.custom_op("fusedrl::silu_mul_bwd", mutates_args=())
+@on_inputs_device
 def silu_mul_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (d gate, d up), in the inputs' dtype."""
     dg, du = torch.empty_like(gate), torch.empty_like(up)
