@@ -5,6 +5,7 @@ Under TRITON_INTERPRET=1 (the tests' setting) the fused ops run their Triton ker
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -390,13 +391,46 @@ class CastBackRMSNorm(OffsetRMSNorm):  # Olmo2's form: weight times the fp32 row
         return (self.weight * self.normalized(x)).to(x.dtype)
 
 
-def test_formulas_that_differ_only_off_the_common_inputs_are_left_alone():
-    """A SwiGLU that clamps (seen on large inputs) and an RMSNorm that casts back to the input's dtype (seen with
-    fp32 weights over bf16 activations, as under autocast)."""
+def test_formulas_that_differ_only_off_the_common_inputs_are_not_fused_there():
+    """A SwiGLU that clamps (seen on large inputs) is left alone; an RMSNorm that casts back to the input's dtype
+    (seen with fp32 weights over bf16 activations, as under autocast) is fused for inputs of its weights' dtype,
+    and runs its own forward for others."""
     model = nn.Sequential(ClampedSwiGLU(6), CastBackRMSNorm(6))
     patch = fusedrl.patch_backbone(model)
     assert patch.patched["swiglu"] == 0 and "another formula" in patch.skipped["0"]
-    assert patch.patched["rms_norm"] == 0 and "other shapes or dtypes" in patch.skipped["1"]
+    assert patch.patched["rms_norm"] == 1
+    norm, stock = model[1], CastBackRMSNorm(6)
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(norm(x), stock(x), rtol=1e-6, atol=1e-6)
+    got = norm(x.bfloat16())
+    assert got.dtype == torch.bfloat16 and torch.equal(got, stock(x.bfloat16()))
+
+
+def test_a_one_plus_weight_norm_with_an_outlier_channel_is_left_alone():
+    """Gemma's (1 + w) form differs from w's by x-hat in every channel; one large weight made every other channel's
+    difference look small next to the largest output (the probe compared to it), and the norm was fused."""
+    norm = OffsetRMSNorm(256)
+    with torch.no_grad():
+        norm.weight.copy_(0.3 * torch.randn(256, generator=torch.Generator().manual_seed(0)))
+        norm.weight[7] = 400.0
+    patch = fusedrl.patch_backbone(nn.Sequential(norm))
+    assert patch.patched["rms_norm"] == 0 and "another formula" in patch.skipped["0"]
+
+
+def test_diffusers_rms_norm_is_fused_for_inputs_of_its_weights_dtype_only():
+    """diffusers' RMSNorm rounds x-hat to a half-precision weight's dtype (else keeps it in fp32) and returns that
+    dtype: with inputs of another dtype its output differs from transformers' order, so those run diffusers'."""
+    normalization = pytest.importorskip("diffusers.models.normalization")
+    for weight_dtype, other in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)):
+        norm = normalization.RMSNorm(64, eps=1e-6).to(weight_dtype)
+        with torch.no_grad():
+            norm.weight.add_(0.3 * torch.randn(64, generator=torch.Generator().manual_seed(1)).to(weight_dtype))
+        stock = copy.deepcopy(norm)
+        assert fusedrl.patch_backbone(nn.Sequential(norm)).patched["rms_norm"] == 1
+        x = torch.randn(5, 64, generator=torch.Generator().manual_seed(2))
+        got, want = norm(x.to(other)), stock(x.to(other))
+        assert got.dtype == want.dtype and torch.equal(got, want), weight_dtype
+        torch.testing.assert_close(norm(x.to(weight_dtype)), stock(x.to(weight_dtype)), rtol=1e-2, atol=1e-2)
 
 
 def test_fp16_mlp_whose_large_probe_overflows_is_still_fused():

@@ -126,6 +126,7 @@ def _args(**over):
      ValueError, "D must be even"),
     (dict(q=torch.ones(1, 2, 3, 4, dtype=torch.long)), TypeError, "q must be a floating-point tensor"),
     (dict(cos=None), TypeError, "cos must be a torch.Tensor"),
+    (dict(sin=torch.randn(1, 3, 4, dtype=torch.float64)), TypeError, "cos and sin must have one dtype"),
     (dict(unsqueeze_dim=3), ValueError, "unsqueeze_dim must be 1"),
 ])
 def test_bad_input_is_named(over, error, match):

@@ -64,6 +64,8 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
                          f"{tuple(cos.shape)}, sin {tuple(sin.shape)}")
     if D % 2:
         raise ValueError(f"the head dimension D must be even (two halves rotate), got {D}")
+    if cos.dtype != sin.dtype:  # the kernel's output dtype follows q and cos; sin's would have been dropped
+        raise TypeError(f"cos and sin must have one dtype, got cos {cos.dtype}, sin {sin.dtype}")
     backend = dispatch.select(SPEC, [q, k, cos, sin])
     if backend is dispatch.Backend.TORCH or cos.requires_grad or sin.requires_grad:
         return reference.apply_rotary(q, k, cos, sin, unsqueeze_dim)
