@@ -18,7 +18,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
 BACKENDS = ["torch", "triton"]
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-SHAPES = [(1, 1), (3, 127), (2, 5, 1025), (0, 64), (1030, 48)]  # 1030 rows: several rows per backward program
+# 1030 rows: several rows per backward program; 4096 wide: the 16-warp reductions of an LM's hidden size
+SHAPES = [(1, 1), (3, 127), (2, 5, 1025), (0, 64), (1030, 48), (2, 4096)]
 
 
 
@@ -83,6 +84,18 @@ def test_strided_rows(backend, use_backend):
     transposed = torch.randn(64, 6, device=DEVICE).t()  # last dimension strided: copied first
     assert torch.allclose(rms_norm(transposed, w), reference.rms_norm(transposed.contiguous(), w, 1e-6),
                           atol=1e-6, rtol=1e-5)
+    # one element in: rows that start off the 16-byte alignment a GPU launch specializes on; and the backward
+    # with an incoming gradient whose rows are strided too
+    x = wide[:, 1:65].detach().requires_grad_()
+    w = w.detach().requires_grad_()
+    dy = torch.randn(6, 96, device=DEVICE)[:, 3:67]
+    y = rms_norm(x, w)
+    gx, gw = torch.autograd.grad(y, (x, w), dy)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    want = torch.autograd.grad(reference.rms_norm(x64, w64, 1e-6), (x64, w64), dy.double())
+    torch.testing.assert_close(y.double(), reference.rms_norm(x64, w64, 1e-6), atol=1e-5, rtol=1e-5)
+    for got, exp in zip((gx, gw), want):
+        torch.testing.assert_close(got.double(), exp, atol=1e-4, rtol=1e-4)
 
 
 def test_custom_ops_pass_opcheck():
