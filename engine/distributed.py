@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -24,31 +25,55 @@ def _env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def local_device(name: str, *, field: str = "model.device") -> torch.device:
-    """The device a process trains on: "auto" -> cuda:$LOCAL_RANK when CUDA is there, else the CPU; "cuda"
-    under torchrun -> cuda:$LOCAL_RANK. A CUDA device asked for on a machine without one is a ValueError
-    naming `field`."""
+def _local_cuda_index() -> int:
+    """This process's GPU: $LOCAL_RANK, or 0 when the launcher shows each process only its own GPU (SLURM with a
+    CUDA_VISIBLE_DEVICES per task: cuda:$LOCAL_RANK does not exist there)."""
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    return 0 if torch.cuda.device_count() == 1 else local
+
+
+def local_device(name: str, *, field: str = "model.device") -> torch.device:
+    """The device a process trains on: "auto" -> this process's GPU (cuda:$LOCAL_RANK, or cuda:0 when it sees one
+    GPU) when CUDA is there, else the CPU; "cuda" under torchrun -> the same GPU. A CUDA device asked for on a
+    machine without one, or one GPU named for every process of a torchrun, is a ValueError naming `field`."""
     if name == "auto":
-        return torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{_local_cuda_index()}" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"{field}: {name!r} asked for, but torch sees no CUDA device")
-    if name == "cuda" and _env_world_size() > 1:
-        return torch.device(f"cuda:{local}")
+    if name.startswith("cuda") and _env_world_size() > 1:
+        if name != "cuda" and torch.cuda.device_count() > 1:
+            raise ValueError(f"{field}: {name!r} would put every process of the torchrun on one GPU (NCCL refuses "
+                             "that); use auto or cuda: each process takes cuda:$LOCAL_RANK")
+        return torch.device(f"cuda:{_local_cuda_index()}")
     return torch.device(name)
+
+
+def dist_timeout() -> timedelta:
+    """How long a collective may wait for the slowest process before the job is aborted: $FUSEDRL_DIST_TIMEOUT_MIN
+    minutes (default 60; NCCL's own default, 10, is shorter than rank 0 writing a large full fine-tuning checkpoint
+    or one rank generating long completions while the others wait)."""
+    value = os.environ.get("FUSEDRL_DIST_TIMEOUT_MIN", "60")
+    try:
+        minutes = float(value)
+    except ValueError:
+        raise ValueError(f"FUSEDRL_DIST_TIMEOUT_MIN must be a number of minutes, got {value!r}") from None
+    if not minutes > 0:
+        raise ValueError(f"FUSEDRL_DIST_TIMEOUT_MIN must be > 0, got {value!r}")
+    return timedelta(minutes=minutes)
 
 
 def init_distributed(cuda: bool) -> tuple[int, int]:
     """(rank, world size). Under torchrun (WORLD_SIZE > 1) starts the default process group if it is not
-    started yet: NCCL when `cuda` (and selects cuda:$LOCAL_RANK), gloo on the CPU."""
+    started yet: NCCL when `cuda` (and selects this process's GPU), gloo on the CPU; collectives wait up to
+    `dist_timeout()`."""
     import torch.distributed as dist
 
     if _env_world_size() <= 1 and not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     if not dist.is_initialized():
         if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
+            torch.cuda.set_device(_local_cuda_index())
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=dist_timeout())
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -369,6 +369,72 @@ def test_non_finite_loss_or_gradient_is_never_applied(model_dirs, tmp_path, monk
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.params))
 
 
+def test_a_loss_that_is_non_finite_on_another_process_drops_the_update_here(model_dirs, tmp_path, monkeypatch):
+    """The update is dropped on the loss summed over every process, not on this process's own (a process whose
+    gradients stayed finite stepped while another dropped: the replicas diverged)."""
+    trainer = _trainer(model_dirs, tmp_path)
+    before = [p.detach().clone() for p in trainer.params]
+    calls = []
+
+    def all_sum(value, device):  # an update sums its token count, then its loss: another process's loss is NaN
+        calls.append(value)
+        return 2 * value if len(calls) % 2 else math.nan
+
+    monkeypatch.setattr("fusedrl.engine.llm.trainer.all_sum", all_sum)
+    monkeypatch.setattr(trainer, "world_size", 2)
+    real_update = trainer.update
+    seen = []
+
+    def update(*args, **kwargs):
+        out, reason = real_update(*args, **kwargs)
+        seen.append(reason)
+        return out, reason
+
+    monkeypatch.setattr(trainer, "update", update)
+    trainer.step(1)
+    assert seen and all(r is not None and "summed over every process" in r for r in seen), seen
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.params)) and not trainer.optimizer.state
+
+
+def test_one_update_per_batch_is_on_policy(model_dirs, tmp_path, monkeypatch):
+    """One update per batch: the ratio is 1 whatever the sampling log-probs are (TRL's rule; on a GPU they come from
+    generate's KV-cache forward in bf16 and differ from training's); several updates use them."""
+    seen = []
+    for iterations in (1, 2):
+        trainer = _trainer(model_dirs, tmp_path / str(iterations), **{"grpo.num_iterations": iterations})
+        real = trainer.policy.grpo_loss
+
+        def spy(batch, advantages, old_logp, *args, real=real, iterations=iterations, **kwargs):
+            seen.append((iterations, old_logp is None))
+            return real(batch, advantages, old_logp, *args, **kwargs)
+
+        monkeypatch.setattr(trainer.policy, "grpo_loss", spy)
+        metrics = trainer.step(1)
+        assert metrics["skipped"] == 0
+        if iterations == 1:
+            assert metrics["ratio_mean"] == 1.0
+    assert {s for s in seen if s[0] == 1} == {(1, True)} and {s for s in seen if s[0] == 2} == {(2, False)}
+
+
+def test_fp16_weights_train_lora_with_loss_scaling(model_dirs, tmp_path):
+    """A GPU without bf16 (a T4): fp16 weights, fp32 LoRA, the loss scaled so that small gradients survive the fp16
+    activations; the scaler's state is checkpointed."""
+    cfg = _cfg(model_dirs["qwen2"], **{"lora.enabled": True, "model.dtype": "fp16", "model.fused_backbone": False})
+    trainer = llm_grpo.build(cfg, tmp_path)
+    trainer.records = _records()
+    trainer.terms.append(RewardTerm("ones", count_ones, 0.5))
+    assert trainer.scaler is not None and all(p.dtype == torch.float32 for p in trainer.params)
+    before = [p.detach().clone() for p in trainer.params]
+    metrics = trainer.step(1)
+    assert metrics["skipped"] == 0 and all(torch.isfinite(p).all() for p in trainer.params)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.params))
+    state = trainer.state_dict()
+    assert state["grad_scaler"]["scale"] == trainer.scaler.get_scale()
+    trainer.scaler.update(new_scale=2.0)
+    trainer.load_state_dict(state)
+    assert trainer.scaler.get_scale() == state["grad_scaler"]["scale"]
+
+
 @pytest.mark.parametrize("phase", ["generation", "training"])
 def test_out_of_memory_names_the_settings_to_lower(model_dirs, tmp_path, monkeypatch, phase):
     trainer = _trainer(model_dirs, tmp_path, **{"memory.token_budget": 4096})
@@ -418,6 +484,7 @@ def test_help_documents_every_option(capsys):
     (["--memory.checkpoint_blocks", "2"], "memory: checkpoint_blocks needs gradient_checkpointing (now none)"),
     (["--memory.gradient_checkpointing", "full", "--memory.checkpoint_blocks", "0"],
      "memory.checkpoint_blocks: must be > 0; got 0"),
+    (["--no-lora.enabled", "--model.dtype", "bf16"], "model.dtype: full fine-tuning (lora.enabled false) updates"),
 ])
 def test_bad_config_is_refused_before_anything_loads(tmp_path, capsys, monkeypatch, args, message):
     if "vllm" in args and importlib.util.find_spec("vllm") is not None:

@@ -60,7 +60,8 @@ class ModelSection:
     revision: str | None = field(None, "hub revision (branch, tag or commit) of model.name_or_path")
     trust_remote_code: bool = field(False, "let transformers run the model repository's own code")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = field(
-        "auto", "dtype of the weights (auto: bf16 on CUDA, fp32 on the CPU); LoRA weights are fp32")
+        "auto", "dtype of the weights (auto: bf16 on CUDA with LoRA, fp32 on the CPU and for full fine-tuning, "
+        "whose AdamW steps bf16 / fp16 weights cannot hold); LoRA weights are fp32; fp16 trains with loss scaling")
     device: str = field("auto", "where the model runs: auto (cuda when available, else cpu), cpu, cuda, cuda:N")
     attn_implementation: str | None = field(None, "transformers attention implementation (sdpa, eager, "
                                             "flash_attention_2, ...); none: the model's default")
@@ -180,8 +181,10 @@ class SamplingSection:
     eval_seed: int = field(1234, "seed of the evaluation's completions (the same at every evaluation, so they "
                            "compare)")
     old_logprobs: Literal["sampling", "recompute"] = field(
-        "sampling", "old log-probs of the ratio: recorded while sampling (no extra forward pass), or recomputed by a "
-        "forward pass before training (TRL's way; use it when generation runs in another precision)")
+        "sampling", "old log-probs of the ratio when a batch gets several updates (grpo.num_iterations or "
+        "grpo.mini_batches > 1): recorded while sampling (no extra forward pass), or recomputed by a forward pass "
+        "before training (TRL's way; use it when generation runs in another precision). With one update per batch "
+        "the update is on policy and the ratio is 1, as in TRL")
 
     def __post_init__(self) -> None:
         if any(not s for s in self.stop):
@@ -324,6 +327,10 @@ class LLMGRPOConfig:
             self.sampling.max_completion_length = EMBEDDED_COMPLETION if embedded else DEFAULT_COMPLETION
         if self.optim.lr is None:
             self.optim.lr = EMBEDDED_LR if embedded else LORA_LR if self.lora.enabled else FULL_LR
+        if not self.lora.enabled and self.model.dtype in ("bf16", "fp16"):
+            raise ValueError(f"model.dtype: full fine-tuning (lora.enabled false) updates the weights themselves, and "
+                             f"in {self.model.dtype} AdamW's steps round away (at lr 1e-6 about 2% of bf16 weights "
+                             "moved in 10 steps; fp16's Adam state underflows to NaN): use fp32 (or auto), or LoRA")
         if self.prompts.train is not None and not self.reward.names and self.reward.function is None:
             raise ValueError("reward.names / reward.function: give a reward for your prompts (the embedded task's "
                              "reward only fits the embedded prompts)")

@@ -52,11 +52,13 @@ def _device(name: str):
         raise ConfigError([("model.device", str(exc).split(": ", 1)[1])]) from None
 
 
-def _dtype(name: str, device):
+def _dtype(name: str, device, lora: bool):
+    """The weights' dtype: "auto" is bf16 for LoRA on CUDA, fp32 on the CPU and for full fine-tuning (bf16 weights
+    do not hold AdamW's small steps; the config refuses bf16 / fp16 for it)."""
     import torch
 
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" and lora else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
@@ -155,8 +157,9 @@ def build(cfg: LLMGRPOConfig, out_dir: str | os.PathLike | None = None) -> Any:
     if cfg.lora.enabled:
         lora = LoraSpec(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                         target_modules=cfg.lora.target_modules)
+    dtype = _dtype(m.dtype, device, cfg.lora.enabled)
     with model_loading_errors("model.name_or_path", "lora.target_modules"):
-        policy = Policy.from_pretrained(source, lora=lora, device=device, dtype=_dtype(m.dtype, device),
+        policy = Policy.from_pretrained(source, lora=lora, device=device, dtype=dtype,
                                         reference=cfg.grpo.beta != 0 and not cfg.lora.enabled,
                                         temperature=cfg.sampling.temperature, revision=m.revision,
                                         trust_remote_code=m.trust_remote_code,
@@ -182,7 +185,7 @@ def build(cfg: LLMGRPOConfig, out_dir: str | os.PathLike | None = None) -> Any:
         from .vllm_generation import VLLMGenerator
 
         names = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
-        generator = VLLMGenerator(str(source), tokenizer, dtype=names[_dtype(m.dtype, device)],
+        generator = VLLMGenerator(str(source), tokenizer, dtype=names[dtype],
                                   gpu_memory=cfg.sampling.vllm_gpu_memory, max_model_len=context_length(model_config),
                                   seed=cfg.run.seed)
     return LLMGRPOTrainer(policy, terms, records, cfg, generator=generator, eval_records=eval_records)

@@ -155,6 +155,10 @@ class LLMGRPOTrainer:
         self.lr = o.lr if o.lr is not None else 1e-5
         self.optimizer = optimizer or torch.optim.AdamW(self.params, lr=self.lr, betas=o.betas, eps=o.eps,
                                                         weight_decay=o.weight_decay)
+        # fp16 weights (a GPU without bf16): LoRA's gradients pass fp16 activations, where GRPO's small ones
+        # underflow without loss scaling
+        fp16 = any(p.dtype == torch.float16 for p in policy.model.parameters())
+        self.scaler = torch.amp.GradScaler(self.device.type) if fp16 else None
         self.consecutive_skips = 0
         self.skipped_total = 0
         self.rank, self.world_size = rank_and_world()
@@ -171,11 +175,16 @@ class LLMGRPOTrainer:
     # ------------------------------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        return {"consecutive_skips": self.consecutive_skips, "skipped_total": self.skipped_total}
+        state = {"consecutive_skips": self.consecutive_skips, "skipped_total": self.skipped_total}
+        if self.scaler is not None:
+            state["grad_scaler"] = self.scaler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
         self.skipped_total = int(state.get("skipped_total", 0))
+        if self.scaler is not None and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
 
     @property
     def device(self) -> torch.device:
@@ -280,7 +289,7 @@ class LLMGRPOTrainer:
                     kl_estimator=g.kl_estimator, max_len=self.cfg.sampling.max_completion_length,
                     sapo_tau=tuple(g.sapo_tau))
 
-    def update(self, batch: SeqBatch, rows: list[int], advantages: torch.Tensor, old_logp: torch.Tensor,
+    def update(self, batch: SeqBatch, rows: list[int], advantages: torch.Tensor, old_logp: torch.Tensor | None,
                ref_logp: torch.Tensor | None, mask: torch.Tensor) -> tuple[dict[str, float], str | None]:
         """One optimizer update on `rows`: accumulate the micro-batches' gradients, check them, step. Returns
         (metrics, None) or (metrics, reason) when the update was dropped by a guard."""
@@ -304,7 +313,8 @@ class LLMGRPOTrainer:
             c = sub.completion_ids.shape[1]
             # Gradients are synchronised once per update, at the last micro-batch.
             with self.policy.no_sync() if i < len(plan) - 1 else contextlib.nullcontext():
-                loss, metrics = self.policy.grpo_loss(sub, advantages[idx], old_logp[idx, :c],
+                loss, metrics = self.policy.grpo_loss(sub, advantages[idx],
+                                                      old_logp[idx, :c] if old_logp is not None else None,
                                                       ref_logp[idx, :c] if ref_logp is not None else None, **opts)
                 mb_tokens = float(sub.completion_mask.sum().item())
                 if loss_type in SEQUENCE_WEIGHTED:  # DDP / FSDP average gradients over the (equal) processes
@@ -320,8 +330,8 @@ class LLMGRPOTrainer:
                         self.optimizer.zero_grad(set_to_none=True)
                         return {"loss": float(loss)}, bad_loss
                     # Other processes wait for this one's gradients: backward anyway; the NaN reaches every
-                    # process's gradient norm, and every process drops the update.
-                loss.backward()
+                    # process's loss sum and gradient norm, and every process drops the update.
+                (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             total_loss += float(loss.detach()) / world
             if not mb:
                 continue
@@ -329,16 +339,26 @@ class LLMGRPOTrainer:
             weight_sum += w
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + w * float(v)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.optim.max_grad_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm is not None else math.inf)
         grad_norm = full_tensor(grad_norm)  # FSDP2: a replicated DTensor
         if world > 1:
             total_loss = all_sum(total_loss, self.device)
+        if bad_loss is None and not math.isfinite(total_loss):  # every process decides on the same sum
+            bad_loss = f"the loss is {total_loss} (summed over every process)"
         out = {"loss": total_loss, "grad_norm": float(grad_norm), **{k: v / weight_sum for k, v in sums.items()}}
         if bad_loss is not None or not torch.isfinite(grad_norm):
+            if self.scaler is not None:  # no step; an fp16 overflow (inf gradients) lowers the scale
+                self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             return out, bad_loss or f"the gradient norm is {float(grad_norm)}"
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.updates += 1
         return out, None
@@ -420,11 +440,15 @@ class LLMGRPOTrainer:
                                       std=None if g.scale_rewards == "none" else g.scale_rewards,
                                       clip=g.adv_clip)[self.rank * n:(self.rank + 1) * n].to(device)
         metrics["reward_std"] = float(everyone.std()) if everyone.numel() > 1 else 0.0
-        old_logp = rollout.old_logp.to(device)
-        if cfg.sampling.old_logprobs == "recompute":
-            old_logp = self.logprobs(batch)
-        if any_process(not torch.isfinite(old_logp[mask.bool()]).all(), device):
-            return "non-finite sampling log-probs"
+        old_logp = None
+        if g.num_iterations > 1 or g.mini_batches > 1:
+            old_logp = rollout.old_logp.to(device)
+            if cfg.sampling.old_logprobs == "recompute":
+                old_logp = self.logprobs(batch)
+            if any_process(not torch.isfinite(old_logp[mask.bool()]).all(), device):
+                return "non-finite sampling log-probs"
+        # else one update per batch: it is on policy, the ratio 1 as in TRL (the sampling log-probs, from generate's
+        # KV-cache forward in the model's dtype, differ from training's by more than bf16 rounding on a GPU)
         ref_logp = None
         if g.beta != 0:
             ref_logp = self.logprobs(batch, reference=True)
