@@ -6,6 +6,7 @@ same step, background rewards giving the same numbers, and the out-of-memory mes
 
 from __future__ import annotations
 
+import types
 import warnings
 from pathlib import Path
 
@@ -414,6 +415,44 @@ def test_ema_and_full_finetuning_with_a_reference_copy(tiny_dirs):
     full.train_step(1)
     m = full.train_step(2)
     assert m["skipped"] == 0 and m["kl"] > 0
+
+
+def test_full_finetuning_with_a_bf16_reference_and_its_ema(tiny_dirs):
+    """bf16 weights (what "auto" loads on CUDA): the trained denoiser is fp32 while the frozen reference copy stays
+    bf16, which took fp32 inputs (a dtype error at the first KL); its EMA runs in fp32 (in bf16 most of each small
+    step rounded away) and is checkpointed (a resume reset it to the loaded weights)."""
+    over = {"lora.enabled": False, "grpo.beta": 0.1, "optim.lr": 1e-3, "grpo.reference_ema_decay": 0.9,
+            "model.dtype": "bf16"}
+    full = GRPOTrainer(_cfg(tiny_dirs["sd3"], **over))
+    ref = full.policy._reference_model
+    assert next(ref.parameters()).dtype == torch.bfloat16 and full.policy.compute_dtype == torch.float32
+    before = [r.detach().float().clone() for r in ref.parameters()]
+    assert full.train_step(1)["skipped"] == 0
+    m = full.train_step(2)
+    assert m["skipped"] == 0 and m["kl"] > 0
+    master = full.policy.reference_state()
+    assert master and all(t.dtype == torch.float32 for t in master)
+    moved = sum(int((t != b).sum()) for t, b in zip(master, before))
+    assert moved > 0.9 * sum(t.numel() for t in master)  # fp32: every element that the training moved
+    state = full.state_tensors()
+    assert sum(k.startswith("reference/") for k in state) == len(master)
+
+    again = GRPOTrainer(_cfg(tiny_dirs["sd3"], **over))
+    ckpt = types.SimpleNamespace(tensors=state, objects={"optim": full.policy.optimizer_state(full.optimizer)},
+                                 state={}, path="memory")
+    again.load_state(ckpt)
+    assert all(torch.equal(a, b) for a, b in zip(again.policy.reference_state(), master))
+    assert all(torch.equal(a, b.to(a.dtype)) for a, b in zip(again.policy._reference_model.parameters(), master))
+
+
+def test_fp16_weights_train_with_loss_scaling(tiny_dirs):
+    """fp16 weights without fp16 autocast: the backward runs in fp16 all the same, so the loss is scaled (a GRPO
+    step's per-element gradients underflowed to zero)."""
+    trainer = GRPOTrainer(_cfg(tiny_dirs["sd3"], **{"model.dtype": "fp16"}))
+    assert trainer.policy.compute_dtype == torch.float16 and trainer.scaler is not None
+    before = _snapshot(trainer)
+    assert trainer.train_step(1)["skipped"] == 0
+    assert not _same(before, _snapshot(trainer))
 
 
 def test_full_finetuning_exports_its_ema(tiny_dirs, tmp_path):

@@ -267,7 +267,10 @@ class GRPOTrainer:
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=self.learning_rate(), betas=tuple(o.betas),
                                            weight_decay=o.weight_decay, eps=o.eps)
-        self.scaler = torch.amp.GradScaler(self.device.type) if o.mixed_precision == "fp16" else None
+        # loss scaling wherever the backward runs in fp16: autocast fp16, or fp16 weights (the per-element gradients
+        # of a GRPO step, ~1e-8 at SD3's latent sizes, are below fp16's smallest values)
+        fp16 = o.mixed_precision == "fp16" or self.policy.compute_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(self.device.type) if fp16 else None
         self.ema = EMA(self.params, cfg.grpo.ema_decay) if cfg.grpo.ema else None
         self.consecutive_skips = 0
         self.skipped_total = 0
@@ -736,6 +739,10 @@ class GRPOTrainer:
         tensors = {f"param/{n}": full_tensor(p.detach()).cpu() for n, p in self.params.items()}
         if self.ema is not None:
             tensors.update({f"ema/{n}": full_tensor(t).cpu() for n, t in self.ema.shadow.items()})
+        # an EMA'd KL reference (grpo.reference_ema_decay) has moved from the loaded weights: a resume must not
+        # reset it
+        tensors.update({f"reference/{i:06d}": full_tensor(t).cpu()
+                        for i, t in enumerate(self.policy.reference_state())})
         return tensors
 
     def load_state(self, ckpt: Any) -> None:
@@ -754,6 +761,9 @@ class GRPOTrainer:
                 for n, t in self.ema.shadow.items():
                     key = f"ema/{n}"
                     t.copy_(shard_like(ckpt.tensors[key], t) if key in ckpt.tensors else self.params[n])
+        reference = [ckpt.tensors[k] for k in sorted(ckpt.tensors) if k.startswith("reference/")]
+        if reference and self.cfg.grpo.reference_ema_decay is not None:
+            self.policy.load_reference_state(reference)
         self.policy.load_optimizer_state(self.optimizer, ckpt.objects["optim"])
         if self.scaler is not None and "scaler" in ckpt.objects:
             self.scaler.load_state_dict(ckpt.objects["scaler"])

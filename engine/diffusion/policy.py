@@ -262,6 +262,7 @@ class DiffusionPolicy:
         self.offload_vae = offload_vae and self._offload
         self._cache: dict[str, PromptEmbeddings] = {}
         self._reference_model: nn.Module | None = None
+        self._reference_master: list[torch.Tensor] | None = None  # the EMA reference in fp32 (update_reference_ema)
         self._use_reference = False
         self._ddp: nn.Module | None = None  # DistributedDataParallel(denoiser) after parallelize("ddp")
         self.strategy: str | None = None  # "ddp" / "fsdp" after parallelize
@@ -412,8 +413,32 @@ class DiffusionPolicy:
             raise RuntimeError("update_reference_ema(): no reference copy (load with reference_copy=True)")
         if not 0 <= decay <= 1:
             raise ValueError(f"decay must lie in [0, 1], got {decay}")
-        for r, p in zip(self._reference_model.parameters(), self.denoiser.parameters()):
-            r.lerp_(p.to(r.dtype), 1 - decay)
+        refs = list(self._reference_model.parameters())
+        if self._reference_master is None:
+            # A bf16 reference would round most of each small EMA step away (decay 0.99: ~2% of its elements moved):
+            # the average runs in an fp32 copy, and the reference takes it in its own dtype.
+            self._reference_master = [r.detach().float() if r.dtype != torch.float32 else r for r in refs]
+        for m, r, p in zip(self._reference_master, refs, self.denoiser.parameters(), strict=True):
+            m.lerp_(p.detach().float(), 1 - decay)
+            if m is not r:
+                r.copy_(m)
+
+    def reference_state(self) -> list[torch.Tensor]:
+        """The EMA reference's tensors (fp32), in parameter order, for a checkpoint; [] when no EMA step ran."""
+        return list(self._reference_master or [])
+
+    @torch.no_grad()
+    def load_reference_state(self, tensors: list[torch.Tensor]) -> None:
+        """Restore what `reference_state` returned (each process takes its shards under FSDP2)."""
+        from ..distributed import shard_like
+
+        refs = list(self._reference_model.parameters())
+        if len(tensors) != len(refs):
+            raise ValueError(f"the checkpoint's reference has {len(tensors)} tensors, the model {len(refs)}")
+        self._reference_master = [shard_like(t, r.detach().float()) if r.dtype != torch.float32 else r
+                                  for t, r in zip(tensors, refs)]
+        for m, r, t in zip(self._reference_master, refs, tensors):
+            r.copy_(m if m is not r else shard_like(t, r))
 
     # ------------------------------------------------------------------ several processes
 
@@ -697,13 +722,15 @@ class DiffusionPolicy:
             raise ValueError(f"embeddings has {len(embeddings)} rows but latents has batch {B}")
         if latents.shape[1] != self.latent_channels:
             raise ValueError(f"latents has {latents.shape[1]} channels, the model takes {self.latent_channels}")
-        x = latents.to(device=self.device, dtype=self.compute_dtype)
+        # the frozen reference copy keeps the load dtype (bf16 on CUDA) while the trained denoiser is fp32
+        dtype = self.dtype if self._use_reference and self._reference_model is not None else self.compute_dtype
+        x = latents.to(device=self.device, dtype=dtype)
         t = torch.as_tensor(t, device=self.device)
         t = (t.float() if self.is_flow else t.long()).reshape(-1).expand(B)
-        emb = embeddings.to(device=self.device, dtype=self.compute_dtype)
+        emb = embeddings.to(device=self.device, dtype=dtype)
         cfg = self.uses_cfg(guidance_scale)
         if cfg:
-            neg = self.negative_embeddings(B).to(device=self.device, dtype=self.compute_dtype)
+            neg = self.negative_embeddings(B).to(device=self.device, dtype=dtype)
             x, t, emb = torch.cat([x, x]), torch.cat([t, t]), PromptEmbeddings.cat([neg, emb])
         out = self._forward(x, t, emb, guidance_scale).float()
         if cfg:
