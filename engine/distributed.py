@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 __all__ = ["all_gather", "all_max", "all_mean", "all_sum", "all_sums", "any_process", "average_gradients",
-           "fsdp_no_sync", "fsdp_unsharded", "full_tensor", "init_distributed",
+           "fsdp_unsharded", "full_tensor", "init_distributed",
            "load_optimizer_state", "local_device", "optimizer_state", "rank_and_world", "shard_like"]
 
 
@@ -255,16 +255,6 @@ def _keyed_by_name(state: dict, optimizer: torch.optim.Optimizer, sharded_model:
         number_to_name.update(zip(saved["params"], named["params"]))
         groups.append({**saved, "params": list(named["params"])})
     return {"state": {number_to_name[k]: v for k, v in state["state"].items()}, "param_groups": groups}
-
-
-@contextlib.contextmanager
-def fsdp_no_sync(module: Any) -> Iterator[None]:
-    """Inside: backward through the FSDP2 module accumulates gradients without reduce-scattering them."""
-    module.set_requires_gradient_sync(False)
-    try:
-        yield
-    finally:
-        module.set_requires_gradient_sync(True)
 
 
 @contextlib.contextmanager

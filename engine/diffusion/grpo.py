@@ -575,7 +575,7 @@ class GRPOTrainer:
     def _optimize(self, step: int, traj: Any, adv: Any, micro: list[Any], keep: Any = None) -> dict[str, float]:
         """The updates of one step on this process's samples (those `keep` marks: the loss is their mean, the others
         weigh 0; default all). Several processes: each update's gradient is
-        averaged over them (DDP / FSDP2; the last backward of an update syncs, the others run under no_sync),
+        averaged over them (DDP: the last backward of an update syncs, the others run under no_sync; FSDP2: each),
         each process weighting its own samples as if alone, so the average is the mean over every process's
         samples: one process with the same global batch takes the same update. A NaN/inf on one process does
         not stop it mid-update (the others would wait for it): it finishes the update, and all skip it."""

@@ -30,7 +30,6 @@ from fusedrl.kernels import fused_linear_grpo_loss, token_logprobs
 
 from ..checkpointing import unwrapped_name
 from ..distributed import (
-    fsdp_no_sync,
     fsdp_unsharded,
     full_tensor,
     load_optimizer_state,
@@ -298,11 +297,11 @@ class Policy:
         self.world_size = dist.get_world_size()
 
     def no_sync(self) -> Any:
-        """A context in which backward accumulates gradients locally (all but the last micro-batch)."""
+        """A context in which backward accumulates gradients locally (all but the last micro-batch). Under DDP only:
+        FSDP2 reduce-scatters at every backward, since accumulating unsynchronised would hold every parameter's
+        whole gradient on each GPU (15 GB for a 7B model), which sharding is there to avoid."""
         if self.strategy == "ddp":
             return self.engine.no_sync()
-        if self.strategy == "fsdp":
-            return fsdp_no_sync(self.forward_module)
         return contextlib.nullcontext()
 
     def generation_context(self) -> Any:

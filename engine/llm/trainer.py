@@ -311,7 +311,7 @@ class LLMGRPOTrainer:
         for i, mb in enumerate(plan):
             idx, sub = self._rows(batch, mb, mask, advantages.device)
             c = sub.completion_ids.shape[1]
-            # Gradients are synchronised once per update, at the last micro-batch.
+            # DDP synchronises gradients once per update, at the last micro-batch; FSDP2 at each (policy.no_sync).
             with self.policy.no_sync() if i < len(plan) - 1 else contextlib.nullcontext():
                 loss, metrics = self.policy.grpo_loss(sub, advantages[idx],
                                                       old_logp[idx, :c] if old_logp is not None else None,
