@@ -253,8 +253,14 @@ class Policy:
         `token_logprobs` (no [B, C, V] logits); `reference`: under the adapter-off model or the frozen copy."""
         ctx: Any = self.model.disable_adapter() if reference and self.ref_model is None and self.is_peft \
             else contextlib.nullcontext()
+        module = self._forward_module(reference)
         with ctx:
-            return self._forward_module(reference)(*_inputs(batch), what="logprobs", with_entropy=with_entropy)
+            out = module(*_inputs(batch), what="logprobs", with_entropy=with_entropy)
+        if self.strategy == "fsdp" and not torch.is_grad_enabled():
+            # FSDP2 leaves the root's parameters (embeddings, norm, LM head) gathered after a forward with no
+            # backward to reshard them: ~2 GB per GPU for a 7B model's reference, held for the rest of the run
+            module.reshard()
+        return out
 
     def grpo_loss(self, batch: SeqBatch, advantages: torch.Tensor, old_logp: torch.Tensor | None,
                   ref_logp: torch.Tensor | None, **loss_options) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
