@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 __all__ = ["all_gather", "all_max", "all_mean", "all_sum", "all_sums", "any_process", "average_gradients",
-           "fsdp_unsharded", "full_tensor", "init_distributed",
+           "ddp_wrap", "fsdp_unsharded", "full_tensor", "init_distributed",
            "load_optimizer_state", "local_device", "optimizer_state", "rank_and_world", "shard_like"]
 
 
@@ -255,6 +255,20 @@ def _keyed_by_name(state: dict, optimizer: torch.optim.Optimizer, sharded_model:
         number_to_name.update(zip(saved["params"], named["params"]))
         groups.append({**saved, "params": list(named["params"])})
     return {"state": {number_to_name[k]: v for k, v in state["state"].items()}, "param_groups": groups}
+
+
+def ddp_wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel over `module` on this process's device, without a buffer broadcast at each forward
+    (the models' buffers - positional tables, rotary frequencies - are equal everywhere and never change; the
+    keyword is forward_sync_buffers from torch 2.14 on, broadcast_buffers before)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    accepted = inspect.signature(DistributedDataParallel).parameters
+    quiet = "forward_sync_buffers" if "forward_sync_buffers" in accepted else "broadcast_buffers"
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                   **{quiet: False})
 
 
 @contextlib.contextmanager

@@ -457,17 +457,10 @@ class DiffusionPolicy:
         if strategy == "ddp":
             if not self.has_lora:
                 raise ValueError("parallelize('ddp') is for LoRA; full fine-tuning uses 'fsdp'")
-            import inspect
+            from ..distributed import ddp_wrap
 
-            from torch.nn.parallel import DistributedDataParallel
-
-            # The denoiser's buffers (SD3's 226 MB positional table) are equal everywhere and never change: no
-            # broadcast at each forward (the keyword is forward_sync_buffers from torch 2.14 on).
-            accepted = inspect.signature(DistributedDataParallel).parameters
-            quiet = "forward_sync_buffers" if "forward_sync_buffers" in accepted else "broadcast_buffers"
             if self.lora.denoiser:  # else nothing in the denoiser trains: DDP refuses such a module
-                self._ddp = DistributedDataParallel(self.denoiser, device_ids=[self.device.index] if
-                                                    self.device.type == "cuda" else None, **{quiet: False})
+                self._ddp = ddp_wrap(self.denoiser, self.device)  # no broadcast of SD3's 226 MB positional table
         elif strategy == "fsdp":
             if self.has_lora:
                 raise ValueError("parallelize('fsdp') is for full fine-tuning; LoRA uses 'ddp'")

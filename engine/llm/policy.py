@@ -280,10 +280,9 @@ class Policy:
         import torch.distributed as dist
 
         if strategy == "ddp":
-            from torch.nn.parallel import DistributedDataParallel
+            from ..distributed import ddp_wrap
 
-            self.engine = DistributedDataParallel(self.forward_module,
-                                                  device_ids=[device.index] if device.type == "cuda" else None)
+            self.engine = ddp_wrap(self.forward_module, device)
         elif strategy == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
