@@ -17,7 +17,7 @@ import torch
 
 __all__ = ["all_gather", "all_max", "all_mean", "all_sum", "all_sums", "any_process", "average_gradients",
            "ddp_wrap", "fsdp_unsharded", "full_tensor", "init_distributed",
-           "load_optimizer_state", "local_device", "optimizer_state", "rank_and_world", "shard_like"]
+           "load_optimizer_state", "local_device", "optimizer_state", "rank_and_world", "shard_like", "whole_on_rank0"]
 
 
 def _env_world_size() -> int:
@@ -187,6 +187,20 @@ def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of an FSDP2 shard (DTensor; a collective: call it on every process), else `t`."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def whole_on_rank0(tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """{name: the whole tensor on the CPU} on rank 0, {} on the other processes: FSDP2 shards are gathered one at a
+    time (a collective: every process calls it with the same names) and only rank 0 keeps a host copy (every rank
+    copying a 12B-parameter model to host memory at each save ran the node out of it)."""
+    keep = rank_and_world()[0] == 0
+    out = {}
+    for name, t in tensors:
+        whole = full_tensor(t.detach())
+        if keep:
+            out[name] = whole.cpu()
+        del whole
+    return out
 
 
 def shard_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:

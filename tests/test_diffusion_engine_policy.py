@@ -230,6 +230,35 @@ def test_full_finetuning_with_reference_copy_and_ema(tiny_dirs):
         pass
 
 
+def test_rebuilt_from_state_holds_the_state_and_unsaved_buffers(tiny_dirs):
+    """What an FSDP2 run saves: a plain model built (on the meta device) from the config, holding the gathered
+    state; a buffer no state dict carries (persistent=False) is copied from the running model."""
+    from diffusers import ConfigMixin, ModelMixin, SD3Transformer2DModel
+    from diffusers.configuration_utils import register_to_config
+
+    from fusedrl.engine.diffusion.policy import rebuilt_from_state
+
+    model = SD3Transformer2DModel.from_pretrained(tiny_dirs["sd3"], subfolder="transformer")
+    state = {k: v + 1 for k, v in model.state_dict().items()}
+    plain = rebuilt_from_state(model, state)
+    assert type(plain) is SD3Transformer2DModel and plain is not model
+    assert plain.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in plain.state_dict().items())
+
+    class WithFreqs(ModelMixin, ConfigMixin):
+        @register_to_config
+        def __init__(self, dim: int = 4):
+            super().__init__()
+            self.proj = torch.nn.Linear(dim, dim)
+            self.register_buffer("freqs", torch.arange(float(dim)), persistent=False)
+
+    model = WithFreqs()
+    model.freqs.mul_(3)
+    plain = rebuilt_from_state(model, {k: v.clone() for k, v in model.state_dict().items()})
+    assert "freqs" not in model.state_dict() and torch.equal(plain.freqs, model.freqs)
+    assert not any(t.is_meta for t in [*plain.parameters(), *plain.buffers()])
+
+
 def test_argument_errors(tiny_dirs):
     with pytest.raises(ValueError, match="rank"):
         LoraOptions(rank=0)

@@ -123,7 +123,11 @@ def _cli_worker(rank: int, world: int, port: int, argv: list[str]) -> None:
     seen = []
 
     def record(step, trainer):  # every process's trainable weights after each step (ranks must agree)
-        seen.append({k: v.clone() for k, v in trainer.policy.full_state().items()})
+        from fusedrl.engine.distributed import full_tensor
+
+        seen.append({k: full_tensor(v).detach().cpu().clone() for k, v in trainer.policy.trainable_state().items()})
+        gathered = trainer.policy.full_state()  # what a checkpoint writes: host copies on rank 0 only
+        assert gathered.keys() == (seen[-1].keys() if rank == 0 else set())
 
     grpo._after_step = record
     try:

@@ -732,18 +732,17 @@ class GRPOTrainer:
     # ------------------------------------------------------------------------------------------ saving
 
     def state_tensors(self) -> dict[str, Any]:
-        """The trainable tensors (and the EMA's), whole, on the CPU: under FSDP2 gathered one at a time (a
-        collective: every process calls it)."""
-        from ..distributed import full_tensor
+        """The trainable tensors (and the EMA's), whole, on the CPU of rank 0 ({} elsewhere): under FSDP2 gathered
+        one at a time (a collective: every process calls it)."""
+        from ..distributed import whole_on_rank0
 
-        tensors = {f"param/{n}": full_tensor(p.detach()).cpu() for n, p in self.params.items()}
+        named = [(f"param/{n}", p) for n, p in self.params.items()]
         if self.ema is not None:
-            tensors.update({f"ema/{n}": full_tensor(t).cpu() for n, t in self.ema.shadow.items()})
+            named += [(f"ema/{n}", t) for n, t in self.ema.shadow.items()]
         # an EMA'd KL reference (grpo.reference_ema_decay) has moved from the loaded weights: a resume must not
         # reset it
-        tensors.update({f"reference/{i:06d}": full_tensor(t).cpu()
-                        for i, t in enumerate(self.policy.reference_state())})
-        return tensors
+        named += [(f"reference/{i:06d}", t) for i, t in enumerate(self.policy.reference_state())]
+        return whole_on_rank0(named)
 
     def load_state(self, ckpt: Any) -> None:
         import torch

@@ -212,6 +212,23 @@ def _trainable(module: nn.Module | None) -> bool:
 # ----------------------------------------------------------------------------- the policy
 
 
+def rebuilt_from_state(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A new plain `type(model)` built from `model.config` holding `state` (its whole tensors, wrapper-free names),
+    with no random initialisation of weights about to be overwritten (built on the meta device, then the state
+    assigned); buffers a state dict leaves out (persistent=False) are copied from `model`, where they are whole."""
+    from ..checkpointing import unwrapped_name
+
+    with torch.device("meta"):
+        plain = type(model).from_config(model.config)
+    plain.load_state_dict(state, assign=True)
+    ours = {unwrapped_name(n): b for n, b in model.named_buffers()}
+    for name, buf in list(plain.named_buffers()):
+        if buf.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            plain.get_submodule(owner).register_buffer(leaf, ours[name].detach().cpu(), persistent=False)
+    return plain
+
+
 class DiffusionPolicy:
     """A diffusers pipeline as a policy. Build with `load_policy` (or `DiffusionPolicy(pipe, ...)`).
 
@@ -512,16 +529,14 @@ class DiffusionPolicy:
         when it is plain, else a copy. Under FSDP2 a collective (every process calls it) whose copy only rank 0
         gets (others: None)."""
         from ..checkpointing import iter_wrappers, remove_checkpointing, unwrapped_name
-        from ..distributed import full_tensor, rank_and_world
+        from ..distributed import rank_and_world, whole_on_rank0
 
         den = self.denoiser
         if self.strategy == "fsdp":
-            state = {unwrapped_name(n): full_tensor(t).cpu() for n, t in den.state_dict().items()}
+            state = whole_on_rank0((unwrapped_name(n), t) for n, t in den.state_dict().items())
             if rank_and_world()[0] != 0:
                 return None
-            plain = type(den).from_config(den.config)
-            plain.load_state_dict(state)
-            return plain
+            return rebuilt_from_state(den, state)
         if any(True for _ in iter_wrappers(den)):
             plain = copy.deepcopy(den)
             remove_checkpointing(plain)

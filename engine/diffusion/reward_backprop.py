@@ -58,7 +58,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, config_errors, model_loading_errors
-from ..distributed import all_sums, any_process, average_gradients, full_tensor, shard_like
+from ..distributed import all_sums, any_process, average_gradients, full_tensor, shard_like, whole_on_rank0
 from ..rewards.base import any_takes_metadata
 from ..runs import Run, Trainer, seed_everything
 from ..runs.atomic import fsync_dir, fsync_file
@@ -362,9 +362,9 @@ class RewardBackprop:
     # ------------------------------------------------------------------------------------------ state
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """The trainable parameters by name (what a checkpoint's tensors.safetensors holds), whole: under FSDP2
-        gathered one at a time (a collective: every process calls it)."""
-        return {n: full_tensor(p.detach()).cpu() for n, p in self.named_params}
+        """The trainable parameters by name (what a checkpoint's tensors.safetensors holds), whole, on rank 0's CPU
+        ({} elsewhere): under FSDP2 gathered one at a time (a collective: every process calls it)."""
+        return whole_on_rank0(self.named_params)
 
     def state_objects(self) -> dict[str, Any]:
         """The optimizer (whole; a collective under FSDP2) and gradient-scaler states."""

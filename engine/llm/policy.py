@@ -31,10 +31,10 @@ from fusedrl.kernels import fused_linear_grpo_loss, token_logprobs
 from ..checkpointing import unwrapped_name
 from ..distributed import (
     fsdp_unsharded,
-    full_tensor,
     load_optimizer_state,
     optimizer_state,
     shard_like,
+    whole_on_rank0,
 )
 
 log = logging.getLogger("fusedrl")
@@ -317,11 +317,9 @@ class Policy:
         return contextlib.nullcontext()
 
     def full_state(self) -> dict[str, torch.Tensor]:
-        """The trainable tensors as whole CPU tensors (a collective under FSDP2: call it on every process)."""
-        out = {}
-        for name, t in self.trainable_state().items():
-            out[name] = full_tensor(t).detach().to("cpu")
-        return out
+        """The trainable tensors as whole CPU tensors on rank 0, {} on the other processes (a collective under
+        FSDP2: call it on every process)."""
+        return whole_on_rank0(self.trainable_state().items())
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """The optimizer's state dict, whole (a collective under FSDP2: call it on every process)."""
