@@ -29,3 +29,29 @@ def prepare_backends(build_cuda: bool = True, verbose: bool = False) -> dict[str
         log.warning("fusedrl: %s; CUDA tensors will use the Triton kernels", exc)
         return {"cuda": str(exc)}
     return {"cuda": None}
+
+
+def prepare_kernels(device: torch.device, *, build: bool = True) -> str | None:
+    """A trainer's start-up: on a CUDA `device`, build (the first time; cached under ~/.cache/fusedrl, or
+    $FUSEDRL_CACHE_DIR) or load the CUDA extension before the model loads, so that neither the backbone probe nor a
+    step waits for a compile. Under torchrun rank 0 builds while the others wait, then they load its build (every
+    process compiling into one cache folder at once would race). Returns the line to log (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    from .distributed import rank_and_world
+
+    rank, world = rank_and_world()
+    if world > 1:
+        import torch.distributed as dist
+
+        if rank == 0:
+            status = prepare_backends(build_cuda=build)
+        dist.barrier()
+        if rank != 0:
+            status = prepare_backends(build_cuda=build)
+    else:
+        status = prepare_backends(build_cuda=build)
+    if status["cuda"] is None:
+        return f"CUDA extension: loaded from {cuda_ext.loaded_path()}"
+    return (f"CUDA extension not used ({status['cuda']}): CUDA tensors run the Triton kernels"
+            + ("" if build else "; run.cuda_extension builds it"))

@@ -217,6 +217,7 @@ class GRPOTrainer:
         from ..distributed import local_device, rank_and_world
         from ..rewards.base import any_takes_metadata
         from ..runs import seed_everything
+        from ..startup import prepare_kernels
         from .prompts import DEFAULT_EVAL_PROMPTS, DEFAULT_PROMPTS, load_prompts, prompt_metadata
 
         self.cfg, self.run = cfg, run
@@ -243,6 +244,8 @@ class GRPOTrainer:
 
         with config_errors("model.device"):
             self.device = local_device(cfg.model.device)
+        # before the model loads: the backbone probe and the first step run the CUDA kernels if they are ready
+        self.kernels_status = prepare_kernels(self.device, build=cfg.run.cuda_extension)
         self.weights = dict(zip(cfg.reward.names, cfg.reward.weights or [1.0] * len(cfg.reward.names)))
         if rewards is not None:
             self.scorer = _Scorer(dict(rewards))
@@ -837,6 +840,8 @@ class GRPOTrainer:
                  f"{cfg.sampling.steps} sampling steps, reward {' + '.join(cfg.reward.names)}"
                  + (f", gradient checkpointing {cfg.memory.gradient_checkpointing} on {len(self.checkpointed)} "
                     "blocks" if self.checkpointed else ""))
+        if self.kernels_status is not None:
+            run.info(self.kernels_status)
         if self.policy.backbone_patch is not None:
             run.info(self.policy.backbone_patch.summary())
         if not self.policy.is_flow and cfg.sampling.sde_type != "sde":

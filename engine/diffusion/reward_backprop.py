@@ -555,6 +555,7 @@ def _fail(run: Run, exc: BaseException) -> None:
 
 def _train(cfg: RewardBackpropConfig, run: Run) -> int:
     from ..distributed import local_device
+    from ..startup import prepare_kernels
     from .processes import prepare_processes
 
     resolved = resolve(cfg)
@@ -568,6 +569,7 @@ def _train(cfg: RewardBackpropConfig, run: Run) -> int:
         _fail(run, ConfigError([("device", str(exc).split(": ", 1)[1])]))
         return 2
     prepare_processes(str(device), embedded=cfg.model is None)
+    kernels_status = prepare_kernels(device, build=cfg.run.cuda_extension)  # before the backbone probe
     seed_everything(cfg.run.seed)
     if device.type == "cpu" and resolved.cpu_threads is not None:
         torch.set_num_threads(resolved.cpu_threads)
@@ -583,6 +585,8 @@ def _train(cfg: RewardBackpropConfig, run: Run) -> int:
     targets = f" lora_targets={list(resolved.lora_targets)}" if cfg.lora.enabled and cfg.lora.denoiser else ""
     run.info(f"reward-backprop: method={cfg.method} model={cfg.model or 'embedded tiny SD3'} lr={resolved.lr} "
              f"training={trainer.policy.trained_part()}{targets} rewards={cfg.reward.names} device={device}{procs}")
+    if kernels_status is not None:
+        run.info(kernels_status)
     if trainer.policy.backbone_patch is not None:
         run.info(trainer.policy.backbone_patch.summary())
     if unused := cfg.unused_options():

@@ -222,8 +222,10 @@ def _after_step(step: int, trainer: Any) -> None:
 
 def _run(cfg: LLMGRPOConfig, run) -> int | None:
     from ..runs import seed_everything
+    from ..startup import prepare_kernels
 
     rank, world = init_distributed(cfg)
+    kernels_status = prepare_kernels(_device(cfg.model.device), build=cfg.run.cuda_extension)  # before the probe
     seed_everything(cfg.run.seed)
     if world > 1:  # rank 0 writes the embedded default once; every process loads that folder
         import torch.distributed as dist
@@ -245,6 +247,8 @@ def _run(cfg: LLMGRPOConfig, run) -> int | None:
              f"{sum(p.numel() for p in trainer.params):,} trainable "
              f"parameters ({'LoRA' if lora else 'full'}), {len(trainer.records)} prompts, {cfg.prompts.per_step} x "
              f"{cfg.sampling.group_size} completions per step, loss {cfg.grpo.loss_type}, lr {trainer.lr:g}")
+    if kernels_status is not None:
+        run.info(kernels_status)
     if policy.backbone_patch is not None:
         run.info(policy.backbone_patch.summary())
 

@@ -92,6 +92,10 @@ class RunConfig:
     tensorboard: bool = field(True, "write TensorBoard event files (needs the tensorboard package)",
                               resume_ok=True)
     progress: bool = field(True, "show a progress bar", resume_ok=True)
+    cuda_extension: bool = field(True, "on a GPU, build (once, about a minute per kernel file; cached under "
+                                 "~/.cache/fusedrl or $FUSEDRL_CACHE_DIR) or load fusedrl's CUDA kernels before the "
+                                 "model loads; false: a cached build if there is one, else the Triton kernels",
+                                 resume_ok=True)
 
 
 def _now() -> str:
