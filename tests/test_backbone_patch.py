@@ -498,3 +498,24 @@ def test_a_copied_patch_copies_no_model():
 
     patch = fusedrl.patch_backbone(_model("llama"))
     assert copy.deepcopy(patch)._registry is patch._registry
+
+
+def test_zero3_partitioned_adapters_run_peft_forward(monkeypatch):
+    """Under DeepSpeed ZeRO-3 (parameters carry ds_id) an adapter's weights are gathered only inside its own
+    forward: the fused LoRA forward, which reads them directly, hands such a linear to peft's forward."""
+    from peft.tuners.lora.layer import Linear
+
+    model = _model("llama", {})
+    fusedrl.patch_backbone(model)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 5))
+    fused = model(input_ids=ids).logits
+    calls = []
+    stock = Linear.forward
+    monkeypatch.setattr(Linear, "forward", lambda self, x, *a, **k: calls.append(1) or stock(self, x, *a, **k))
+    assert model(input_ids=ids).logits is not None and calls == []  # the fused forward runs
+    for name, p in model.named_parameters():
+        if "lora_A" in name:
+            p.ds_id = 0  # what deepspeed.zero.Init sets on every parameter it partitions
+    out = model(input_ids=ids).logits
+    assert len(calls) == 14
+    torch.testing.assert_close(out, fused, rtol=1e-4, atol=1e-5)

@@ -125,7 +125,9 @@ def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return type(self).forward(self, x, *args, **kwargs)
     name = active[0]
     lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-    if lora_A.bias is not None or lora_B.bias is not None:
+    # DeepSpeed ZeRO-3 gathers a module's weights in its own forward's hooks: the adapters' weights, read here
+    # without calling them, are empty partitions there, so peft's forward (which calls them) runs
+    if lora_A.bias is not None or lora_B.bias is not None or hasattr(lora_A.weight, "ds_id"):
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
     dtype = result.dtype
