@@ -18,6 +18,9 @@ from ..config import Check, between, field, ge, gt, section
 from ..prompt_data import FILE_TYPES
 from ..runs import RunConfig
 
+PROMPT_CACHE_HELP = ("host memory (GB, per process) for the frozen text encoders' prompt embeddings; the least "
+                     "recently used are encoded again when next drawn (the same numbers); 0: encode every time")
+
 __all__ = [
     "DiffusionGRPOConfig", "GRPOSection", "GRPORunConfig", "LoraSection", "MemorySection",
     "ModelSection", "OptimSection", "PromptsSection", "RewardSection", "SamplingSection",
@@ -60,6 +63,7 @@ class ModelSection:
     offload_text_encoders: bool = field(True, "keep the frozen text encoders on the CPU except while encoding "
                                         "(prompt embeddings are cached)")
     offload_vae: bool = field(False, "keep the VAE on the CPU except while decoding")
+    prompt_cache_gb: float = field(4.0, PROMPT_CACHE_HELP, check=ge(0), resume_ok=True)
     patch_attention: bool = field(False, "run the denoiser's attention on fusedrl's flash attention")
     fused_backbone: bool = field(True, "run the denoiser's RMSNorms (SD3.5 / Flux q-k norms) and LoRA linears on "
                                  "fused code (fusedrl.patch_backbone); modules it does not recognize stay stock, "

@@ -258,7 +258,10 @@ class DiffusionPolicy:
         defaults: dict | None = None,
         patch_attention: bool = False,
         fused_backbone: bool = False,
+        prompt_cache_gb: float = 4.0,
     ) -> None:
+        from .prompt_cache import PromptCache
+
         cls_name = type(pipe).__name__
         if cls_name not in PIPELINE_FAMILIES:
             raise TypeError(f"pipe must be one of {sorted(PIPELINE_FAMILIES)} (diffusers), got {cls_name}")
@@ -277,7 +280,7 @@ class DiffusionPolicy:
         self.defaults = {**_FAMILY_DEFAULTS[self.family], **(defaults or {})}
         self._offload = self.device.type != "cpu"
         self.offload_vae = offload_vae and self._offload
-        self._cache: dict[str, PromptEmbeddings] = {}
+        self._cache = PromptCache(prompt_cache_gb)
         self._reference_model: nn.Module | None = None
         self._reference_master: list[torch.Tensor] | None = None  # the EMA reference in fp32 (update_reference_ema)
         self._use_reference = False
@@ -587,9 +590,10 @@ class DiffusionPolicy:
     def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeddings:
         """Text embeddings of `prompts` (B strings) -> PromptEmbeddings [B, ...] on `device`.
 
-        With frozen text encoders each distinct prompt is encoded once (under no_grad), alone, and cached on the
-        CPU: a batched call's numerics depend on the batch, so a prompt's embedding would depend on the prompts it
-        was first encoded with, and a resumed run (its cache starts empty) would drift from an uninterrupted one.
+        With frozen text encoders each distinct prompt is encoded (under no_grad) alone, and cached on the CPU up
+        to prompt_cache_gb (least recently used evicted): a batched call's numerics depend on the batch, so a
+        prompt's embedding would depend on the prompts it was first encoded with, and a resumed run (its cache
+        starts empty) would drift from an uninterrupted one.
         The text encoders are on the accelerator only while encoding (offload_text_encoders). With trainable
         text encoders (LoRA on them) every call encodes, with grad when grad is enabled.
         """
@@ -601,12 +605,14 @@ class DiffusionPolicy:
         if self.text_encoder_trainable:
             with self._text_encoders_on_device():
                 return self._encode(prompts)
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        found = {p: self._cache.get(p) for p in dict.fromkeys(prompts)}
+        missing = [p for p, emb in found.items() if emb is None]
         if missing:
             with torch.no_grad(), self._text_encoders_on_device():
                 for p in missing:
-                    self._cache[p] = self._encode([p]).to("cpu")
-        return PromptEmbeddings.cat([self._cache[p] for p in prompts]).to(self.device)
+                    found[p] = self._encode([p]).to("cpu")
+                    self._cache.put(p, found[p])
+        return PromptEmbeddings.cat([found[p] for p in prompts]).to(self.device)
 
     def clear_prompt_cache(self) -> None:
         self._cache.clear()
@@ -828,6 +834,7 @@ def load_policy(
     max_sequence_length: int | None = None,
     patch_attention: bool = False,
     fused_backbone: bool = False,
+    prompt_cache_gb: float = 4.0,
     **from_pretrained_kwargs: Any,
 ) -> DiffusionPolicy:
     """Load a diffusers pipeline as a `DiffusionPolicy`.
@@ -850,6 +857,8 @@ def load_policy(
             fusedrl_policy.json).
         patch_attention: run the denoiser's attention on fusedrl's flash attention (`fusedrl.attention`).
         fused_backbone: run the denoiser's RMSNorms and LoRA linears on fused code (`fusedrl.patch_backbone`).
+        prompt_cache_gb: host memory for the frozen text encoders' prompt embeddings (least recently used evicted;
+            0: encode at every call).
         from_pretrained_kwargs: passed to `from_pretrained` (revision, variant, token, ...).
     """
     if isinstance(lora, bool):
@@ -890,4 +899,4 @@ def load_policy(
     return DiffusionPolicy(pipe, device=device, dtype=dtype, vae_dtype=vae_dtype, lora=lora,
                            reference_copy=reference_copy, offload_text_encoders=offload_text_encoders,
                            offload_vae=offload_vae, defaults=defaults, patch_attention=patch_attention,
-                           fused_backbone=fused_backbone)
+                           fused_backbone=fused_backbone, prompt_cache_gb=prompt_cache_gb)

@@ -507,7 +507,8 @@ def build_policy(cfg: RewardBackpropConfig, resolved: Resolved | None = None, *,
                            dtype=None if cfg.dtype == "auto" else cfg.dtype, lora=lora,
                            offload_text_encoders=cfg.memory.offload_text_encoders,
                            offload_vae=cfg.memory.offload_vae, patch_attention=cfg.memory.patch_attention,
-                           fused_backbone=cfg.memory.fused_backbone, **kwargs)
+                           fused_backbone=cfg.memory.fused_backbone,
+                           prompt_cache_gb=cfg.memory.prompt_cache_gb, **kwargs)
 
 
 def oom_advice(cfg: RewardBackpropConfig, step: int) -> str:

@@ -15,7 +15,7 @@ from ..checkpointing import POLICIES
 from ..config import Check, between, field, ge, gt, section
 from ..prompt_data import FILE_TYPES
 from ..runs import RunConfig
-from .grpo_config import check_lora_placement
+from .grpo_config import PROMPT_CACHE_HELP, check_lora_placement
 from .policy import DEFAULT_LORA_TARGETS, DEFAULT_TEXT_LORA_TARGETS
 
 __all__ = [
@@ -129,6 +129,7 @@ class MemoryConfig:
     checkpoint_vae: bool = field(True, "checkpoint the VAE decode too (recompute it in backward)")
     offload_text_encoders: bool = field(True, "keep frozen text encoders on the CPU except while encoding")
     offload_vae: bool = field(False, "keep the VAE on the CPU except while decoding (no-grad decodes only)")
+    prompt_cache_gb: float = field(4.0, PROMPT_CACHE_HELP, check=ge(0), resume_ok=True)
     patch_attention: bool = field(False, "run the denoiser's attention on fusedrl's flash attention")
     fused_backbone: bool = field(True, "run the denoiser's RMSNorms (SD3.5 / Flux q-k norms) and LoRA linears on "
                                  "fused code (fusedrl.patch_backbone); modules it does not recognize stay stock, "
