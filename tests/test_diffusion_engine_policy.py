@@ -266,6 +266,8 @@ def test_argument_errors(tiny_dirs):
         LoraOptions(denoiser=False)
     with pytest.raises(ValueError, match="reference_copy"):
         load_policy(tiny_dirs["sd"], reference_copy=True)
+    with pytest.raises(ValueError, match="sharded=True is for full fine-tuning"):
+        load_policy(tiny_dirs["sd"], sharded=True)
     with pytest.raises(ValueError, match="dtype"):
         load_policy(tiny_dirs["sd"], dtype="int8")
     policy = load_policy(tiny_dirs["sd"])

@@ -320,7 +320,7 @@ class GRPOTrainer:
                                      reference_copy=lora is None and cfg.grpo.beta > 0,
                                      offload_text_encoders=m.offload_text_encoders, offload_vae=m.offload_vae,
                                      max_sequence_length=m.max_sequence_length, patch_attention=m.patch_attention,
-                                     prompt_cache_gb=m.prompt_cache_gb,
+                                     prompt_cache_gb=m.prompt_cache_gb, sharded=self.world > 1 and lora is None,
                                      fused_backbone=m.fused_backbone, **kwargs)
         except Exception as exc:
             if _is_oom(exc):

@@ -259,6 +259,7 @@ class DiffusionPolicy:
         patch_attention: bool = False,
         fused_backbone: bool = False,
         prompt_cache_gb: float = 4.0,
+        sharded: bool = False,
     ) -> None:
         from .prompt_cache import PromptCache
 
@@ -270,6 +271,8 @@ class DiffusionPolicy:
         if reference_copy and lora is not None:
             raise ValueError("reference_copy=True is for full fine-tuning (lora=None); with LoRA the reference "
                              "policy is the base model with the adapter disabled")
+        if sharded and lora is not None:
+            raise ValueError("sharded=True is for full fine-tuning (lora=None), which parallelize('fsdp') shards")
         self.family: str = PIPELINE_FAMILIES[cls_name]
         self.pipe = pipe
         self.device = torch.device(device) if device is not None else _default_device()
@@ -279,6 +282,10 @@ class DiffusionPolicy:
         self.is_flow = self.family in ("sd3", "flux")
         self.defaults = {**_FAMILY_DEFAULTS[self.family], **(defaults or {})}
         self._offload = self.device.type != "cpu"
+        # sharded: the denoiser (and its reference copy) wait on the CPU for parallelize("fsdp"), which moves each
+        # block's shard to the device: no GPU ever holds the whole model (a 12B fp32 denoiser and its bf16
+        # reference are 72 GB, past what an 80 GB GPU holds beside the rest)
+        self._denoiser_device = torch.device("cpu") if sharded else self.device
         self.offload_vae = offload_vae and self._offload
         self._cache = PromptCache(prompt_cache_gb)
         self._reference_model: nn.Module | None = None
@@ -314,7 +321,7 @@ class DiffusionPolicy:
         for m in [self.denoiser, self.vae, *self.text_encoders]:
             m.requires_grad_(False)
             m.eval()
-        _place(self.denoiser, self.device, self.dtype)
+        _place(self.denoiser, self._denoiser_device, self.dtype)
         _place(self.vae, "cpu" if self.offload_vae else self.device, self.vae_dtype)
         self.lora_text_encoders: list[nn.Module] = []
         if lora is not None:
@@ -335,7 +342,7 @@ class DiffusionPolicy:
         else:
             if reference_copy:
                 self._reference_model = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
-            _place(self.denoiser, self.device, torch.float32)
+            _place(self.denoiser, self._denoiser_device, torch.float32)
             self.denoiser.requires_grad_(True)
             self.compute_dtype = torch.float32
         for p in self.trainable_parameters():
@@ -486,10 +493,14 @@ class DiffusionPolicy:
                 raise ValueError("parallelize('fsdp') is for full fine-tuning; LoRA uses 'ddp'")
             from torch.distributed.fsdp import fully_shard
 
-            for module in self._denoisers():
-                for name in block_names(module):
-                    fully_shard(module.get_submodule(name))
-                fully_shard(module)
+            # FSDP2 moves what it shards to the current device: each block's weights are whole there only until
+            # that block is sharded
+            with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+                for module in self._denoisers():
+                    for name in block_names(module):
+                        fully_shard(module.get_submodule(name))
+                    fully_shard(module)
+            self._denoiser_device = self.device
         else:
             raise ValueError(f"strategy must be 'ddp' or 'fsdp'; got {strategy!r}")
         self.strategy = strategy
@@ -734,6 +745,9 @@ class DiffusionPolicy:
             raise ValueError(f"embeddings has {len(embeddings)} rows but latents has batch {B}")
         if latents.shape[1] != self.latent_channels:
             raise ValueError(f"latents has {latents.shape[1]} channels, the model takes {self.latent_channels}")
+        if self._denoiser_device != self.device:
+            raise RuntimeError("this policy was loaded with sharded=True: its denoiser waits on the CPU for "
+                               "parallelize('fsdp') (under torchrun), which has not run")
         # the frozen reference copy keeps the load dtype (bf16 on CUDA) while the trained denoiser is fp32
         dtype = self.dtype if self._use_reference and self._reference_model is not None else self.compute_dtype
         x = latents.to(device=self.device, dtype=dtype)
@@ -835,6 +849,7 @@ def load_policy(
     patch_attention: bool = False,
     fused_backbone: bool = False,
     prompt_cache_gb: float = 4.0,
+    sharded: bool = False,
     **from_pretrained_kwargs: Any,
 ) -> DiffusionPolicy:
     """Load a diffusers pipeline as a `DiffusionPolicy`.
@@ -859,6 +874,8 @@ def load_policy(
         fused_backbone: run the denoiser's RMSNorms and LoRA linears on fused code (`fusedrl.patch_backbone`).
         prompt_cache_gb: host memory for the frozen text encoders' prompt embeddings (least recently used evicted;
             0: encode at every call).
+        sharded: full fine-tuning that `parallelize("fsdp")` will shard: the denoiser (and reference copy) stay on
+            the CPU until then, and FSDP2 moves each block's shard to `device`, so no GPU holds the whole model.
         from_pretrained_kwargs: passed to `from_pretrained` (revision, variant, token, ...).
     """
     if isinstance(lora, bool):
@@ -899,4 +916,5 @@ def load_policy(
     return DiffusionPolicy(pipe, device=device, dtype=dtype, vae_dtype=vae_dtype, lora=lora,
                            reference_copy=reference_copy, offload_text_encoders=offload_text_encoders,
                            offload_vae=offload_vae, defaults=defaults, patch_attention=patch_attention,
-                           fused_backbone=fused_backbone, prompt_cache_gb=prompt_cache_gb)
+                           fused_backbone=fused_backbone, prompt_cache_gb=prompt_cache_gb,
+                           sharded=sharded)

@@ -492,6 +492,7 @@ def load_prompt_lists(cfg: RewardBackpropConfig, with_metadata: bool = False,
 
 def build_policy(cfg: RewardBackpropConfig, resolved: Resolved | None = None, *,
                  device: torch.device | None = None) -> Any:
+    from ..distributed import rank_and_world
     from .policy import LoraOptions, load_policy
 
     resolved = resolved or resolve(cfg)
@@ -508,7 +509,8 @@ def build_policy(cfg: RewardBackpropConfig, resolved: Resolved | None = None, *,
                            offload_text_encoders=cfg.memory.offload_text_encoders,
                            offload_vae=cfg.memory.offload_vae, patch_attention=cfg.memory.patch_attention,
                            fused_backbone=cfg.memory.fused_backbone,
-                           prompt_cache_gb=cfg.memory.prompt_cache_gb, **kwargs)
+                           prompt_cache_gb=cfg.memory.prompt_cache_gb,
+                           sharded=lora is None and rank_and_world()[1] > 1, **kwargs)
 
 
 def oom_advice(cfg: RewardBackpropConfig, step: int) -> str:

@@ -158,8 +158,14 @@ def build(cfg: LLMGRPOConfig, out_dir: str | os.PathLike | None = None) -> Any:
         lora = LoraSpec(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                         target_modules=cfg.lora.target_modules)
     dtype = _dtype(m.dtype, device, cfg.lora.enabled)
+    import torch.distributed as dist
+
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    # full fine-tuning under torchrun: the model (and reference copy) wait on the CPU for FSDP2, which moves each
+    # decoder layer's shard to the GPU, so no GPU holds the whole model (a 14B fp32 model and its reference: 112 GB)
+    load_device = torch.device("cpu") if several and lora is None else device
     with model_loading_errors("model.name_or_path", "lora.target_modules"):
-        policy = Policy.from_pretrained(source, lora=lora, device=device, dtype=dtype,
+        policy = Policy.from_pretrained(source, lora=lora, device=load_device, dtype=dtype,
                                         reference=cfg.grpo.beta != 0 and not cfg.lora.enabled,
                                         temperature=cfg.sampling.temperature, revision=m.revision,
                                         trust_remote_code=m.trust_remote_code,
@@ -175,9 +181,7 @@ def build(cfg: LLMGRPOConfig, out_dir: str | os.PathLike | None = None) -> Any:
         from transformers.modeling_layers import GradientCheckpointingLayer
 
         cfg.memory.apply_to(decoder_of(policy.model), "the model", module_types=GradientCheckpointingLayer)
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if several:
         # Before the optimizer exists: FSDP2 replaces the parameters by sharded ones.
         policy.parallelize("ddp" if cfg.lora.enabled else "fsdp", device)
     generator = None

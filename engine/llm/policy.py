@@ -287,9 +287,12 @@ class Policy:
             from torch.distributed.fsdp import fully_shard
 
             for forward in [self.forward_module] + ([self.ref_forward] if self.ref_model is not None else []):
-                for layer in _decoder_layers(forward.model):
-                    fully_shard(layer)
-                fully_shard(forward)
+                # FSDP2 moves what it shards to the current device (a model loaded on the CPU: each layer's
+                # weights are whole on the GPU only until that layer is sharded)
+                with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                    for layer in _decoder_layers(forward.model):
+                        fully_shard(layer)
+                    fully_shard(forward)
                 with torch.no_grad():  # the root's lazy init must come before generate() runs a layer alone
                     ids = torch.zeros((1, 2), dtype=torch.long, device=device)
                     ones = torch.ones_like(ids)
