@@ -91,6 +91,25 @@ def test_output_keeps_the_input_layout(backend, use_backend):
     assert qe.stride() == q.stride() and ke.stride() == k.stride()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("strided", ["cos", "sin"])
+def test_cos_and_sin_of_different_layouts(backend, strided, use_backend):
+    """cos and sin each read with their own strides: one a slice of a longer table (the other contiguous) gives
+    the formula's values (sin read with cos's strides gave wrong values, or read past sin's end on a GPU)."""
+    B, H, S, D = 2, 3, 5, 8
+    q, k = _projection(B, H, S, D, torch.float32, 1), _projection(B, 2, S, D, torch.float32, 1)
+    cos, sin = _tables(B, 2 * S, D, torch.float32)
+    cos, sin = cos[:, :S], sin[:, :S].contiguous()
+    if strided == "sin":
+        cos, sin = cos.contiguous(), _tables(B, 2 * S, D, torch.float32)[1][:, :S]
+    assert cos.stride() != sin.stride()
+    exp = reference.apply_rotary(q.double(), k.double(), cos.double(), sin.double(), 1)
+    use_backend(backend)
+    got = apply_rotary(q, k, cos, sin)
+    for g, e in zip(got, exp):
+        torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-5)
+
+
 def test_cos_sin_with_gradients_take_the_torch_path(use_backend):
     use_backend("triton")  # which cannot take cos and sin with gradients: the torch formula serves
     q, k = _projection(1, 2, 3, 4, torch.float32, 1), _projection(1, 2, 3, 4, torch.float32, 1)

@@ -26,7 +26,7 @@ def num_warps(H: int, D: int) -> int:
 
 @triton.jit
 def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, S, H, D2,
-                   sx_b, sx_h, sx_s, sy_b, sy_h, sy_s, sc_b, sc_s,
+                   sx_b, sx_h, sx_s, sy_b, sy_h, sy_s, sc_b, sc_s, ss_b, ss_s,
                    BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D2: tl.constexpr):
     token = tl.program_id(0)
     b = (token // S).to(tl.int64)
@@ -35,7 +35,7 @@ def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, S, H, D2,
     h = tl.arange(0, BLOCK_H)
     dm = d < D2
     c_row = cos_ptr + b * sc_b + s * sc_s
-    s_row = sin_ptr + b * sc_b + s * sc_s
+    s_row = sin_ptr + b * ss_b + s * ss_s
     c1 = tl.load(c_row + d, mask=dm, other=0.0).to(tl.float32)
     c2 = tl.load(c_row + D2 + d, mask=dm, other=0.0).to(tl.float32)
     s1 = tl.load(s_row + d, mask=dm, other=0.0).to(tl.float32)
