@@ -49,6 +49,15 @@ def _jobs() -> list[dict]:
         if data == "bf16":
             jobs.append(dict(kernel="_step_finish_kernel", types=_types("finish", data), constexprs=dict(
                 coeffs, HAS_REF=True, WANT_LOGP=True, BLOCK_C=64)))
+    # one element per sample (x of shape [B]): D == 1 at launch, and a single chunk (C == 1)
+    coeffs = dict(MODE=FLOW_SDE, PRED=0, HAS_CLIP=False, CLIPPED_EPS=False)
+    jobs.append(dict(kernel="_step_finish_kernel", types=_types("finish", "bf16"), ones=("D", "C"),
+                     constexprs=dict(coeffs, HAS_REF=True, WANT_LOGP=True, BLOCK_C=64)))
+    jobs.append(dict(kernel="_step_bwd_kernel", types=_types("bwd", "bf16"), ones=("D",), constexprs=dict(
+        coeffs, SAMPLED=True, HAS_G_PREV=True, HAS_G_MEAN=True, HAS_G_LOGP=True, HAS_G_KL=True, NEED_G_REF=True,
+        BLOCK=1024, ITERS=4)))
+    jobs.append(dict(kernel="_step_fwd_kernel", types=_types("fwd", "bf16"), ones=("D", "C"), constexprs=dict(
+        coeffs, SAMPLED=True, HAS_REF=True, WANT_LOGP=True, BLOCK=1024, ITERS=4)))
     return [dict(job, module=MODULE, arch=90) for job in jobs]
 
 

@@ -36,7 +36,10 @@ failures = []
 for job in jobs:
     module = importlib.import_module(job["module"])
     fn = getattr(module, job["kernel"])
-    consts = job["constexprs"]
+    consts = dict(job["constexprs"])
+    # an int argument of 1 is specialized to the constant 1 by a launch, unless the kernel says do_not_specialize
+    kept = {fn.arg_names[a] if isinstance(a, int) else a for a in (getattr(fn, "do_not_specialize", None) or ())}
+    consts.update({name: 1 for name in job.get("ones", ()) if name not in kept})
     signature = {name: ("constexpr" if name in consts else job["types"][name]) for name in fn.arg_names}
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in job.get("divisible", ())}
     try:
@@ -61,7 +64,8 @@ def compile_kernels(jobs: list[dict], timeout: int = 1200) -> list[dict]:
     optionally options (num_warps, num_stages: as the launcher passes them), max_shared (bytes: a
     compiled kernel that needs more shared memory than that fails, as its launch would on the device),
     divisible (argument names specialized as multiples of 16, as a launch with aligned tensors and
-    strides specializes them) and max_stack (bytes of stack per thread, i.e. register spills, allowed).
+    strides specializes them), ones (int arguments passed the value 1: a launch makes them the constant 1
+    unless the kernel lists them in do_not_specialize) and max_stack (bytes of stack per thread, i.e. register spills, allowed).
 
     Returns the failures (job and error); raises if the child process itself fails.
     """

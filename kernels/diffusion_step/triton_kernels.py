@@ -172,7 +172,7 @@ def _step_fwd_kernel(
     tl.store(out + C, tl.sum(acc_k, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["D"])  # D == 1 would be a constant int, with no .to()
 def _step_finish_kernel(
     p0_ptr, p1_ptr, part_ptr, logp_ptr, kl_ptr, std_ptr,
     D, C, level, sigma_max,
@@ -199,7 +199,7 @@ def _step_finish_kernel(
         tl.store(kl_ptr + row, _div(tl.sum(acc_k, axis=0) * inv_d, 2.0 * std * std))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["D"])  # D == 1 would be a constant int, with no .to()
 def _step_bwd_kernel(
     x_ptr, m_ptr, p0_ptr, p1_ptr, noise_ptr, given_ptr, ref_ptr,
     g_prev_ptr, g_mean_ptr, g_logp_ptr, g_kl_ptr,
