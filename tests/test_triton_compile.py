@@ -336,7 +336,7 @@ def _backbone_jobs() -> list[dict]:
                          constexprs=dict(BLOCK=swiglu.BLOCK), options=options, max_stack=0))
     from fusedrl.kernels.rotary import triton_kernels as rotary
 
-    strides = ("sx_b", "sx_h", "sx_s", "sy_b", "sy_h", "sy_s", "sc_b", "sc_s")
+    strides = ("sx_b", "sx_h", "sx_s", "sy_b", "sy_h", "sy_s", "sc_b", "sc_s", "ss_b", "ss_s")
     for data, H, D in itertools.product(("bf16", "fp16", "fp32"), (2, 12, 32, 64), (64, 128, 256)):
         block_h, block_d2 = rotary.blocks(H, D)
         types = dict(x_ptr=f"*{data}", cos_ptr=f"*{data}", sin_ptr=f"*{data}", y_ptr=f"*{data}", S="i32", H="i32",

@@ -65,7 +65,8 @@ def compile_kernels(jobs: list[dict], timeout: int = 1200) -> list[dict]:
     compiled kernel that needs more shared memory than that fails, as its launch would on the device),
     divisible (argument names specialized as multiples of 16, as a launch with aligned tensors and
     strides specializes them), ones (int arguments passed the value 1: a launch makes them the constant 1
-    unless the kernel lists them in do_not_specialize) and max_stack (bytes of stack per thread, i.e. register spills, allowed).
+    unless the kernel lists them in do_not_specialize) and max_stack (bytes of stack per thread, i.e. register
+    spills, allowed).
 
     Returns the failures (job and error); raises if the child process itself fails.
     """

@@ -20,9 +20,9 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool
     if x.numel():
         block_h, block_d2 = tk.blocks(H, D)
         tk._rotary_kernel[(B * S,)](x, cos, sin, y, S, H, D // 2, x.stride(0), x.stride(1), x.stride(2), y.stride(0),
-                                    y.stride(1), y.stride(2), cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
-                                    BACKWARD=backward,
-                                    BLOCK_H=block_h, BLOCK_D2=block_d2, num_warps=tk.num_warps(H, D))
+                                    y.stride(1), y.stride(2), cos.stride(0), cos.stride(1), sin.stride(0),
+                                    sin.stride(1), BACKWARD=backward, BLOCK_H=block_h, BLOCK_D2=block_d2,
+                                    num_warps=tk.num_warps(H, D))
     return y
 
 
