@@ -37,6 +37,9 @@ DEFAULT_ARCH_WITHOUT_GPU = "9.0"
 # --use_fast_math: it swaps sqrtf/logf/division for approximations that move logp at small std.
 CXX_FLAGS = ["-O3"]
 NVCC_FLAGS = ["-O3", "-lineinfo"]
+# torch's build lock (cpp_extension's FileBaton): a build killed midway (Ctrl-C, a time limit) leaves it, and every
+# later build waits on it for ever. A build takes about a minute per .cu file on 2 cores: older than this, stale.
+STALE_LOCK_S = 30 * 60
 
 _state: dict[str, object] = {"module": None, "tried_prebuilt": False, "error": None}
 
@@ -187,6 +190,7 @@ def build(verbose: bool = False) -> Path:
     name = module_name(archs)
     build_dir = cache_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
+    clear_stale_lock(build_dir)
     csrc, _ = source_dirs()
     started = time.perf_counter()
     print(f"fusedrl: building the CUDA extension {name} for sm {archs} in {build_dir} "
@@ -209,6 +213,24 @@ def build(verbose: bool = False) -> Path:
     _state["module"] = str(path)
     _state["error"] = None
     return Path(path)
+
+
+def clear_stale_lock(build_dir: Path, max_age_s: float = STALE_LOCK_S) -> bool:
+    """Remove `build_dir`'s build lock when it is older than `max_age_s` (True then); a younger one is another
+    build's, which the build then waits for: say so, naming the file."""
+    lock = Path(build_dir) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age > max_age_s:
+        log.warning("fusedrl: removing the stale build lock %s (%.0f min old: a build that was killed left it)",
+                    lock, age / 60)
+        lock.unlink(missing_ok=True)
+        return True
+    print(f"fusedrl: waiting for the build that holds {lock} ({age:.0f} s old); if no build is running, "
+          "delete that file", file=sys.stderr, flush=True)
+    return False
 
 
 def loaded_path() -> Path | None:
