@@ -437,3 +437,22 @@ def test_trl_head_backward_runs_without_datasets():
     assert out.returncode == 0, out.stderr[-2000:]
     err, doc = out.stdout.strip().splitlines()[-2:]
     assert float(err) < 1e-4 and doc == "fusedrl's stand-in for trl.trainer.utils"
+
+
+@pytest.mark.parametrize("error, failed", [(torch.OutOfMemoryError("CUDA out of memory"), False),
+                                           (RuntimeError("a bug"), True)], ids=["oom", "bug"])
+def test_oom_is_skip_passes_out_of_memory_only(error, failed):
+    """A training-step row that may not fit the card (oom_is_skip) says so without failing; any other exception
+    of the same provider fails the row (a crash in fusedrl's step was reported as a skip)."""
+    from fusedrl.bench.cases import Case
+    from fusedrl.bench.providers import Impl
+    from fusedrl.bench.runner import _run_provider
+
+    def fn():
+        raise error
+
+    case = Case(op="toy", mode="fwd", shape=(1,), dtype=torch.float32, bytes=4, providers=("eager",),
+                setup=lambda: None)
+    result = _run_provider(case, lambda provider: Impl(fn, oom_is_skip=True), "eager", device=torch.device("cpu"),
+                           reps=1, warmup=0, min_time_s=0.0, no_compile=True)
+    assert result.failed is failed and str(error) in result.note

@@ -39,6 +39,8 @@ class Impl:
     inputs: tensors that exist before the call, left out of the CPU memory estimate.
     error_is_skip: an exception on the first call means "cannot run here" (torch.compile failing for
         want of a compiler), not a bug to report.
+    oom_is_skip: running out of memory means "does not fit this card" (a row's note, not a failure); any other
+        exception fails the row.
     report_resident: the row's note gives the whole allocator peak, what was resident before the call
         (model weights) included, for cases whose target is a whole-process figure (training steps).
     """
@@ -47,6 +49,7 @@ class Impl:
     env: dict[str, str] = field(default_factory=dict)
     inputs: Sequence[torch.Tensor] = ()
     error_is_skip: bool = False
+    oom_is_skip: bool = False
     report_resident: bool = False
 
 

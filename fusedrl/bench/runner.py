@@ -186,7 +186,7 @@ def _run_provider(case: registry.Case, impl_for, provider: str, *, device: torch
                            f"({resident:.0f} MB resident before the call)")
         result.note = "; ".join(part for part in (result.note, profiled) if part)
     except Exception as exc:  # one failing provider must not end the run; its row says what happened
-        if impl.error_is_skip:
+        if impl.error_is_skip or (impl.oom_is_skip and isinstance(exc, torch.OutOfMemoryError)):
             result.note = f"{provider} failed: {_summary(exc)}"
         else:
             result.note, result.failed = f"error: {_summary(exc)}", True

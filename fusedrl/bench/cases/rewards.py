@@ -202,6 +202,7 @@ def _setup(spec: Spec, batch: int, dtype: torch.dtype, device: torch.device):
         elif provider in ("torch", COMPILE):
             scorer = reward
             if provider == COMPILE:  # a shallow copy: the same model, its own compiled scorer
+                torch._dynamo.reset()  # each case its own compile (dynamo's recompile limit would run eager)
                 scorer = copy.copy(reward)
                 scorer.compile, scorer._compiled = True, None
 

@@ -251,7 +251,7 @@ def _diffusion_setup(size: str, dtype: torch.dtype, device: torch.device) -> Cal
             return step(provider)
 
         # Without checkpointing a real-size group may not fit the card: then the row says so (a skip, not a bug).
-        return Impl(fn, inputs=(lat, emb, pooled), error_is_skip=policy == "none" and device.type == "cuda",
+        return Impl(fn, inputs=(lat, emb, pooled), oom_is_skip=policy == "none" and device.type == "cuda",
                     report_resident=True)
 
     return impl
@@ -310,7 +310,7 @@ def _backprop_setup(size: str, dtype: torch.dtype, device: torch.device) -> Call
             return [p.grad for p in model.parameters() if p.requires_grad]
 
         # The plain loop keeps every step's activations: at real sizes it may not fit (then the row says so).
-        return Impl(fn, inputs=(x0, noise, emb), error_is_skip=provider == EAGER and device.type == "cuda",
+        return Impl(fn, inputs=(x0, noise, emb), oom_is_skip=provider == EAGER and device.type == "cuda",
                     report_resident=True)
 
     return impl
@@ -389,7 +389,9 @@ def _llm_setup(name: str, B: int, P: int, T: int, dtype: torch.dtype, device: to
         def fn():
             model.zero_grad(set_to_none=True)
             if provider == EAGER:  # the logits [B, T, V] in fp32, log_softmax and gather
-                logits = model(input_ids=ids, use_cache=False).logits[:, P - 1:-1].float()
+                # of the scored positions only (logits_to_keep, as TRL asks for them: not the prompt's)
+                logits = model(input_ids=ids, use_cache=False, logits_to_keep=labels.shape[1] + 1).logits[:, :-1]
+                logits = logits.float()
                 loss = _dapo(torch.log_softmax(logits, dim=-1).gather(-1, labels[..., None]).squeeze(-1), adv, mask)
             elif provider == "trl":  # TRL 1.16's fused LM head (add_fused_lm_head): its chunked kernel on the
                 # scored positions, + entropy
@@ -408,7 +410,7 @@ def _llm_setup(name: str, B: int, P: int, T: int, dtype: torch.dtype, device: to
 
         # Without a fused head the [B, T, V] logits of a real-size case may not fit: then the row says so.
         env = {ENV_STRATEGY: "fused"} if provider == "fusedrl_fused" else {}
-        return Impl(fn, env=env, inputs=(ids,), error_is_skip=provider == EAGER and device.type == "cuda",
+        return Impl(fn, env=env, inputs=(ids,), oom_is_skip=provider == EAGER and device.type == "cuda",
                     report_resident=True)
 
     return impl
