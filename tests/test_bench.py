@@ -456,3 +456,33 @@ def test_oom_is_skip_passes_out_of_memory_only(error, failed):
     result = _run_provider(case, lambda provider: Impl(fn, oom_is_skip=True), "eager", device=torch.device("cpu"),
                            reps=1, warmup=0, min_time_s=0.0, no_compile=True)
     assert result.failed is failed and str(error) in result.note
+
+
+def test_each_provider_output_is_checked_against_eager():
+    """A provider whose output differs from eager's beyond its dtype's tolerance fails its row (no speed-up is
+    published for it); one within it passes; another structure, or fresh noise, is not compared."""
+    from fusedrl.bench.cases import Case
+    from fusedrl.bench.providers import Impl
+    from fusedrl.bench.runner import _run_provider
+
+    x = torch.randn(64, dtype=torch.float64) + 0.5
+    outputs = {"eager": lambda: (x, {"n": x.sum()}), "close": lambda: (x * (1 + 1e-5), {"n": x.sum()}),
+               "wrong": lambda: (x * 1.1, {"n": x.sum()}), "other": lambda: x[:3], "noisy": lambda: torch.randn(64),
+               "nan": lambda: (torch.full_like(x, float("nan")), {"n": x.sum()})}
+    case = Case(op="toy", mode="fwd", shape=(64,), dtype=torch.float32, bytes=4, providers=tuple(outputs),
+                setup=lambda: None)
+    eager_print: list = []
+
+    def run(provider):
+        impl = Impl(outputs[provider], random_output=provider == "noisy")
+        return _run_provider(case, lambda p: impl, provider, device=torch.device("cpu"), reps=1, warmup=1,
+                             min_time_s=0.0, no_compile=True, eager_print=eager_print)
+
+    assert not run("eager").failed and len(eager_print) == 2
+    close, wrong, nan = run("close"), run("wrong"), run("nan")
+    assert not close.failed and close.note == ""
+    assert wrong.failed and "differs from eager's" in wrong.note and wrong.timing is not None
+    assert nan.failed and "NaN" in nan.note
+    other, noisy = run("other"), run("noisy")
+    assert not other.failed and "not compared" in other.note
+    assert not noisy.failed and noisy.note == ""

@@ -41,6 +41,7 @@ class Impl:
         want of a compiler), not a bug to report.
     oom_is_skip: running out of memory means "does not fit this card" (a row's note, not a failure); any other
         exception fails the row.
+    random_output: each call draws fresh noise, so its output is not compared with eager's (output_check).
     report_resident: the row's note gives the whole allocator peak, what was resident before the call
         (model weights) included, for cases whose target is a whole-process figure (training steps).
     """
@@ -50,6 +51,7 @@ class Impl:
     inputs: Sequence[torch.Tensor] = ()
     error_is_skip: bool = False
     oom_is_skip: bool = False
+    random_output: bool = False
     report_resident: bool = False
 
 

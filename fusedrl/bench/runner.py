@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from . import cases as registry
+from . import output_check
 from .ceilings import Ceilings, measure_ceilings
 from .providers import COMPILE, EAGER, Skip
 from .report import Result, append_csv, format_table
@@ -162,7 +163,10 @@ def _profile(case: registry.Case, impl, result: Result, device: torch.device, ou
 
 
 def _run_provider(case: registry.Case, impl_for, provider: str, *, device: torch.device, reps: int,
-                  warmup: int, min_time_s: float, no_compile: bool, profile_dir: str | None = None) -> Result:
+                  warmup: int, min_time_s: float, no_compile: bool, profile_dir: str | None = None,
+                  eager_print: list | None = None) -> Result:
+    """Time one provider on one case. `eager_print`: the case's list for eager's output fingerprint (eager fills
+    it; the others are checked against it: output_check)."""
     dtype = DTYPE_NAMES.get(case.dtype, str(case.dtype))
     result = Result(case.op, provider, case.mode, case.shape_str, dtype, bytes=case.bytes)
     if provider == COMPILE and no_compile:
@@ -176,15 +180,31 @@ def _run_provider(case: registry.Case, impl_for, provider: str, *, device: torch
     except Exception as exc:  # the case's set-up failed (its traceback is printed once, by run_bench)
         result.note, result.failed = f"error: {_summary(exc)}", True
         return result
+    checked: list = []
+
+    def check(out: object) -> None:
+        if eager_print is None or impl.random_output:
+            return
+        prints = output_check.fingerprint(out)
+        if provider == EAGER:
+            eager_print[:] = prints
+        elif eager_print:
+            checked.append(output_check.compare(prints, eager_print, case.dtype))
+
     try:
         with _environ(impl.env):
-            result.timing = measure(impl.fn, device, reps, warmup, impl.inputs, min_time_s)
+            result.timing = measure(impl.fn, device, reps, warmup, impl.inputs, min_time_s, first=check)
             profiled = _profile(case, impl, result, device, profile_dir) if profile_dir else None
         resident = result.timing.resident_mb
         if impl.report_resident and not math.isnan(resident):
             result.note = (f"whole peak {resident + result.timing.peak_mb:.0f} MB "
                            f"({resident:.0f} MB resident before the call)")
         result.note = "; ".join(part for part in (result.note, profiled) if part)
+        if checked:
+            agrees, what = checked[0]
+            result.note = "; ".join(part for part in (what, result.note) if part)
+            if agrees is False:  # not published as a speed-up: the row fails
+                result.failed = True
     except Exception as exc:  # one failing provider must not end the run; its row says what happened
         if impl.error_is_skip or (impl.oom_is_skip and isinstance(exc, torch.OutOfMemoryError)):
             result.note = f"{provider} failed: {_summary(exc)}"
@@ -311,7 +331,7 @@ def run_bench(args) -> int:
         except Exception as exc:  # e.g. out of memory for the inputs: every provider of the case fails
             print(traceback.format_exc(), file=sys.stderr)
             impl_for = functools.partial(_raise, exc)
-        eager_ms = None
+        eager_ms, eager_print = None, []
         for provider in case_providers:
             done += 1
             label = f"[{done:>{len(str(total))}}/{total}] {case.op} {case.mode} {case.shape_str} " \
@@ -320,12 +340,15 @@ def run_bench(args) -> int:
             t0 = time.perf_counter()
             result = _run_provider(case, impl_for, provider, device=device, reps=reps, warmup=warmup,
                                    min_time_s=min_time_s, no_compile=args.no_compile or quick,
-                                   profile_dir=getattr(args, "profile", None))
+                                   profile_dir=getattr(args, "profile", None), eager_print=eager_print)
             if result.timing is not None:
                 if provider == EAGER:
                     eager_ms = result.timing.median_ms
-                _score(result, case, ceilings, eager_ms)
+                if not result.failed:  # a row whose output is wrong gets no speed-up or fraction of a ceiling
+                    _score(result, case, ceilings, eager_ms)
                 outcome = f"{result.timing.median_ms:.4g} ms, peak {result.timing.peak_mb:.0f} MB"
+                if result.failed:
+                    outcome += f" FAILED: {result.note}"
                 if getattr(args, "profile", None) and result.note:
                     outcome += f"\n    {result.note}"
             else:

@@ -70,15 +70,17 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def measure(fn: Callable[[], object], device: torch.device, reps: int, warmup: int,
-            inputs: Iterable[torch.Tensor] = (), min_time_s: float = 0.0) -> Timing:
-    """Time `fn()` (results are dropped at once); `inputs` are left out of the CPU memory estimate.
+            inputs: Iterable[torch.Tensor] = (), min_time_s: float = 0.0,
+            first: Callable[[object], None] | None = None) -> Timing:
+    """Time `fn()` (results are dropped at once); `inputs` are left out of the CPU memory estimate. `first`
+    gets the first warm-up call's result (one untimed call more when `warmup` is 0), before any timed call.
 
     On the CPU, calls go on past `reps` (up to 20x) until they add up to `min_time_s`: a fast call
     then gets enough samples for stable percentiles while a slow one stops at `reps`.
     """
     if reps < 1:
         raise ValueError(f"reps must be >= 1, got {reps}")
-    _warm_up(fn, device, warmup)
+    _warm_up(fn, device, max(warmup, 1 if first is not None else 0), first)
     if device.type == "cuda":
         times, host, peak, resident = _cuda_times(fn, device, reps)
     else:
@@ -88,11 +90,16 @@ def measure(fn: Callable[[], object], device: torch.device, reps: int, warmup: i
                   peak, len(times), resident)
 
 
-def _warm_up(fn: Callable[[], object], device: torch.device, calls: int) -> None:
-    """Up to `calls` calls, stopping once WARMUP_ENOUGH_S have passed (module docstring)."""
+def _warm_up(fn: Callable[[], object], device: torch.device, calls: int,
+             first: Callable[[object], None] | None = None) -> None:
+    """Up to `calls` calls, stopping once WARMUP_ENOUGH_S have passed (module docstring); the first call's
+    result goes to `first`."""
     start = time.perf_counter()
-    for _ in range(calls):
-        fn()
+    for i in range(calls):
+        out = fn()
+        if i == 0 and first is not None:
+            first(out)
+        del out
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if time.perf_counter() - start >= WARMUP_ENOUGH_S:

@@ -117,7 +117,7 @@ def _setup(op: str, mode: str, shape: tuple[int, ...], dtype: torch.dtype, devic
         if provider in (EAGER, COMPILE):
             step = _with_noise(step)
         return Impl(_timed_call(mode, step, x, m, p0, p1, prev), env=env, inputs=inputs,
-                    error_is_skip=provider == COMPILE)
+                    error_is_skip=provider == COMPILE, random_output=mode == "fwd")
 
     return impl
 
