@@ -486,3 +486,17 @@ def test_each_provider_output_is_checked_against_eager():
     other, noisy = run("other"), run("noisy")
     assert not other.failed and "not compared" in other.note
     assert not noisy.failed and noisy.note == ""
+
+
+def test_modules_with_declared_ops_are_built_only_when_asked(monkeypatch):
+    """train_step and checkpointing build their models on the meta device to count FLOPs (seconds): collect()
+    skips such a module when none of its ops is asked for, and its declared OPS are the ops its cases have."""
+    from fusedrl.bench import cases as registry
+
+    config = CaseConfig(torch.device("cpu"), "small", (torch.float32,))
+    mods = registry.modules()
+    for name in ("train_step", "checkpointing"):
+        assert set(mods[name].OPS) == {c.op for c in mods[name].cases(config)}
+        monkeypatch.setattr(mods[name], "cases", lambda config, name=name: pytest.fail(f"{name} was built"))
+    assert {c.op for c in collect(config, ["grpo_loss"])} == {"grpo_loss"}
+    assert "llm_grpo_step" in registry.names(config)

@@ -269,6 +269,9 @@ def _param_bytes(s: Size, dtype: torch.dtype) -> int:
     return step_bytes(model) * dtype.itemsize // 4
 
 
+OPS = tuple(ATTENTION)  # known without building the models (cases.collect skips the module when none is asked)
+
+
 def cases(config: CaseConfig) -> list[Case]:
     s = SIZES[config.sizes]
     found = []

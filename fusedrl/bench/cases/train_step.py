@@ -466,6 +466,10 @@ def _case(op: str, size: str, shape: tuple[int, ...], calls: int, dtype: torch.d
                 flops=2 * fwd * calls or None)
 
 
+# its case ops, known without building the models' FLOP counts (cases.collect skips the module when none is asked)
+OPS = ("diffusion_grpo_step", "reward_backprop_step", "llm_grpo_step")
+
+
 def cases(config: CaseConfig) -> list[Case]:
     size = "small" if config.sizes == "small" or config.device.type != "cuda" else "default"
     device = config.device
