@@ -12,11 +12,12 @@ from .timing import Timing
 
 # Every op's rows use exactly these columns; a skipped provider has an empty median_ms and its
 # reason in `note`. On CUDA, median_ms is GPU time and host_ms the CPU time to issue the call;
-# `peak_mb` is the allocator peak on CUDA and an estimate on the CPU (timing.py says how each is taken).
+# `peak_mb` is the allocator peak on CUDA and an estimate on the CPU (timing.py says how each is taken); `reps`
+# the timed calls behind the median (rows written before 2026-11-28 have no such column).
 COLUMNS = (
     "date", "device", "torch_version", "triton_version", "cuda_version", "fusedrl_version",
     "op", "provider", "mode", "shape", "dtype",
-    "median_ms", "p20_ms", "p80_ms", "host_ms", "peak_mb", "bytes",
+    "median_ms", "p20_ms", "p80_ms", "host_ms", "peak_mb", "reps", "bytes",
     "achieved", "achieved_unit", "ceiling", "fraction_of_ceiling", "speedup_vs_eager", "note",
 )
 META_COLUMNS = COLUMNS[:6]
@@ -55,7 +56,8 @@ def csv_row(meta: Mapping[str, str], r: Result) -> dict[str, str]:
     values = {
         "op": r.op, "provider": r.provider, "mode": r.mode, "shape": r.shape, "dtype": r.dtype,
         "median_ms": t and t.median_ms, "p20_ms": t and t.p20_ms, "p80_ms": t and t.p80_ms,
-        "host_ms": t and t.host_ms, "peak_mb": t and t.peak_mb, "bytes": r.bytes, "achieved": r.achieved,
+        "host_ms": t and t.host_ms, "peak_mb": t and t.peak_mb, "reps": t and t.reps, "bytes": r.bytes,
+        "achieved": r.achieved,
         "achieved_unit": r.achieved_unit if t else "", "ceiling": r.ceiling,
         "fraction_of_ceiling": r.fraction_of_ceiling, "speedup_vs_eager": r.speedup_vs_eager, "note": r.note,
     }
