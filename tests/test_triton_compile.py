@@ -208,13 +208,14 @@ def _attention_spill_jobs() -> list[dict]:
 
 def _attention_fit_jobs() -> list[dict]:
     """The tiles `tile_config` picks for fp32 (shrunk to fit) on sm_90 / sm_86 / sm_80 and for 16-bit inputs on
-    sm_80 / sm_89, causal, at head dims 40, 128 and 256: each must fit its device's shared memory."""
+    sm_80 / sm_89 / sm_75 (T4), causal, at head dims 40, 64, 128 and 256: each must fit its device's shared
+    memory."""
     from fusedrl.kernels.attention import triton_kernels as tk
 
     causal = {j["kernel"]: j for j in _attention_spill_jobs() if j["arch"] == 90 and j["constexprs"]["CAUSAL"]}
     jobs = []
-    for itemsize, caps in ((4, ((9, 0), (8, 6), (8, 0))), (2, ((8, 0), (8, 9)))):
-        for cap, D in itertools.product(caps, (40, 128, 256)):
+    for itemsize, caps in ((4, ((9, 0), (8, 6), (8, 0))), (2, ((8, 0), (8, 9), (7, 5)))):
+        for cap, D in itertools.product(caps, (40, 64, 128, 256)):
             cfg = tk.tile_config(D, itemsize, cap)
             kernels = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
             for job, t in zip((causal[k] for k in kernels), (cfg.fwd, cfg.dkdv, cfg.dq)):
