@@ -37,8 +37,9 @@ DEFAULT_ARCH_WITHOUT_GPU = "9.0"
 # --use_fast_math: it swaps sqrtf/logf/division for approximations that move logp at small std.
 CXX_FLAGS = ["-O3"]
 NVCC_FLAGS = ["-O3", "-lineinfo"]
-# torch's build lock (cpp_extension's FileBaton): a build killed midway (Ctrl-C, a time limit) leaves it, and every
-# later build waits on it for ever. A build takes about a minute per .cu file on 2 cores: older than this, stale.
+# torch's build lock before 2.14 (cpp_extension's FileBaton, a file whose existence is the lock): a build killed
+# midway (Ctrl-C, a time limit) leaves it, and every later build waits on it for ever. A build takes about a minute
+# per .cu file on 2 cores: older than this, stale. (From 2.14 an OS file lock, released when its process dies.)
 STALE_LOCK_S = 30 * 60
 
 _state: dict[str, object] = {"module": None, "tried_prebuilt": False, "error": None}
@@ -216,8 +217,13 @@ def build(verbose: bool = False) -> Path:
 
 
 def clear_stale_lock(build_dir: Path, max_age_s: float = STALE_LOCK_S) -> bool:
-    """Remove `build_dir`'s build lock when it is older than `max_age_s` (True then); a younger one is another
-    build's, which the build then waits for: say so, naming the file."""
+    """Where torch's build lock is a FileBaton: remove `build_dir`'s lock when it is older than `max_age_s` (True
+    then); a younger one is another build's, which the build then waits for: say so, naming the file. Where it is an
+    OS file lock (torch >= 2.14; the file stays after a build, unlocked) there is nothing to clear."""
+    from torch.utils import cpp_extension
+
+    if not hasattr(cpp_extension, "FileBaton"):
+        return False
     lock = Path(build_dir) / "lock"
     try:
         age = time.time() - lock.stat().st_mtime
