@@ -25,9 +25,10 @@ def prepare_backends(build_cuda: bool = True, verbose: bool = False) -> dict[str
         return {"cuda": cuda_ext.unavailable_reason()}
     try:
         cuda_ext.build(verbose=verbose)
-    except RuntimeError as exc:
-        log.warning("fusedrl: %s; CUDA tensors will use the Triton kernels", exc)
-        return {"cuda": str(exc)}
+    except Exception as exc:  # a failed compile, or no writable cache folder, a source tree without csrc/, ...
+        reason = str(exc) if isinstance(exc, RuntimeError) else f"{type(exc).__name__}: {exc}"
+        log.warning("fusedrl: %s; CUDA tensors will use the Triton kernels", reason)
+        return {"cuda": reason}
     return {"cuda": None}
 
 
@@ -42,13 +43,14 @@ def prepare_kernels(device: torch.device, *, build: bool = True) -> str | None:
 
     rank, world = rank_and_world()
     if world > 1:
-        import torch.distributed as dist
+        from .distributed import all_max
 
-        if rank == 0:
-            status = prepare_backends(build_cuda=build)
-        dist.barrier()
+        status = prepare_backends(build_cuda=build) if rank == 0 else {}
+        # every process learns whether rank 0's build worked (a collective: no process waits on one that failed);
+        # after a failed build the others only load what may be cached instead of failing it again
+        failed = all_max(float(rank == 0 and status["cuda"] is not None), device) > 0
         if rank != 0:
-            status = prepare_backends(build_cuda=build)
+            status = prepare_backends(build_cuda=build and not failed)
     else:
         status = prepare_backends(build_cuda=build)
     if status["cuda"] is None:

@@ -58,3 +58,18 @@ def test_each_trainer_prepares_the_kernels_before_loading_the_model(tmp_path, mo
                  "--no-run.progress", "--no-run.tensorboard", "--no-run.cuda_extension", *args]) == 0
     assert calls == [("cpu", False)]
     assert "CUDA extension: the line the trainer logs" in (out / "train.log").read_text()
+
+
+def test_a_build_that_cannot_start_is_reported_not_raised(monkeypatch):
+    """No writable cache folder (PermissionError), a tree without csrc/ (FileNotFoundError): training goes on with
+    the Triton kernels, the reason reported."""
+    from fusedrl.engine import startup
+
+    def refuse(verbose=False):
+        raise PermissionError("[Errno 13] Permission denied: '/home/user/.cache/fusedrl'")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(startup.cuda_ext, "is_loaded", lambda: False)
+    monkeypatch.setattr(startup.cuda_ext, "build", refuse)
+    status = prepare_backends()
+    assert status["cuda"].startswith("PermissionError") and "Permission denied" in status["cuda"]
