@@ -17,7 +17,8 @@ import torch
 
 __all__ = ["all_gather", "all_max", "all_mean", "all_sum", "all_sums", "any_process", "average_gradients",
            "ddp_wrap", "fsdp_unsharded", "full_tensor", "init_distributed",
-           "load_optimizer_state", "local_device", "optimizer_state", "rank_and_world", "shard_like", "whole_on_rank0"]
+           "load_optimizer_state", "local_device", "optimizer_state", "rank_and_world", "shard_like",
+           "too_big_for_one_gpu", "whole_on_rank0"]
 
 
 def _env_world_size() -> int:
@@ -187,6 +188,19 @@ def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of an FSDP2 shard (DTensor; a collective: call it on every process), else `t`."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+# A model to be sharded waits on the CPU only when, whole, it would take more than this share of one GPU: on the
+# GPU it costs no host memory (on the CPU, every process of a node holds a copy), and the rest of the GPU is needed
+# beside it until it is sharded.
+WHOLE_ON_GPU_SHARE = 0.5
+
+
+def too_big_for_one_gpu(nbytes: int, device: torch.device) -> bool:
+    """True when `nbytes` (a whole model before FSDP2 shards it) exceed WHOLE_ON_GPU_SHARE of `device`'s memory."""
+    if device.type != "cuda":
+        return False
+    return nbytes > WHOLE_ON_GPU_SHARE * torch.cuda.get_device_properties(device).total_memory
 
 
 def whole_on_rank0(tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

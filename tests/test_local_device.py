@@ -54,3 +54,20 @@ def test_collectives_timeout(monkeypatch):
         monkeypatch.setenv("FUSEDRL_DIST_TIMEOUT_MIN", bad)
         with pytest.raises(ValueError, match="FUSEDRL_DIST_TIMEOUT_MIN must be"):
             distributed.dist_timeout()
+
+
+def test_a_model_waits_on_the_cpu_for_sharding_only_when_too_big_for_one_gpu(monkeypatch):
+    """Full fine-tuning under torchrun: a model over half a GPU (with its reference copy) is sharded from the CPU
+    (no GPU holds it whole); a smaller one goes to the GPU at once (on the CPU each process would hold a copy)."""
+    import types
+
+    import torch
+
+    from fusedrl.engine.distributed import WHOLE_ON_GPU_SHARE, too_big_for_one_gpu
+
+    gpu = 80 * 2**30
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=gpu))
+    cuda = torch.device("cuda", 0)
+    assert too_big_for_one_gpu(72 * 2**30, cuda)  # Flux 12B in fp32 and its bf16 reference
+    assert not too_big_for_one_gpu(int(WHOLE_ON_GPU_SHARE * gpu), cuda)  # half the GPU, and less (SD3.5-M: 15 GB)
+    assert not too_big_for_one_gpu(10**15, torch.device("cpu"))  # on the CPU there is nothing to move

@@ -282,10 +282,17 @@ class DiffusionPolicy:
         self.is_flow = self.family in ("sd3", "flux")
         self.defaults = {**_FAMILY_DEFAULTS[self.family], **(defaults or {})}
         self._offload = self.device.type != "cpu"
-        # sharded: the denoiser (and its reference copy) wait on the CPU for parallelize("fsdp"), which moves each
-        # block's shard to the device: no GPU ever holds the whole model (a 12B fp32 denoiser and its bf16
-        # reference are 72 GB, past what an 80 GB GPU holds beside the rest)
-        self._denoiser_device = torch.device("cpu") if sharded else self.device
+        # sharded, when the trained fp32 denoiser and its reference copy would take more than half the GPU (a 12B
+        # denoiser and its bf16 reference: 72 GB): they wait on the CPU for parallelize("fsdp"), which moves each
+        # block's shard to the device, so no GPU ever holds the whole model (the host holds one per process)
+        self._denoiser_device = self.device
+        if sharded:
+            from ..distributed import too_big_for_one_gpu
+
+            numel = sum(p.numel() for p in (pipe.unet if self.family == "sd" else pipe.transformer).parameters())
+            nbytes = numel * (4 + (self.dtype.itemsize if reference_copy else 0))
+            if too_big_for_one_gpu(nbytes, self.device):
+                self._denoiser_device = torch.device("cpu")
         self.offload_vae = offload_vae and self._offload
         self._cache = PromptCache(prompt_cache_gb)
         self._reference_model: nn.Module | None = None

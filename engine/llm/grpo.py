@@ -161,8 +161,9 @@ def build(cfg: LLMGRPOConfig, out_dir: str | os.PathLike | None = None) -> Any:
     import torch.distributed as dist
 
     several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    # full fine-tuning under torchrun: the model (and reference copy) wait on the CPU for FSDP2, which moves each
-    # decoder layer's shard to the GPU, so no GPU holds the whole model (a 14B fp32 model and its reference: 112 GB)
+    # full fine-tuning under torchrun: loaded on the CPU; when the model and its reference copy would take more
+    # than half the GPU (a 14B fp32 model and its reference: 112 GB) they wait there for FSDP2, which moves each
+    # decoder layer's shard to the GPU, so no GPU holds the whole model; else they go to the GPU now
     load_device = torch.device("cpu") if several and lora is None else device
     with model_loading_errors("model.name_or_path", "lora.target_modules"):
         policy = Policy.from_pretrained(source, lora=lora, device=load_device, dtype=dtype,
@@ -171,6 +172,14 @@ def build(cfg: LLMGRPOConfig, out_dir: str | os.PathLike | None = None) -> Any:
                                         trust_remote_code=m.trust_remote_code,
                                         attn_implementation=m.attn_implementation, no_dropout=m.disable_dropout,
                                         tokenizer=tokenizer)
+    if load_device != device:
+        from ..distributed import too_big_for_one_gpu
+
+        models = [policy.model] + ([policy.ref_model] if policy.ref_model is not None else [])
+        if not too_big_for_one_gpu(sum(p.numel() * p.element_size() for mod in models for p in mod.parameters()),
+                                   device):
+            for mod in models:
+                mod.to(device)
     if m.patch_attention:
         from fusedrl.attention import patch_attention
 
