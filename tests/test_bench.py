@@ -486,6 +486,15 @@ def test_each_provider_output_is_checked_against_eager():
     other, noisy = run("other"), run("noisy")
     assert not other.failed and "not compared" in other.note
     assert not noisy.failed and noisy.note == ""
+    # laid out otherwise, as many elements: compared flat (eager's [B*T] against [B, T])
+    outputs["reshaped"] = lambda: [x[:32].reshape(4, 8), x[32:] * 1.1, x.sum()]
+    reshaped = run("reshaped")
+    assert reshaped.failed and "differs" in reshaped.note
+    outputs["reshaped"] = lambda: [x.reshape(8, 8), x.sum()]
+    reshaped = run("reshaped")
+    assert not reshaped.failed and "one flat tensor" in reshaped.note
+    eager_print.clear()  # eager skipped (too big) or failed: said in the note
+    assert "no eager output" in run("close").note
 
 
 def test_modules_with_declared_ops_are_built_only_when_asked(monkeypatch):

@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, config_errors, model_loading_errors
+from ..oom import is_out_of_memory
 from ..runs import Trainer
 from .grpo_config import DiffusionGRPOConfig
 
@@ -323,7 +324,7 @@ class GRPOTrainer:
                                      prompt_cache_gb=m.prompt_cache_gb, sharded=self.world > 1 and lora is None,
                                      fused_backbone=m.fused_backbone, **kwargs)
         except Exception as exc:
-            if _is_oom(exc):
+            if is_out_of_memory(exc):
                 raise DiffusionGRPOOutOfMemory(_oom_message("loading the model", cfg)) from exc
             raise
         h, w = cfg.sampling.height, cfg.sampling.width
@@ -491,7 +492,7 @@ class GRPOTrainer:
         except DiffusionGRPOOutOfMemory:
             raise
         except Exception as exc:
-            if _is_oom(exc):
+            if is_out_of_memory(exc):
                 raise DiffusionGRPOOutOfMemory(_oom_message(getattr(self, "_phase", "training"), self.cfg)) from exc
             raise
 
@@ -886,13 +887,6 @@ def _replace_dir(src: Path, dst: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- OOM
-
-
-def _is_oom(exc: BaseException) -> bool:
-    import torch
-
-    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
-    return isinstance(exc, oom) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
 def _oom_message(phase: str, cfg: DiffusionGRPOConfig) -> str:

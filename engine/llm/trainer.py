@@ -51,6 +51,7 @@ from ..distributed import (
     full_tensor,
     rank_and_world,
 )
+from ..oom import is_out_of_memory
 from .config import LLMGRPOConfig
 from .data import PromptRecord, prompt_batch
 from .generation import Rollout, generate_completions
@@ -71,13 +72,6 @@ class OutOfMemoryAdvice(RuntimeError):
 
 class TooManySkips(RuntimeError):
     """Too many consecutive steps were skipped by the NaN/inf guards."""
-
-
-def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def oom_advice(cfg: LLMGRPOConfig, phase: str, rows: int) -> str:
@@ -376,7 +370,7 @@ class LLMGRPOTrainer:
         try:
             rollout = self.rollout(records)
         except Exception as exc:
-            if _is_oom(exc):
+            if is_out_of_memory(exc):
                 raise OutOfMemoryAdvice(oom_advice(cfg, "generation", len(records) * cfg.sampling.group_size)) \
                     from exc
             raise
@@ -396,7 +390,7 @@ class LLMGRPOTrainer:
         try:
             reason = self._train_on(rollout, total, per, metrics)
         except Exception as exc:
-            if _is_oom(exc):
+            if is_out_of_memory(exc):
                 raise OutOfMemoryAdvice(oom_advice(cfg, "training", rollout.num_rows)) from exc
             raise
         metrics["skipped"] = 1.0 if reason else 0.0

@@ -4,8 +4,9 @@ The first (warm-up) call's output is reduced to a fingerprint: per tensor (in or
 float64 sum, sum of absolute values and norm. Nothing large is kept, so the check costs no memory that the
 timed calls would see. A provider whose tensors have eager's shapes but whose sums or norm differ by more
 than the dtype's tolerance, relative to eager's sum of absolute values / norm, fails its row: a GPU-only
-kernel bug must not be published as a speed-up. Outputs of another structure (a peer returning what eager
-does not) are not compared, and the row's note says so.
+kernel bug must not be published as a speed-up. Outputs laid out otherwise but with as many elements (eager's
+[B*T] against [B, T], a list of B [1] scores against one [B]) are compared as one flat output; others (a peer
+returning what eager does not) are not compared, and the row's note says so.
 """
 
 from __future__ import annotations
@@ -51,10 +52,27 @@ def fingerprint(out: object) -> list[Print]:
     return prints
 
 
+def _numel(p: Print) -> int:
+    n = 1
+    for d in p.shape:
+        n *= d
+    return n
+
+
+def _flat(prints: list[Print]) -> list[Print]:
+    """The fingerprint of all of `prints`' tensors as one flat tensor."""
+    n = sum(_numel(p) for p in prints)
+    return [Print((n,), sum(p.total for p in prints), sum(p.abs_total for p in prints),
+                  sum(p.norm ** 2 for p in prints) ** 0.5)]
+
+
 def compare(got: list[Print], want: list[Print], dtype: torch.dtype) -> tuple[bool | None, str]:
     """(True: agrees, False: differs, None: not comparable; and what to put in the row's note)."""
-    if not want or [p.shape for p in got] != [p.shape for p in want]:
-        return None, "output not compared with eager's (another structure)"
+    note = ""
+    if [p.shape for p in got] != [p.shape for p in want]:
+        if not want or sum(map(_numel, got)) != sum(map(_numel, want)):
+            return None, "output not compared with eager's (another structure)"
+        got, want, note = _flat(got), _flat(want), "output compared with eager's as one flat tensor"
     tol = TOLERANCE.get(dtype, TOLERANCE_16BIT)
     worst = 0.0
     for g, w in zip(got, want):
@@ -63,7 +81,7 @@ def compare(got: list[Print], want: list[Print], dtype: torch.dtype) -> tuple[bo
         worst = max(worst, abs(g.total - w.total) / max(w.abs_total, 1e-30), abs(g.norm - w.norm) / max(w.norm, 1e-30))
     if worst > tol:
         return False, f"output differs from eager's: relative {worst:.2g} > {tol:g}"
-    return True, ""
+    return True, note
 
 
 def _finite(x: float) -> bool:
