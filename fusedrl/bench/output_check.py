@@ -11,6 +11,7 @@ returning what eager does not) are not compared, and the row's note says so.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -44,19 +45,13 @@ def fingerprint(out: object) -> list[Print]:
     """The fingerprint of a call's output (its tensors: a tensor, or tensors in lists, tuples and dicts)."""
     prints = []
     for t in _tensors(out):
-        t = t.detach()
-        if not (t.is_floating_point() or t.is_complex()):
-            t = t.double()
-        d = t.double()
+        d = t.detach().double()
         prints.append(Print(tuple(t.shape), d.sum().item(), d.abs().sum().item(), d.norm().item()))
     return prints
 
 
 def _numel(p: Print) -> int:
-    n = 1
-    for d in p.shape:
-        n *= d
-    return n
+    return math.prod(p.shape)
 
 
 def _flat(prints: list[Print]) -> list[Print]:
