@@ -59,6 +59,7 @@ import torch
 
 from ..config import ConfigError, config_errors, model_loading_errors
 from ..distributed import all_sums, any_process, average_gradients, full_tensor, shard_like, whole_on_rank0
+from ..oom import is_out_of_memory
 from ..rewards.base import any_takes_metadata
 from ..runs import Run, Trainer, seed_everything
 from ..runs.atomic import fsync_dir, fsync_file
@@ -92,11 +93,6 @@ class StepResult:
 
 def _seed(*parts: Any) -> int:
     return random.Random(":".join(str(p) for p in parts)).getrandbits(62)
-
-
-def _oom_types() -> tuple[type[BaseException], ...]:
-    return tuple(t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
-                 if t is not None)
 
 
 class RewardBackprop:
@@ -246,7 +242,9 @@ class RewardBackprop:
         Raises OutOfMemory (naming what to lower) when the accelerator runs out of memory."""
         try:
             return self._train_step(step)
-        except _oom_types() as exc:
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
             self.optimizer.zero_grad(set_to_none=True)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
