@@ -239,10 +239,12 @@ if ! "$PY" -c "import fusedrl.kernels" 2>/dev/null; then
 fi
 
 export MAX_JOBS="${MAX_JOBS:-16}"  # ninja compiles the .cu files side by side
-# A build cut by its time limit in an earlier call on this machine leaves torch's lock file in the build folder,
-# and every later build would wait on it for ever: no other build runs now, so any lock there is stale.
-EXT_CACHE=$("$PY" -c "from fusedrl.kernels import cuda_ext; print(cuda_ext.cache_dir())" 2>/dev/null)
-[ -n "$EXT_CACHE" ] && [ -d "$EXT_CACHE" ] && find "$EXT_CACHE" -maxdepth 2 -name lock -print -delete >>"$OUT/env.txt"
+# A build cut by its time limit in an earlier call on this machine leaves torch's lock file (a FileBaton, torch
+# < 2.14) in the build folder, and every later build would wait on it for ever: no other build runs now, so any
+# such lock is stale, whatever its age (cuda_ext.clear_stale_lock, which build() runs with a 30-minute age).
+"$PY" -c "from fusedrl.kernels import cuda_ext
+for folder in cuda_ext.cache_dir().glob('*'):
+    cuda_ext.clear_stale_lock(folder, max_age_s=0)" >>"$OUT/env.txt" 2>&1
 # the build (55-60 s on an H200's 16 cores) keeps 60% of the budget for the tests and benchmarks after it; 40% in
 # `--part tests`, where the tests alone follow (a 240 s budget leaves the build ~85 s)
 BUILD_RESERVE=60
