@@ -8,17 +8,19 @@ process waits forever in a collective the others have left.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
 from typing import Any
 
 import torch
 
 __all__ = ["all_gather", "all_max", "all_mean", "all_sum", "all_sums", "any_process", "average_gradients",
-           "ddp_wrap", "fsdp_unsharded", "full_tensor", "init_distributed",
-           "load_optimizer_state", "local_device", "optimizer_state", "rank_and_world", "shard_like",
-           "too_big_for_one_gpu", "whole_on_rank0"]
+           "broadcast_object", "ddp_wrap", "fsdp_unsharded", "full_tensor", "init_distributed",
+           "load_optimizer_state", "local_device", "optimizer_state", "parameters_on_meta", "patch_backbones",
+           "rank_and_world", "shard_from_rank0", "shard_like", "too_big_for_one_gpu", "weights_on_this_process",
+           "whole_on_rank0"]
 
 
 def _env_world_size() -> int:
@@ -155,6 +157,17 @@ def all_max(value: float, device: torch.device) -> float:
     return float(t.item())
 
 
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` (picklable) on every process; `obj` itself with one process."""
+    if _world() == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def any_process(flag: bool, device: torch.device) -> bool:
     """True on every process when `flag` is True on any: the guards skip a step on all processes together."""
     if _world() == 1:
@@ -201,6 +214,107 @@ def too_big_for_one_gpu(nbytes: int, device: torch.device) -> bool:
     if device.type != "cuda":
         return False
     return nbytes > WHOLE_ON_GPU_SHARE * torch.cuda.get_device_properties(device).total_memory
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Inside, the parameters of modules being built go to the meta device as they are registered (no memory held,
+    no initialisation computed); buffers (rotary frequency tables, positional embeddings) stay real. A parameter
+    assigned twice (tied embeddings) stays one parameter. For the processes of an FSDP2 job that take their weights
+    from rank 0 (`shard_from_rank0`): a 14B model loaded by each of 8 processes of a node held 8 host copies."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = torch.nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def weights_on_this_process(module: torch.nn.Module) -> bool:
+    """False when `module`'s parameters wait on the meta device (built by `parameters_on_meta`) for rank 0's."""
+    return not any(p.is_meta for p in module.parameters())
+
+
+def _parameters_to_meta(module: torch.nn.Module) -> None:
+    """Every parameter of `module` replaced by a meta one (tied parameters stay tied); the old tensors live on only
+    where something else holds them."""
+    meta: dict[int, torch.nn.Parameter] = {}
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None:
+                if id(p) not in meta:
+                    meta[id(p)] = torch.nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
+                sub._parameters[name] = meta[id(p)]
+
+
+def _layout(module: torch.nn.Module) -> list[tuple[str, str, tuple[int, ...], str]]:
+    return ([("parameter", n, tuple(p.shape), str(p.dtype)) for n, p in module.named_parameters()]
+            + [("buffer", n, tuple(b.shape), str(b.dtype)) for n, b in module.named_buffers()])
+
+
+def shard_from_rank0(module: torch.nn.Module, shard: Callable[[torch.nn.Module], None], device: torch.device) -> None:
+    """Shard `module` with `shard` (its FSDP2 `fully_shard` calls) and give every process its part of rank 0's
+    weights. A collective: every process calls it with a module of the same structure.
+
+    Rank 0 holds the module's weights (loaded, on the CPU or a GPU); the other processes may hold the same module
+    built with `parameters_on_meta` (the weights are read once, by rank 0), or loaded too (rank 0's win, as
+    DistributedDataParallel's do). Each parameter is broadcast whole from rank 0 in turn (one whole tensor on
+    `device` at a time) and every process keeps its shard; buffers come from rank 0 too. A module whose parameter or
+    buffer names, shapes or dtypes differ from rank 0's is a ValueError naming the first difference.
+    """
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    rank, world = rank_and_world()
+    ours = _layout(module)
+    layouts: list = [None] * world
+    dist.all_gather_object(layouts, ours)
+    for r, theirs in enumerate(layouts):
+        if theirs != layouts[0]:
+            first = next((a, b) for a, b in zip(layouts[0] + [None], theirs + [None]) if a != b)
+            raise ValueError(f"process {r}'s model differs from rank 0's, which gives every process its weights: "
+                             f"rank 0 has {first[0]}, process {r} {first[1]}")
+    whole = {n: p.detach() for n, p in module.named_parameters()} if rank == 0 else {}
+    buffers = {n: b.detach() for n, b in module.named_buffers()} if rank == 0 else {}
+    _parameters_to_meta(module)
+    shard(module)
+    module.to_empty(device=device)  # this process's shards, and its buffers, uninitialised until filled below
+    no_comm = {"src_data_rank": None} if "src_data_rank" in inspect.signature(distribute_tensor).parameters else {}
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            value = whole.pop(name).to(device) if rank == 0 else torch.empty(p.shape, dtype=p.dtype, device=device)
+            dist.broadcast(value, src=0)
+            if isinstance(p, DTensor):  # every process has the whole value now: each takes its part, no collective
+                p.to_local().copy_(distribute_tensor(value, p.device_mesh, p.placements, **no_comm).to_local())
+            else:
+                p.copy_(value)
+            del value
+        for name, b in module.named_buffers():
+            value = buffers[name].to(b.device) if rank == 0 else b
+            dist.broadcast(value, src=0)
+            if value is not b:
+                b.copy_(value)
+
+
+def patch_backbones(models: list[torch.nn.Module], *, weights_from_rank0: bool) -> list[Any]:
+    """`fusedrl.patch_backbone` of each model (its `BackbonePatch`). With `weights_from_rank0` (a collective): rank 0
+    probes, and the processes whose models wait on the meta device for rank 0's weights replay its probes, so that
+    every process fuses the same modules."""
+    from fusedrl.backbone import patch_backbone
+
+    first = rank_and_world()[0] == 0
+    patches = [patch_backbone(m) for m in models] if first or not weights_from_rank0 else []
+    if weights_from_rank0:
+        replays = broadcast_object([p.probes for p in patches] if first else None)
+        if not first:
+            patches = [patch_backbone(m, replay=r) for m, r in zip(models, replays, strict=True)]
+    return patches
 
 
 def whole_on_rank0(tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ This module imports neither transformers nor peft until it is called.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .model_patch import ModelPatch, PatchRegistry, unwrap
 
@@ -33,13 +33,17 @@ class BackbonePatch(ModelPatch):
 
     patched: kind ("rms_norm", "swiglu", "rotary", "lora") -> modules now fused (rotary: attention modules).
     skipped: module name -> why it was left alone.
+    probes: the probes' outcomes (`patch_backbone(..., replay=patch.probes)` makes the same choices elsewhere).
     """
 
-    def grow(self, patched: dict[str, int], skipped: dict[str, str], undo) -> None:
+    probes: dict[str, str | None] = field(default_factory=dict, repr=False)
+
+    def grow(self, patched: dict[str, int], skipped: dict[str, str], undo, probes: dict[str, str | None]) -> None:
         """Add what a later `patch_backbone` of the same model fused (its undo runs before this patch's own)."""
         for kind, n in patched.items():
             self.patched[kind] = self.patched.get(kind, 0) + n
         self.skipped.update(skipped)
+        self.probes.update(probes)
         first = self._undo
 
         def both(model) -> None:
@@ -58,7 +62,7 @@ class BackbonePatch(ModelPatch):
 
 
 def patch_backbone(model, *, rms_norm: bool = True, swiglu: bool = True, rotary: bool = True,
-                   lora: bool = True) -> BackbonePatch:
+                   lora: bool = True, replay: dict[str, str | None] | None = None) -> BackbonePatch:
     """Run `model`'s RMSNorms, SwiGLU MLPs, rotary embeddings and peft LoRA linears on fusedrl's fused code.
 
     Args:
@@ -67,6 +71,9 @@ def patch_backbone(model, *, rms_norm: bool = True, swiglu: bool = True, rotary:
         rms_norm, swiglu, rotary, lora: which kinds of module to patch. The rotary embedding is rebound in its
             modeling module (see `fusedrl.integrations.transformers_backbone`): every model of that architecture
             in the process uses the fused one while a patch holds it.
+        replay: another process's `BackbonePatch.probes`: no probe runs here, and the modules fused are those that
+            process fused. For a model whose parameters are on the meta device until FSDP2 fills them from rank 0's
+            (which cannot be probed): every process then runs the same forwards.
 
     Returns:
         A `BackbonePatch` (what was patched and what was left alone, with why). Patching a patched model returns
@@ -85,14 +92,15 @@ def patch_backbone(model, *, rms_norm: bool = True, swiglu: bool = True, rotary:
     from fusedrl.integrations import transformers_backbone as integration
 
     kinds = tuple(kind for kind, on in zip(integration.KINDS, (rms_norm, swiglu, rotary, lora)) if on)
+    probes = integration.ProbeLog(replay)
     existing = _patches.active(base)
     if existing is not None:  # modules added since the patch, of its kinds (the rotary is held once per patch)
         grown = tuple(k for k in existing.patched if k != "rotary")  # the kinds the patch was asked for
-        added, skipped, undo = integration.patch_model(base, grown, adopt=False)
-        existing.grow(added, skipped, undo)
+        added, skipped, undo = integration.patch_model(base, grown, adopt=False, probes=probes)
+        existing.grow(added, skipped, undo, probes.outcomes)
         return existing
-    patched, skipped, undo = integration.patch_model(base, kinds)
-    return _patches.add(base, BackbonePatch(patched=patched, skipped=skipped, _undo=undo))
+    patched, skipped, undo = integration.patch_model(base, kinds, probes=probes)
+    return _patches.add(base, BackbonePatch(patched=patched, skipped=skipped, _undo=undo, probes=probes.outcomes))
 
 
 def unpatch_backbone(model) -> bool:

@@ -167,6 +167,26 @@ def test_weights_that_cannot_be_probed_are_left_alone():
     assert all("meta device" in why for why in patch.skipped.values())
 
 
+def test_a_model_on_the_meta_device_replays_the_probes_of_one_with_weights():
+    """FSDP2 processes that take rank 0's weights hold the model on the meta device: they fuse what rank 0's probes
+    fused (with the rms_norm variant it chose) and leave alone what it left, with rank 0's reasons."""
+    stock = nn.Sequential(OffsetRMSNorm(6), _model("qwen3"))
+    with torch.device("meta"):
+        waiting = nn.Sequential(OffsetRMSNorm(6), _model("qwen3"))
+    recorded = fusedrl.patch_backbone(stock)
+    assert recorded.patched["rms_norm"] > 0 and "another formula" in recorded.skipped["0"]
+    replayed = fusedrl.patch_backbone(waiting, replay=recorded.probes)
+    assert (replayed.patched, replayed.skipped) == (recorded.patched, recorded.skipped)
+    assert _fused_modules(waiting) == _fused_modules(stock)
+    assert fusedrl.patch_backbone(waiting, replay=recorded.probes) is replayed  # fused already: nothing new
+    assert sum(replayed.patched.values()) == sum(recorded.patched.values())
+    with torch.device("meta"):
+        other = nn.Sequential(nn.Identity(), nn.Identity(), _model("llama"))  # names the record does not have
+    unknown = fusedrl.patch_backbone(other, replay=recorded.probes)
+    assert sum(unknown.patched.values()) == 0 and unknown.skipped
+    assert all("no such module" in why for why in unknown.skipped.values())
+
+
 def test_patching_is_idempotent_selective_and_reversible():
     model = _model("llama", {})
     patch = fusedrl.patch_backbone(model, swiglu=False, rotary=False, lora=False)

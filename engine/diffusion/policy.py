@@ -190,10 +190,32 @@ def _read_policy_defaults(model: str | os.PathLike) -> dict:
 def _place(module: nn.Module, device: torch.device | str, dtype: torch.dtype | None = None) -> None:
     """Move `module` to `device`; cast to `dtype` only when its dtype differs (a model loaded with
     from_pretrained(dtype=...) is already right, and keeps its keep-in-fp32 modules; diffusers warns on
-    every cast with `to()`)."""
+    every cast with `to()`). The meta device: cast only (a denoiser waiting for rank 0's weights)."""
     if dtype is not None and getattr(module, "dtype", dtype) != dtype:
         module.to(dtype=dtype)
-    module.to(device)
+    if torch.device(device).type != "meta":
+        module.to(device)
+
+
+def _denoiser_without_weights(model: str, subfolder: str, class_name: str, dtype: torch.dtype,
+                              hub: dict[str, Any]) -> nn.Module:
+    """The pipeline's denoiser (`subfolder`, a diffusers `class_name`) built from its config with the parameters on
+    the meta device, in `dtype` as `from_pretrained(dtype=...)` loads it (keep-in-fp32 modules in fp32): what a
+    process that takes its weights from rank 0 holds until then."""
+    import diffusers
+
+    from ..distributed import parameters_on_meta
+
+    cls = getattr(diffusers, class_name)
+    config = cls.load_config(model, subfolder=subfolder, **hub)
+    with parameters_on_meta():
+        denoiser = cls.from_config(config)
+    denoiser.to(dtype=dtype)
+    keep = getattr(denoiser, "_keep_in_fp32_modules", None) or []
+    for name, module in denoiser.named_modules():
+        if any(k in name.split(".") for k in keep):
+            module.to(dtype=torch.float32)
+    return denoiser.eval()
 
 
 def _inject_lora(module: nn.Module, config) -> None:
@@ -260,6 +282,7 @@ class DiffusionPolicy:
         fused_backbone: bool = False,
         prompt_cache_gb: float = 4.0,
         sharded: bool = False,
+        weights_from_rank0: bool = False,
     ) -> None:
         from .prompt_cache import PromptCache
 
@@ -273,6 +296,11 @@ class DiffusionPolicy:
                              "policy is the base model with the adapter disabled")
         if sharded and lora is not None:
             raise ValueError("sharded=True is for full fine-tuning (lora=None), which parallelize('fsdp') shards")
+        if weights_from_rank0 and not sharded:
+            raise ValueError("weights_from_rank0=True is for a denoiser that parallelize('fsdp') shards (sharded=True)")
+        # FSDP2 gives every process its shards of rank 0's weights; True on every process when the others built the
+        # denoiser with its parameters on the meta device (load_policy(sharded=True) under torchrun)
+        self.weights_from_rank0 = weights_from_rank0
         self.family: str = PIPELINE_FAMILIES[cls_name]
         self.pipe = pipe
         self.device = torch.device(device) if device is not None else _default_device()
@@ -287,11 +315,14 @@ class DiffusionPolicy:
         # block's shard to the device, so no GPU ever holds the whole model (the host holds one per process)
         self._denoiser_device = self.device
         if sharded:
-            from ..distributed import too_big_for_one_gpu
+            from ..distributed import too_big_for_one_gpu, weights_on_this_process
 
-            numel = sum(p.numel() for p in (pipe.unet if self.family == "sd" else pipe.transformer).parameters())
-            nbytes = numel * (4 + (self.dtype.itemsize if reference_copy else 0))
-            if too_big_for_one_gpu(nbytes, self.device):
+            denoiser = pipe.unet if self.family == "sd" else pipe.transformer
+            per_weight = 4 + (self.dtype.itemsize if reference_copy else 0)  # fp32 trained + the reference's
+            nbytes = sum(p.numel() for p in denoiser.parameters()) * per_weight
+            if not weights_on_this_process(denoiser):  # rank 0's weights come at parallelize("fsdp")
+                self._denoiser_device = torch.device("meta")
+            elif too_big_for_one_gpu(nbytes, self.device):
                 self._denoiser_device = torch.device("cpu")
         self.offload_vae = offload_vae and self._offload
         self._cache = PromptCache(prompt_cache_gb)
@@ -368,12 +399,10 @@ class DiffusionPolicy:
 
             _patch(self.denoiser)
         self.backbone_patch = None  # what fusedrl.patch_backbone fused in the denoiser (its summary() for a log)
-        if fused_backbone:
-            from fusedrl.backbone import patch_backbone
+        if fused_backbone:  # the reference too: same numbers, same speed and memory
+            from ..distributed import patch_backbones
 
-            self.backbone_patch = patch_backbone(self.denoiser)
-            if self._reference_model is not None:  # the reference too: same numbers, same speed and memory
-                patch_backbone(self._reference_model)
+            self.backbone_patch = patch_backbones(self._denoisers(), weights_from_rank0=weights_from_rank0)[0]
 
     # ------------------------------------------------------------------ parameters and modes
 
@@ -500,13 +529,17 @@ class DiffusionPolicy:
                 raise ValueError("parallelize('fsdp') is for full fine-tuning; LoRA uses 'ddp'")
             from torch.distributed.fsdp import fully_shard
 
-            # FSDP2 moves what it shards to the current device: each block's weights are whole there only until
-            # that block is sharded
+            from ..distributed import shard_from_rank0
+
+            def shard(module: nn.Module) -> None:
+                for name in block_names(module):
+                    fully_shard(module.get_submodule(name))
+                fully_shard(module)
+
+            # every process gets its shards of rank 0's weights, one whole tensor on the GPU at a time
             with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
                 for module in self._denoisers():
-                    for name in block_names(module):
-                        fully_shard(module.get_submodule(name))
-                    fully_shard(module)
+                    shard_from_rank0(module, shard, self.device)
             self._denoiser_device = self.device
         else:
             raise ValueError(f"strategy must be 'ddp' or 'fsdp'; got {strategy!r}")
@@ -753,8 +786,9 @@ class DiffusionPolicy:
         if latents.shape[1] != self.latent_channels:
             raise ValueError(f"latents has {latents.shape[1]} channels, the model takes {self.latent_channels}")
         if self._denoiser_device != self.device:
-            raise RuntimeError("this policy was loaded with sharded=True: its denoiser waits on the CPU for "
-                               "parallelize('fsdp') (under torchrun), which has not run")
+            raise RuntimeError(f"this policy was loaded with sharded=True: its denoiser waits on the "
+                               f"{self._denoiser_device.type} device for parallelize('fsdp') (under torchrun), "
+                               "which has not run")
         # the frozen reference copy keeps the load dtype (bf16 on CUDA) while the trained denoiser is fp32
         dtype = self.dtype if self._use_reference and self._reference_model is not None else self.compute_dtype
         x = latents.to(device=self.device, dtype=dtype)
@@ -881,13 +915,19 @@ def load_policy(
         fused_backbone: run the denoiser's RMSNorms and LoRA linears on fused code (`fusedrl.patch_backbone`).
         prompt_cache_gb: host memory for the frozen text encoders' prompt embeddings (least recently used evicted;
             0: encode at every call).
-        sharded: full fine-tuning that `parallelize("fsdp")` will shard: the denoiser (and reference copy) stay on
-            the CPU until then, and FSDP2 moves each block's shard to `device`, so no GPU holds the whole model.
+        sharded: full fine-tuning that `parallelize("fsdp")` will shard. Under torchrun with `model` a folder or
+            hub id, only rank 0 reads the denoiser's weights; the other processes build it from its config with the
+            parameters on the meta device, and FSDP2 gives each its shards of rank 0's (one host copy instead of
+            one per process). A denoiser (and reference copy) that would take over half the GPU waits on rank 0's
+            CPU until then, so no GPU holds the whole model.
         from_pretrained_kwargs: passed to `from_pretrained` (revision, variant, token, ...).
     """
     if isinstance(lora, bool):
         lora = LoraOptions() if lora else None
+    from ..distributed import rank_and_world
+
     defaults: dict[str, Any] = {}
+    weights_from_rank0 = False  # a pipeline object given is whole on every process
     if model is None:
         from .tiny import tiny_model_dir
 
@@ -909,6 +949,12 @@ def load_policy(
         if Path(model).is_dir():
             defaults.update(_read_policy_defaults(model))
         dev = torch.device(device) if device is not None else _default_device()
+        weights_from_rank0 = sharded and rank_and_world()[1] > 1
+        if weights_from_rank0 and rank_and_world()[0] != 0:
+            key = "unet" if cls_name == "StableDiffusionPipeline" else "transformer"
+            extra[key] = _denoiser_without_weights(
+                str(model), key, index[key][1], _parse_dtype(dtype, dev),
+                {k: v for k, v in from_pretrained_kwargs.items() if k in hub_keys and k != "variant"})
         pipe = DiffusionPipeline.from_pretrained(str(model), dtype=_parse_dtype(dtype, dev),
                                                  **{**extra, **from_pretrained_kwargs})
     else:
@@ -924,4 +970,4 @@ def load_policy(
                            reference_copy=reference_copy, offload_text_encoders=offload_text_encoders,
                            offload_vae=offload_vae, defaults=defaults, patch_attention=patch_attention,
                            fused_backbone=fused_backbone, prompt_cache_gb=prompt_cache_gb,
-                           sharded=sharded)
+                           sharded=sharded, weights_from_rank0=weights_from_rank0)

@@ -15,7 +15,8 @@ samples and updates).
 
 Several GPUs: `torchrun --nproc-per-node N -m fusedrl train llm-grpo ...` (or the `fusedrl` script under torchrun).
 LoRA trains with DistributedDataParallel, full fine-tuning with FSDP2 (`fully_shard` per decoder layer; the
-reference copy sharded too); prompts.per_step must be a multiple of N. Rank 0 writes the run folder; checkpoints
+reference copy sharded too; rank 0 alone reads the weights and every process gets its shards of them);
+prompts.per_step must be a multiple of N. Rank 0 writes the run folder; checkpoints
 hold whole (gathered) tensors and optimizer state; resume with the same number of processes (the samples of a
 step depend on the rank).
 """
@@ -161,20 +162,22 @@ def build(cfg: LLMGRPOConfig, out_dir: str | os.PathLike | None = None) -> Any:
     import torch.distributed as dist
 
     several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    # full fine-tuning under torchrun: loaded on the CPU; when the model and its reference copy would take more
-    # than half the GPU (a 14B fp32 model and its reference: 112 GB) they wait there for FSDP2, which moves each
-    # decoder layer's shard to the GPU, so no GPU holds the whole model; else they go to the GPU now
-    load_device = torch.device("cpu") if several and lora is None else device
+    # full fine-tuning under torchrun: rank 0 alone reads the weights, onto the CPU (the others build the model with
+    # its parameters on the meta device), and FSDP2 gives every process its shards of them; when the model and its
+    # reference copy would take more than half the GPU (a 14B fp32 model and its reference: 112 GB) they wait there,
+    # so no GPU holds the whole model; else they go to rank 0's GPU now
+    sharded = several and lora is None
+    load_device = torch.device("cpu") if sharded else device
     with model_loading_errors("model.name_or_path", "lora.target_modules"):
         policy = Policy.from_pretrained(source, lora=lora, device=load_device, dtype=dtype,
                                         reference=cfg.grpo.beta != 0 and not cfg.lora.enabled,
                                         temperature=cfg.sampling.temperature, revision=m.revision,
                                         trust_remote_code=m.trust_remote_code,
                                         attn_implementation=m.attn_implementation, no_dropout=m.disable_dropout,
-                                        tokenizer=tokenizer)
-    if load_device != device:
-        from ..distributed import too_big_for_one_gpu
+                                        tokenizer=tokenizer, weights_from_rank0=sharded)
+    from ..distributed import too_big_for_one_gpu, weights_on_this_process
 
+    if load_device != device and weights_on_this_process(policy.model):
         models = [policy.model] + ([policy.ref_model] if policy.ref_model is not None else [])
         if not too_big_for_one_gpu(sum(p.numel() * p.element_size() for mod in models for p in mod.parameters()),
                                    device):

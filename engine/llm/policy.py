@@ -33,6 +33,10 @@ from ..distributed import (
     fsdp_unsharded,
     load_optimizer_state,
     optimizer_state,
+    parameters_on_meta,
+    patch_backbones,
+    rank_and_world,
+    shard_from_rank0,
     shard_like,
     whole_on_rank0,
 )
@@ -166,15 +170,17 @@ class Policy:
         self.strategy: str | None = None
         self.world_size = 1
         self.backbone_patch = None  # what fuse_backbone() fused in the model (its summary() for a log)
+        # FSDP2 (parallelize("fsdp")) gives every process its shards of rank 0's weights; True on every process when
+        # the others built the model with its parameters on the meta device (from_pretrained(weights_from_rank0=True))
+        self.weights_from_rank0 = False
 
     def fuse_backbone(self) -> None:
         """Run the model, and the reference copy of full fine-tuning, on `fusedrl.patch_backbone` (same numbers,
-        same speed and memory for both). Before `parallelize`: the patch probes each module on two rows."""
-        from fusedrl.backbone import patch_backbone
-
-        self.backbone_patch = patch_backbone(self.model)
-        if self.ref_model is not None:
-            patch_backbone(self.ref_model)
+        same speed and memory for both). Before `parallelize`: the patch probes each module on two rows. A
+        collective when the weights come from rank 0 (`from_pretrained(weights_from_rank0=True)`): the processes
+        that hold none replay rank 0's probes, so every process fuses the same modules."""
+        models = [self.model] + ([self.ref_model] if self.ref_model is not None else [])
+        self.backbone_patch = patch_backbones(models, weights_from_rank0=self.weights_from_rank0)[0]
 
     # ------------------------------------------------------------------------------------------ building
 
@@ -183,21 +189,34 @@ class Policy:
                         dtype: torch.dtype | None = None, reference: bool = False, temperature: float = 1.0,
                         revision: str | None = None, trust_remote_code: bool = False,
                         attn_implementation: str | None = None, no_dropout: bool = True,
-                        tokenizer: Any = None) -> Policy:
+                        tokenizer: Any = None, weights_from_rank0: bool = False) -> Policy:
         """Load a causal LM with `AutoModelForCausalLM.from_pretrained`, put LoRA on it (or keep it fully
-        trainable), and make the frozen reference copy when `reference` is asked for full fine-tuning."""
+        trainable), and make the frozen reference copy when `reference` is asked for full fine-tuning.
+
+        weights_from_rank0: full fine-tuning under torchrun, to be sharded by `parallelize("fsdp")`: only rank 0
+            reads the weights (onto `device`); the other processes build the model from its config with the
+            parameters on the meta device, and FSDP2 gives each its shards of rank 0's (one host copy of a 14B model
+            and its reference, 112 GB, instead of one per process).
+        """
         import transformers
 
+        if weights_from_rank0 and lora is not None:
+            raise ValueError("weights_from_rank0 is for full fine-tuning sharded by FSDP2 (lora=None)")
         kwargs: dict[str, Any] = dict(revision=revision, trust_remote_code=trust_remote_code)
         if dtype is not None:
             kwargs["dtype"] = dtype
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
-        model = transformers.AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs).to(device)
+        if weights_from_rank0 and rank_and_world()[0] != 0:
+            model = _model_without_weights(name_or_path, kwargs)
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs).to(device)
         if tokenizer is None:
             tokenizer = load_tokenizer(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
-        return cls.from_model(model, tokenizer, lora=lora, reference=reference, temperature=temperature,
-                              no_dropout=no_dropout)
+        policy = cls.from_model(model, tokenizer, lora=lora, reference=reference, temperature=temperature,
+                                no_dropout=no_dropout)
+        policy.weights_from_rank0 = weights_from_rank0
+        return policy
 
     @classmethod
     def from_model(cls, model: nn.Module, tokenizer: Any = None, *, lora: LoraSpec | None = None,
@@ -286,13 +305,15 @@ class Policy:
         elif strategy == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
+            def shard(forward: nn.Module) -> None:
+                for layer in _decoder_layers(forward.model):
+                    fully_shard(layer)
+                fully_shard(forward)
+
             for forward in [self.forward_module] + ([self.ref_forward] if self.ref_model is not None else []):
-                # FSDP2 moves what it shards to the current device (a model loaded on the CPU: each layer's
-                # weights are whole on the GPU only until that layer is sharded)
+                # every process gets its shards of rank 0's weights, one whole tensor on the GPU at a time
                 with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-                    for layer in _decoder_layers(forward.model):
-                        fully_shard(layer)
-                    fully_shard(forward)
+                    shard_from_rank0(forward, shard, device)
                 with torch.no_grad():  # the root's lazy init must come before generate() runs a layer alone
                     ids = torch.zeros((1, 2), dtype=torch.long, device=device)
                     ones = torch.ones_like(ids)
@@ -390,6 +411,28 @@ class PolicyForward(nn.Module):
         return fused_linear_grpo_loss(hidden, weight, completion_ids, advantages, completion_mask,
                                       old_logp=old_logp, ref_logp=ref_logp, bias=bias, temperature=self.temperature,
                                       softcap=softcap, **(loss_options or {}))
+
+
+def _model_without_weights(name_or_path: str, kwargs: dict[str, Any]) -> nn.Module:
+    """The causal LM `from_pretrained(name_or_path, **kwargs)` would load, built from its config with the parameters
+    on the meta device (buffers real): what a process that takes its weights from rank 0 holds until then."""
+    import transformers
+
+    hub = {k: kwargs[k] for k in ("revision", "trust_remote_code") if k in kwargs}
+    config = transformers.AutoConfig.from_pretrained(name_or_path, **hub)
+    with parameters_on_meta():
+        model = transformers.AutoModelForCausalLM.from_config(
+            config, **{k: v for k, v in kwargs.items() if k != "revision"})
+    model.eval()  # as from_pretrained leaves it
+    # generate() reads its defaults (eos / pad ids, sampling settings) from here, as from_pretrained sets them; with no
+    # generation_config.json, from_pretrained too keeps the one derived from the config
+    with contextlib.suppress(OSError):
+        model.generation_config = transformers.GenerationConfig.from_pretrained(name_or_path,
+                                                                                revision=kwargs.get("revision"))
+    real = [n for n, p in model.named_parameters() if not p.is_meta]
+    if real:
+        raise RuntimeError(f"{type(model).__name__} built on the meta device holds real parameters ({real[0]}, ...)")
+    return model
 
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -23,6 +23,8 @@ weights, fp32 over half ones): a norm whose casts differ from transformers' orde
 x-hat to the weight's dtype, Olmo2's casts back to the input's) is fused for inputs of its weights' dtype only.
 The rotary dispatcher takes only full-width, one-dtype calls (partial rotary and fp32 tables run the stock
 function). Modules whose weights cannot be probed (meta device, sharded) are left alone; patch before sharding.
+A process whose copy of the model has its parameters on the meta device (FSDP2 processes that take their shards from
+rank 0) can replay rank 0's probe outcomes instead (`ProbeLog`), and so patches exactly the modules rank 0 patched.
 
 Patching sets `module.forward` on the instance (the class is untouched, so other models are not affected);
 `undo` deletes it. The rotary embedding is called by name from the attention's code, so that name in the modeling
@@ -165,8 +167,40 @@ def _probe_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device] |
     return w.dtype, w.device
 
 
+class ProbeLog:
+    """The probes' outcomes by key (module name and probe; None: the fused forward agreed, else why not).
+
+    Recording (the default), each probe runs and its outcome is kept in `outcomes`; replaying (`ProbeLog(outcomes)`
+    with another process's record), no probe runs and each outcome is the recorded one: a process whose model has
+    its parameters on the meta device, to be filled from rank 0's by FSDP2, cannot probe, and must patch the same
+    modules with the same forwards as rank 0 (the processes would otherwise compute different numbers).
+    """
+
+    def __init__(self, replay: dict[str, str | None] | None = None) -> None:
+        self.outcomes: dict[str, str | None] = dict(replay) if replay is not None else {}
+        self.replaying = replay is not None
+
+    def __call__(self, key: str, probe: Callable[[], str | None], module: nn.Module | None = None) -> str | None:
+        """`probe()`'s outcome, or the recorded one for `key`; `module`'s own state (fused already, or its forward
+        replaced by another library) is looked at here either way."""
+        if self.replaying:
+            state = _forward_state(module) if module is not None else None
+            return state or self.outcomes.get(key, "the recorded probes (rank 0's) have no such module")
+        outcome = self.outcomes[key] = probe()
+        return outcome
+
+
 ALREADY_REPLACED = "its forward is already replaced on the instance"
 OURS = "fused already"  # a module patch_backbone fused (in this model, or in the model it was deep-copied from)
+
+
+def _forward_state(module: nn.Module) -> str | None:
+    """OURS when fusedrl fused the module, ALREADY_REPLACED when another library replaced its forward, else None."""
+    if module.__dict__.get("_fusedrl_backbone"):
+        return OURS
+    if "forward" in module.__dict__:
+        return ALREADY_REPLACED
+    return None
 
 
 def _agree(module: nn.Module, fused: Callable, width: int, scales: tuple[float, ...] = (1.0,),
@@ -175,10 +209,9 @@ def _agree(module: nn.Module, fused: Callable, width: int, scales: tuple[float, 
     each input scale (an MLP that clamps its gate shows only on large inputs); None when they agree (`_differs`),
     else why not. A module whose forward another library replaced on the instance is left alone unprobed; one
     fusedrl fused is OURS."""
-    if module.__dict__.get("_fusedrl_backbone"):
-        return OURS
-    if "forward" in module.__dict__:
-        return ALREADY_REPLACED
+    state = _forward_state(module)
+    if state is not None:
+        return state
     where = _probe_dtype_device(module)
     if isinstance(where, str):
         return where
@@ -248,9 +281,10 @@ def _rotary_agrees(stock: Callable, attention: nn.Module) -> str | None:
     return _differs(expected, got, f"its {ROTARY_NAME}")
 
 
-def patch_rotary(model: nn.Module) -> tuple[int, dict[str, str], Callable[[], None]]:
+def patch_rotary(model: nn.Module, probes: ProbeLog | None = None) -> tuple[int, dict[str, str], Callable[[], None]]:
     """Put the rotary dispatcher in the modeling modules of the model's attention classes and hook the attention
     modules. Returns (attention modules now on the fused rotary, {module name: why not}, release)."""
+    probes = probes if probes is not None else ProbeLog()
     by_module: dict[str, list[tuple[str, nn.Module]]] = {}
     for name, module in model.named_modules():
         modeling = sys.modules.get(type(module).__module__)
@@ -262,7 +296,7 @@ def patch_rotary(model: nn.Module) -> tuple[int, dict[str, str], Callable[[], No
         hold = _ROTARY_HOLDS.get(mod_name)
         if hold is None:
             stock = getattr(modeling, ROTARY_NAME)
-            reason = _rotary_agrees(stock, attentions[0][1])
+            reason = probes(f"{mod_name}:rotary", functools.partial(_rotary_agrees, stock, attentions[0][1]))
             if reason is not None:
                 for name, _ in attentions:
                     skipped[name] = f"rotary: {reason}"
@@ -292,8 +326,9 @@ def _release_rotary(held: list[str], hooks: list) -> None:
 Candidate = tuple[str, str, nn.Module, "Callable | None", "str | None"]
 
 
-def candidates(model: nn.Module, kinds: tuple[str, ...]) -> list[Candidate]:
+def candidates(model: nn.Module, kinds: tuple[str, ...], probes: ProbeLog | None = None) -> list[Candidate]:
     """(module name, kind, module, fused forward, reason it is left alone or None) for every module of a kind."""
+    probes = probes if probes is not None else ProbeLog()
     lora_cls = _lora_linear_class() if "lora" in kinds else None
     found = []
     for name, module in model.named_modules():
@@ -306,9 +341,10 @@ def candidates(model: nn.Module, kinds: tuple[str, ...]) -> list[Candidate]:
                 found.append((name, "rms_norm", module, None, "it adds a bias"))
                 continue
             forward = _rms_norm_forward(eps)
-            reason = _agree(module, forward, weight.shape[0])
+            reason = probes(f"{name}:rms_norm", functools.partial(_agree, module, forward, weight.shape[0]), module)
             mixed = torch.bfloat16 if weight.dtype == torch.float32 else torch.float32
-            if reason is None and _agree(module, forward, weight.shape[0], input_dtype=mixed, exact=True) is not None:
+            if reason is None and probes(f"{name}:rms_norm:mixed", functools.partial(
+                    _agree, module, forward, weight.shape[0], input_dtype=mixed, exact=True), module) is not None:
                 # transformers' order (x-hat rounded to x's dtype, times the weight) holds for any input dtype;
                 # a norm that casts otherwise (diffusers', Olmo2's) differs with other inputs: those run stock
                 forward = _rms_norm_forward(eps, same_dtype_only=True)
@@ -321,33 +357,34 @@ def candidates(model: nn.Module, kinds: tuple[str, ...]) -> list[Candidate]:
             if reason is None and not isinstance(width, int):
                 reason = "gate_proj has no in_features"
             # x 100: gates far past the limits of the MLPs that clamp them (DeepSeek-V4, GLM-5-Next: 10)
-            found.append((name, "swiglu", module, _swiglu_forward,
-                          reason or _agree(module, _swiglu_forward, width, scales=(1.0, 100.0))))
+            probe = functools.partial(_agree, module, _swiglu_forward, width, scales=(1.0, 100.0))
+            found.append((name, "swiglu", module, _swiglu_forward, reason or probes(f"{name}:swiglu", probe, module)))
         elif lora_cls is not None and type(module) is lora_cls:
             base = module.get_base_layer()  # GPT-2's Conv1D (fan_in_fan_out) among others: not ours
             reason = None if type(base) is nn.Linear else f"its base layer is {type(base).__name__}, not nn.Linear"
             if reason is None and module.lora_A and all(_peft_runs(module, name) for name in module.lora_A):
                 reason = "its adapters are DoRA / other peft variants or have a bias: peft's forward runs them"
-            found.append((name, "lora", module, _lora_forward,
-                          reason or _agree(module, _lora_forward, base.in_features)))
+            found.append((name, "lora", module, _lora_forward, reason or probes(
+                f"{name}:lora", functools.partial(_agree, module, _lora_forward, base.in_features), module)))
     return found
 
 
-def patch_model(model: nn.Module, kinds: tuple[str, ...], *, adopt: bool = True
+def patch_model(model: nn.Module, kinds: tuple[str, ...], *, adopt: bool = True, probes: ProbeLog | None = None
                 ) -> tuple[dict[str, int], dict[str, str], Callable]:
     """Patch every qualifying module. Returns (kind -> modules patched, module name -> why it was left alone, undo).
     Modules fused already (a deep copy of a patched model carries its fused forwards) are adopted: counted and
     restored by this undo; with adopt=False (adding to a model's active patch, whose undo restores them) they are
-    passed over."""
+    passed over. `probes` records the probes' outcomes, or replays another process's (see `ProbeLog`)."""
+    probes = probes if probes is not None else ProbeLog()
     patched = {kind: 0 for kind in kinds}
     skipped: dict[str, str] = {}
     done: list[nn.Module] = []
     release_rotary: Callable[[], object] = lambda: None
     if "rotary" in kinds:
-        patched["rotary"], rotary_skipped, release_rotary = patch_rotary(model)
+        patched["rotary"], rotary_skipped, release_rotary = patch_rotary(model, probes)
         skipped.update(rotary_skipped)
     try:
-        found = candidates(model, kinds)
+        found = candidates(model, kinds, probes)
     except BaseException:
         release_rotary()
         raise
